@@ -1,0 +1,3 @@
+"""volsync: snapshot mirroring of directories with resync by the newest common snapshot."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,436 @@
+"""The command line: parse, call one engine function, render text or JSON. Exit codes are
+mapped in one place (`main`), as listed in `volsync --help`."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+
+import click
+
+from . import __version__, ops, sync
+from .errors import BadArgument, Diverged, VolsyncError
+from .plan import TransferPlan, lineage_picture
+from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
+from .store.volume import DEFAULT_BLOCK, Volume
+
+EXIT_CODES = """\b
+Exit codes:
+  0  done (with --dry-run: the plan is possible)
+  1  error: not a volume, unreadable path, I/O error, bad argument value
+  2  usage error
+  3  a volume is locked by another volsync process
+  4  no common snapshot
+  5  refused: it would diverge or overwrite changes; resync is the way
+  6  integrity: a block or manifest failed its check"""
+
+
+class Output:
+    """Where a command's result goes: one JSON object, or text unless --quiet."""
+
+    def __init__(self, as_json: bool, quiet: bool):
+        self.json = as_json
+        self.quiet = quiet
+
+    def emit(self, data: dict, text: str | Callable[[], str]) -> None:
+        if self.json:
+            click.echo(json.dumps(data, sort_keys=True))
+        elif not self.quiet:
+            click.echo(text() if callable(text) else text)
+
+    def warn(self, message: str) -> None:
+        if not self.quiet:
+            click.echo(f"volsync: warning: {message}", err=True)
+
+    def progress(self, label: str) -> Callable[[int], None] | None:
+        """A byte counter on stderr when it is a terminal, shown once a run passes 1 s."""
+        if self.quiet or self.json or not sys.stderr.isatty():
+            return None
+        start = time.monotonic()
+        state = {"done": 0, "shown": 0.0}
+
+        def tick(n: int) -> None:
+            state["done"] += n
+            now = time.monotonic()
+            if now - start > 1.0 and now - state["shown"] > 0.1:
+                state["shown"] = now
+                rate = state["done"] / (now - start)
+                sys.stderr.write(f"\r{label}: {human_bytes(state['done'])} "
+                                 f"({human_bytes(int(rate))}/s)   ")
+                sys.stderr.flush()
+
+        return tick
+
+
+def common_options(fn):
+    @click.option("--json", "as_json", is_flag=True, help="Print one JSON object on stdout.")
+    @click.option("--quiet", "-q", is_flag=True, help="Print nothing but errors.")
+    @functools.wraps(fn)
+    def wrapper(*args, as_json, quiet, **kwargs):
+        return fn(*args, out=Output(as_json, quiet), **kwargs)
+
+    return wrapper
+
+
+def wait_option(fn):
+    return click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+                        help="Wait up to SECONDS for another volsync run's lock "
+                             "(default: fail at once, exit 3).")(fn)
+
+
+def dry_run_option(fn):
+    return click.option("--dry-run", is_flag=True,
+                        help="Print the plan and change nothing.")(fn)
+
+
+def parse_size(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if t and t[-1] in units:
+            return int(t[:-1]) * units[t[-1]]
+        return int(t)
+    except ValueError:
+        raise BadArgument(f"bad block size {text!r}: use e.g. 64K or 1M") from None
+
+
+@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="volsync")
+def cli() -> None:
+    """Keep read-only mirrors of directories up to date from a read-write source, fail over,
+    and resynchronize by the newest common snapshot, moving only the blocks that differ."""
+
+
+# --- single-volume commands -------------------------------------------------------------------
+
+@cli.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--block-size", default=None, metavar="SIZE",
+              help="Block size, a power of two from 4K to 4M (default 64K).")
+@common_options
+def init(directory: str, block_size: str | None, out: Output) -> None:
+    """Make DIRECTORY a read-write volume in place, keeping its files.
+
+    Example: volsync init /srv/data"""
+    size = parse_size(block_size) if block_size else DEFAULT_BLOCK
+    vol = ops.init_volume(directory, size)
+    out.emit({"path": str(vol.root), "block_size": size, "mode": "read-write",
+              "volume_id": vol.config.volume_id},
+             f"initialized volume {vol.root} (block size {human_bytes(size)})")
+
+
+@cli.command()
+@click.argument("volume")
+@click.option("--label", default=None, help="A label to name the snapshot by.")
+@wait_option
+@common_options
+def snapshot(volume: str, label: str | None, wait: float, out: Output) -> None:
+    """Capture the live tree as the next snapshot; prints its number."""
+    if label is not None and (not label or label.isdigit() or label == "latest"):
+        raise BadArgument(f"bad label {label!r}: it must not be empty, a number or 'latest'")
+    snap, warnings = ops.take_snapshot(Volume.open(volume), label, wait, out.progress("snapshot"))
+    for w in warnings:
+        out.warn(w)
+    out.emit(snap_ref(snap) | {"label": snap.label, "size": snap.size, "files": snap.files},
+             f"snapshot {snap.number} ({snap.id[:12]}): {snap.files} files, "
+             f"{human_bytes(snap.size)}")
+
+
+@cli.command()
+@click.argument("volume")
+@click.option("--all", "show_all", is_flag=True, help="Include preserved snapshots.")
+@common_options
+def snapshots(volume: str, show_all: bool, out: Output) -> None:
+    """List the lineage (number, id, created, label, size); --all adds preserved ones."""
+    vol = Volume.open(volume)
+    state = vol.state()
+    rows = [(s, False) for s in vol.lineage(state)]
+    if show_all:
+        rows += [(s, True) for s in vol.preserved(state)]
+    out.emit({"snapshots": [snap_json(s, p) for s, p in rows]}, lambda: snapshot_table(rows))
+
+
+@cli.command()
+@click.argument("volume")
+@common_options
+def status(volume: str, out: Output) -> None:
+    """Mode, upstream, latest snapshot, live-tree changes since it, lock holder if any."""
+    st = ops.status(Volume.open(volume))
+    data = {
+        "mode": st.mode, "upstream": st.upstream,
+        "latest": st.latest.number if st.latest else None,
+        "latest_id": st.latest.id if st.latest else None,
+        "changed_paths": [c.path for c in st.changed_paths],
+        "changes": [{"status": c.status, "path": c.path} for c in st.changed_paths],
+        "lock_holder": st.lock_holder, "behind": st.behind, "pending": st.pending,
+    }
+
+    def text() -> str:
+        lines = [f"mode:     {st.mode}"]
+        if st.upstream:
+            behind = "" if st.behind is None else f" ({st.behind} snapshot(s) behind)"
+            lines.append(f"upstream: {st.upstream}{behind}")
+        latest = (f"{st.latest.number} ({st.latest.id[:12]}, {iso(st.latest.created)})"
+                  if st.latest else "none")
+        lines.append(f"latest:   {latest}")
+        lines.append(f"changes:  {len(st.changed_paths)} path(s) since the latest snapshot")
+        lines += [f"  {c.status[0].upper()} {c.path}" for c in st.changed_paths[:50]]
+        if len(st.changed_paths) > 50:
+            lines.append(f"  ... and {len(st.changed_paths) - 50} more (see 'volsync diff')")
+        if st.lock_holder:
+            lines.append(f"locked:   by volsync process {st.lock_holder}")
+        if st.pending:
+            lines.append(f"pending:  an interrupted {st.pending} step; the next command "
+                         "finishes it")
+        return "\n".join(lines)
+
+    out.emit(data, text)
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("a", required=False)
+@click.argument("b", required=False)
+@common_options
+def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
+    """Paths added, modified, deleted: A to B, A to the live tree, or latest to the live tree."""
+    changes = ops.diff(Volume.open(volume), a, b)
+    data = {k: [c.path for c in changes if c.status == k] for k in ("added", "modified", "deleted")}
+    out.emit(data, lambda: "\n".join(f"{c.status[0].upper()} {c.path}" for c in changes)
+             or "no changes")
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("snap")
+@dry_run_option
+@wait_option
+@common_options
+def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> None:
+    """Set the live tree and lineage back to SNAP. Later snapshots and unsnapshotted live
+    changes become preserved snapshots; nothing is destroyed."""
+    plan = ops.revert(Volume.open(volume), snap, wait, dry_run, out.progress("revert"))
+    preserved = [s.number for s in plan.preserve]
+    data = {"reverted_to": snap_ref(plan.target), "preserved": preserved,
+            "live_changes_preserved": plan.live_changed, "dry_run": dry_run}
+    verb = "would revert" if dry_run else "reverted"
+    extra = " + live changes" if plan.live_changed else ""
+    kept = f"; preserved: {' '.join(map(str, preserved)) or '-'}{extra}"
+    out.emit(data, f"{verb} to snapshot {plan.target.number}{kept}")
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("snap")
+@click.argument("directory", type=click.Path())
+@common_options
+def restore(volume: str, snap: str, directory: str, out: Output) -> None:
+    """Write the content of any snapshot (lineage or preserved) to a new directory."""
+    s = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"))
+    out.emit({"snapshot": snap_ref(s), "path": os.path.abspath(directory)},
+             f"restored snapshot {s.number} ({s.id[:12]}) to {directory}")
+
+
+@cli.command()
+@click.argument("volume")
+@click.option("--repair-from", "repair_from", default=None, metavar="OTHER",
+              help="Fetch good copies of bad or missing blocks from a related volume.")
+@wait_option
+@common_options
+def verify(volume: str, repair_from: str | None, wait: float, out: Output) -> None:
+    """Re-hash every block, check every manifest and (mirror) the live tree."""
+    other = Volume.open(repair_from) if repair_from else None
+    report = ops.verify(Volume.open(volume), other, wait)
+    data = {"ok": report.ok, "blocks_checked": report.blocks_checked, "errors": report.errors,
+            "repaired": report.repaired, "unrepaired": report.notes}
+    if not report.ok:
+        data |= {"error": f"verify found {len(report.errors)} problem(s)", "code": 6}
+    lines = [f"repaired: {r}" for r in report.repaired] + [f"not repaired: {n}" for n in report.notes]
+    lines += [f"error: {e}" for e in report.errors]
+    lines.append(f"{'ok' if report.ok else 'FAILED'}: {report.blocks_checked} blocks checked, "
+                 f"{len(report.errors)} problem(s)")
+    out.emit(data, "\n".join(lines))
+    if not report.ok:
+        sys.exit(6)
+
+
+@cli.command()
+@click.argument("volume")
+@click.option("--keep-last", type=int, default=None, metavar="N",
+              help="Keep only the newest N lineage snapshots.")
+@click.option("--preserved", is_flag=True, help="Remove all preserved snapshots.")
+@dry_run_option
+@wait_option
+@common_options
+def prune(volume: str, keep_last: int | None, preserved: bool, dry_run: bool, wait: float,
+          out: Output) -> None:
+    """Drop lineage snapshots beyond the newest N and/or all preserved ones; free blocks no
+    snapshot refers to."""
+    r = ops.prune(Volume.open(volume), keep_last, preserved, wait, dry_run)
+    data = {"removed": [s.number for s in r.plan.remove],
+            "preserved_removed": [s.id for s in r.plan.drop_preserved],
+            "blocks_freed": r.blocks_freed, "bytes_freed": r.bytes_freed, "dry_run": dry_run}
+    verb = "would remove" if dry_run else "removed"
+    out.emit(data, f"{verb} {len(r.plan.remove)} lineage and {len(r.plan.drop_preserved)} "
+                   f"preserved snapshot(s); freed {r.blocks_freed} blocks "
+                   f"({human_bytes(r.bytes_freed)})")
+
+
+# --- mirroring ----------------------------------------------------------------------------------
+
+def plan_json(plan: TransferPlan, dry_run: bool) -> dict:
+    common = plan.lineages.common
+    return {
+        "common": common.number if common else None,
+        "common_id": common.id if common else None,
+        "added": [s.number for s in plan.lineages.add],
+        "removed": [s.number for s in plan.lineages.remove],
+        "preserved": [s.number for s in plan.preserve] + (["live"] if plan.live_changed else []),
+        "blocks_sent": plan.blocks, "objects_sent": len(plan.objects), "bytes_sent": plan.bytes,
+        "baseline": plan.baseline, "snapshot_src": plan.snapshot_src, "dry_run": dry_run,
+    }
+
+
+def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool) -> str:
+    common = plan.lineages.common
+    lines = [lineage_picture(plan, "SRC", "DST")] if dry_run else []
+    if plan.snapshot_src:
+        lines.append(f"snapshot SRC's live changes as {plan.src_lineage[-1].number}")
+    if plan.baseline:
+        lines.append(f"create {dst} as a new mirror of {src}")
+    lines.append(f"newest common snapshot: {common.number if common else 'none'}")
+    lines.append("add:      " + (" ".join(str(s.number) for s in plan.lineages.add) or "-"))
+    if plan.kind == "resync":
+        pres = [f"{s.number}'" for s in plan.preserve] + (["live changes"] if plan.live_changed else [])
+        lines.append("preserve: " + (" ".join(pres) or "-"))
+    lines.append(f"send:     {plan.blocks} blocks, {len(plan.objects)} objects, "
+                 f"{human_bytes(plan.bytes)}")
+    if dry_run:
+        lines.append("(dry run: nothing changed)")
+    return "\n".join(lines)
+
+
+def _mirror_command(fn_name: str):
+    def run(src: str, dst: str, no_snapshot: bool, dry_run: bool, wait: float, out: Output):
+        engine = getattr(sync, fn_name)
+        result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
+                        progress=out.progress(fn_name))
+        out.emit(plan_json(result.plan, dry_run), lambda: plan_text(result.plan, src, dst, dry_run))
+
+    return run
+
+
+def mirror_options(fn):
+    for deco in reversed([
+        click.argument("src"), click.argument("dst"),
+        click.option("--no-snapshot", is_flag=True,
+                     help="Do not snapshot SRC's live changes first."),
+        dry_run_option, wait_option, common_options,
+    ]):
+        fn = deco(fn)
+    return fn
+
+
+@cli.command()
+@mirror_options
+def transfer(src, dst, no_snapshot, dry_run, wait, out) -> None:
+    """Update mirror DST from SRC, sending only blocks DST lacks.
+
+    Creates DST as a mirror if it does not exist or is an empty directory. Refuses (exit 5)
+    when DST is read-write, was written to, or has snapshots SRC lacks; exit 4 when they share
+    no snapshot. Example: volsync transfer /srv/data /backup/data"""
+    _mirror_command("transfer")(src, dst, no_snapshot, dry_run, wait, out)
+
+
+@cli.command()
+@mirror_options
+def resync(src, dst, no_snapshot, dry_run, wait, out) -> None:
+    """Make DST a read-only, up-to-date mirror of SRC again after they diverged.
+
+    DST reverts to the newest common snapshot; its later snapshots and live changes become
+    preserved snapshots; SRC's newer snapshots are sent. After 'volsync break B', 'volsync
+    resync B A' carries B's writes back to A (reverse resync)."""
+    _mirror_command("resync")(src, dst, no_snapshot, dry_run, wait, out)
+
+
+@cli.command(name="break")
+@click.argument("dst")
+@wait_option
+@common_options
+def break_(dst: str, wait: float, out: Output) -> None:
+    """Failover: mirror DST becomes read-write at once, keeping its snapshots and live tree."""
+    state = sync.break_mirror(dst, wait)
+    out.emit({"mode": state.mode, "former_upstream": state.extra.get("former_upstream")},
+             f"{dst} is now read-write (was a mirror of {state.extra.get('former_upstream')})")
+
+
+@cli.command(name="role-swap")
+@click.argument("a")
+@click.argument("b")
+@click.option("--link", default=None, metavar="PATH",
+              help="A symlink flipped atomically to point at the new read-write volume.")
+@dry_run_option
+@wait_option
+@common_options
+def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, out: Output) -> None:
+    """Planned switchover: A read-write with mirror B becomes B read-write with mirror A.
+
+    A's last changes are snapshotted and sent to B first, so nothing is lost."""
+    r = sync.role_swap(a, b, link, dry_run=dry_run, wait=wait, progress=out.progress("role-swap"))
+    data = plan_json(r.sync.plan, dry_run) if r.sync else {}
+    data |= {"read_write": os.path.abspath(b), "read_only": os.path.abspath(a),
+             "link": link, "already_done": r.already_done, "dry_run": dry_run}
+
+    def text() -> str:
+        lines = [plan_text(r.sync.plan, a, b, dry_run)] if r.sync else []
+        verb = "would make" if dry_run else ("already" if r.already_done else "now")
+        lines.append(f"{verb}: {b} read-write, {a} its read-only mirror"
+                     + (f"; {link} -> {os.path.abspath(b)}" if link else ""))
+        return "\n".join(lines)
+
+    out.emit(data, text)
+
+
+# --- entry point ----------------------------------------------------------------------------
+
+def _error(message: str, code: int, as_json: bool, extra: dict | None = None) -> None:
+    click.echo(f"volsync: error: {message}", err=True)
+    if as_json:
+        click.echo(json.dumps({"error": message, "code": code} | (extra or {}), sort_keys=True))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the CLI; every failure becomes one line on stderr and the contract's exit code."""
+    args = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in args
+    try:
+        cli.main(args=args, prog_name="volsync", standalone_mode=False)
+    except VolsyncError as exc:
+        extra = None
+        if isinstance(exc, Diverged) and exc.common is not None:
+            extra = {"common": exc.common, "src_only": list(exc.src_only),
+                     "dst_only": list(exc.dst_only)}
+        _error(str(exc), exc.code, as_json, extra)
+        sys.exit(exc.code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        if as_json:
+            click.echo(json.dumps({"error": exc.format_message(), "code": exc.exit_code}))
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("volsync: aborted", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("volsync: interrupted", err=True)
+        sys.exit(130)
+    except OSError as exc:
+        where = f" ({exc.filename!r})" if exc.filename else ""
+        _error(f"{exc.strerror or exc}{where}", 1, as_json)
+        sys.exit(1)
+    sys.exit(0)

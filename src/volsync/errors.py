@@ -1,0 +1,48 @@
+"""Typed errors. Each kind carries the exit code of ../shared/CLI-CONTRACT.md."""
+
+from __future__ import annotations
+
+
+class VolsyncError(Exception):
+    """Base of every error the CLI reports as one line and an exit code."""
+
+    code = 1
+
+
+class NotAVolume(VolsyncError):
+    code = 1
+
+
+class BadArgument(VolsyncError):
+    code = 1
+
+
+class VolumeLocked(VolsyncError):
+    code = 3
+
+    def __init__(self, path: str, pid: int | None):
+        holder = f"process {pid}" if pid else "another process"
+        super().__init__(f"volume {path} is locked by volsync {holder}")
+        self.path = path
+        self.pid = pid
+
+
+class NoCommonSnapshot(VolsyncError):
+    code = 4
+
+
+class Diverged(VolsyncError):
+    """Refused: going on would diverge or overwrite changes (resync is the way)."""
+
+    code = 5
+
+    def __init__(self, message: str, common: int | None = None,
+                 src_only: tuple[int, ...] = (), dst_only: tuple[int, ...] = ()):
+        super().__init__(message)
+        self.common = common
+        self.src_only = src_only
+        self.dst_only = dst_only
+
+
+class IntegrityError(VolsyncError):
+    code = 6

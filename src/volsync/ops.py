@@ -1,0 +1,491 @@
+"""Single-volume operations: snapshot, revert, restore, diff, status, verify, prune.
+
+Every change follows one order: new data is made durable, then one atomic `commit` of the
+state. A live-tree rewrite is announced in the state's journal first, so a crash leaves it for
+`recover` (run by the next command that takes the lock) to finish.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import BadArgument, IntegrityError, VolsyncError
+from .model import READ_ONLY, BlockId, Entry, Kind, Snapshot, SnapshotId, VolumeState, digest_of
+from .store.trees import EMPTY_TREE_ID
+from .store.volume import DEFAULT_BLOCK, Volume
+from .tree import Change, Materializer, Objects, Progress, diff_trees, materialize, scan
+
+JOURNAL_MATERIALIZE = "materialize"
+
+
+# --- opening and locking ------------------------------------------------------------------------
+
+@contextmanager
+def writing(volume: Volume, wait: float = 0.0) -> Iterator[Volume]:
+    """Hold the volume's lock, finishing first whatever a crashed run left in the journal."""
+    with volume.locked(wait):
+        recover(volume)
+        yield volume
+
+
+def recover(volume: Volume) -> None:
+    state = volume.state()
+    journal = state.journal
+    if not journal:
+        return
+    if journal.get("op") == JOURNAL_MATERIALIZE:
+        bring_live_tree_to(volume, BlockId(bytes.fromhex(journal["root"])))
+        volume.commit(state.with_(journal=None))
+    # Other journal kinds belong to the mirroring layer, which recovers them itself.
+
+
+def bring_live_tree_to(volume: Volume, target: BlockId, progress: Progress | None = None) -> int:
+    """Rewrite the live tree to `target`, touching only what differs; returns bytes written."""
+    live, objects = scan(volume, write=False)
+    m = Materializer(objects, volume.config.block_size, live.cache, progress)
+    cache = m.run(bytes(volume.root), live.root, target)
+    volume.packs.flush()
+    volume.save_statcache(cache)
+    return m.bytes_written
+
+
+def init_volume(path: str, block_size: int = DEFAULT_BLOCK) -> Volume:
+    return Volume.create(path, block_size)
+
+
+# --- resolving names ----------------------------------------------------------------------------
+
+def resolve(volume: Volume, text: str, state: VolumeState | None = None) -> Snapshot:
+    """SNAP: a lineage number or label, `latest`, or any snapshot's id (unique prefix >= 8)."""
+    state = state or volume.state()
+    lineage = volume.lineage(state)
+    if text == "latest":
+        if not lineage:
+            raise BadArgument(f"{volume.root} has no snapshots yet")
+        return lineage[-1]
+    if text.isdigit():
+        for snap in lineage:
+            if snap.number == int(text):
+                return snap
+    labelled = [s for s in lineage if s.label == text]
+    if len(labelled) == 1:
+        return labelled[0]
+    if len(labelled) > 1:
+        raise BadArgument(f"label {text!r} names several snapshots; use a number or id")
+    if len(text) >= 8 and all(c in "0123456789abcdef" for c in text.lower()):
+        found = [i for i in state.lineage + state.preserved if i.startswith(text.lower())]
+        if len(found) == 1:
+            return volume.snapshot(found[0])
+        if len(found) > 1:
+            raise BadArgument(f"id prefix {text!r} is ambiguous")
+    raise BadArgument(f"no snapshot {text!r} in {volume.root}")
+
+
+# --- snapshot -----------------------------------------------------------------------------------
+
+def new_snapshot_id() -> SnapshotId:
+    return SnapshotId(secrets.token_hex(16))
+
+
+def next_number(volume: Volume, state: VolumeState) -> int:
+    return volume.snapshot(state.lineage[-1]).number + 1 if state.lineage else 1
+
+
+def capture(volume: Volume, state: VolumeState, number: int, label: str | None,
+            progress: Progress | None = None) -> tuple[Snapshot, list[str]]:
+    """Scan the live tree into the store and write (not yet commit) a snapshot record."""
+    result, _ = scan(volume, write=True, progress=progress)
+    snap = Snapshot(new_snapshot_id(), number, time.time(), label, result.root, result.size,
+                    result.files, volume.config.volume_id)
+    volume.write_snapshot(snap)  # flushes packs first: data before metadata
+    volume.save_statcache(result.cache)
+    return snap, result.warnings
+
+
+def take_snapshot(volume: Volume, label: str | None = None, wait: float = 0.0,
+                  progress: Progress | None = None) -> tuple[Snapshot, list[str]]:
+    with writing(volume, wait):
+        state = volume.state()
+        if state.mode == READ_ONLY:
+            raise BadArgument(f"{volume.root} is a read-only mirror; only transfers change it")
+        snap, warnings = capture(volume, state, next_number(volume, state), label, progress)
+        volume.commit(state.with_(lineage=state.lineage + (snap.id,)))
+        return snap, warnings
+
+
+def live_changes(volume: Volume, state: VolumeState | None = None) -> tuple[list[Change], BlockId]:
+    """What differs between the latest snapshot and the live tree (hashing, storing nothing)."""
+    state = state or volume.state()
+    result, objects = scan(volume, write=False)
+    latest = volume.lineage(state)[-1].root if state.lineage else EMPTY_TREE_ID
+    return list(diff_trees(objects, latest, result.root)), result.root
+
+
+# --- revert and restore -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class RevertPlan:
+    target: Snapshot
+    preserve: tuple[Snapshot, ...]  # lineage snapshots after the target
+    live_changed: bool
+
+
+def plan_revert(volume: Volume, snap_name: str) -> RevertPlan:
+    state = volume.state()
+    target = resolve(volume, snap_name, state)
+    if target.id not in state.lineage:
+        raise BadArgument(f"snapshot {target.id[:12]} is preserved, not in the lineage; "
+                          "use 'volsync restore' to read it")
+    later = tuple(volume.lineage(state)[state.lineage.index(target.id) + 1 :])
+    changes, _ = live_changes(volume, state)
+    return RevertPlan(target, later, bool(changes))
+
+
+def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = False,
+           progress: Progress | None = None) -> RevertPlan:
+    with writing(volume, wait):
+        plan = plan_revert(volume, snap_name)
+        if dry_run:
+            return plan
+        state = volume.state()
+        preserved = [s.id for s in plan.preserve]
+        if plan.live_changed:
+            latest = volume.snapshot(state.lineage[-1])
+            live, _ = capture(volume, state, latest.number + 1,
+                              f"live changes before revert to {plan.target.number}", progress)
+            preserved.append(live.id)
+        keep = state.lineage[: state.lineage.index(plan.target.id) + 1]
+        journal = {"op": JOURNAL_MATERIALIZE, "root": plan.target.root.hex()}
+        state = state.with_(lineage=keep, preserved=state.preserved + tuple(preserved),
+                            journal=journal)
+        volume.commit(state)
+        bring_live_tree_to(volume, plan.target.root, progress)
+        volume.commit(state.with_(journal=None))
+        return plan
+
+
+def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None = None
+            ) -> Snapshot:
+    """Write a snapshot's content to a new directory, atomically renamed into place."""
+    snap = resolve(volume, snap_name)
+    target = Path(dest).absolute()
+    if target.is_symlink() or (target.exists() and (not target.is_dir() or any(target.iterdir()))):
+        raise BadArgument(f"{dest} exists and is not an empty directory")
+    if not target.parent.is_dir():
+        raise BadArgument(f"{target.parent}: no such directory")
+    tmp = target.with_name(f".{target.name}.volsync-restore-{secrets.token_hex(4)}")
+    tmp.mkdir(0o700)
+    try:
+        materialize(Objects(volume, write=False), bytes(tmp), None, snap.root, {},
+                    volume.config.block_size, progress)
+        if target.exists():
+            target.rmdir()
+        os.rename(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return snap
+
+
+# --- diff and status ----------------------------------------------------------------------------
+
+def diff(volume: Volume, a: str | None, b: str | None) -> list[Change]:
+    state = volume.state()
+    objects = Objects(volume, write=False)
+    if a is None:
+        return live_changes(volume, state)[0]
+    old = resolve(volume, a, state).root
+    if b is None:
+        live, objects = scan(volume, write=False)
+        return list(diff_trees(objects, old, live.root))
+    return list(diff_trees(objects, old, resolve(volume, b, state).root))
+
+
+@dataclass(frozen=True)
+class Status:
+    mode: str
+    upstream: str | None
+    latest: Snapshot | None
+    changed_paths: list[Change]
+    lock_holder: int | None
+    behind: int | None  # mirror: upstream snapshots not yet transferred (None if unknown)
+    pending: str | None
+
+
+def status(volume: Volume) -> Status:
+    state = volume.state()
+    lineage = volume.lineage(state)
+    changes, _ = live_changes(volume, state)
+    return Status(state.mode, state.upstream, lineage[-1] if lineage else None, changes,
+                  volume.lock_holder(), _behind(state, lineage),
+                  state.journal.get("op") if state.journal else None)
+
+
+def _behind(state: VolumeState, lineage: list[Snapshot]) -> int | None:
+    if state.mode != READ_ONLY or not state.upstream:
+        return None
+    try:
+        up = Volume.open(state.upstream)
+        up_state = up.state()
+    except VolsyncError:
+        return None
+    if not lineage or lineage[-1].id not in up_state.lineage:
+        return None
+    return len(up_state.lineage) - 1 - up_state.lineage.index(lineage[-1].id)
+
+
+# --- verify -------------------------------------------------------------------------------------
+
+@dataclass
+class VerifyReport:
+    blocks_checked: int = 0
+    errors: list[str] = field(default_factory=list)
+    repaired: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set[str]]:
+    """Re-hash every stored object. Returns the ids that are bad or unreadable and the packs
+    that hold damage."""
+    bad: set[BlockId] = set()
+    damaged: set[str] = set()
+    packs = volume.packs
+    for name, problem in packs.bad_indexes:
+        report.errors.append(f"pack index {name}: {problem}")
+        damaged.add(name[: -len(".idx")])
+    located: set[tuple[BlockId, str, int]] = set()
+    for name in packs.pack_names():
+        try:
+            for block_id, off, data in packs.scan_pack(name):
+                report.blocks_checked += 1
+                if digest_of(data) != block_id:
+                    bad.add(block_id)
+                    damaged.add(name)
+                    report.errors.append(f"pack {name}: block {block_id.hex()} is corrupt")
+                else:
+                    located.add((block_id, name, off))
+        except (OSError, IntegrityError) as exc:
+            damaged.add(name)
+            report.errors.append(f"pack {name}: {exc}")
+    for block_id, (name, off, _) in packs.index().items():
+        if (block_id, name, off) not in located and block_id not in bad:
+            bad.add(block_id)
+            damaged.add(name)
+            report.errors.append(f"block {block_id.hex()}: unreadable in pack {name}")
+    return bad, damaged
+
+
+def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> None:
+    """Walk every snapshot (lineage and preserved) and name each damaged path."""
+    state = volume.state()
+    memo: dict[BlockId, list[str]] = {}
+    for snap_id in state.lineage + state.preserved:
+        try:
+            snap = volume.snapshot(snap_id)
+        except IntegrityError as exc:
+            report.errors.append(f"snapshot {snap_id[:12]}: {exc}")
+            continue
+        where = f"snapshot {snap.number} ({snap.id[:12]})"
+        for problem in _tree_problems(volume, snap.root, b"", bad, memo):
+            report.errors.append(f"{where}: {problem}")
+
+
+def _tree_problems(volume: Volume, tree_id: BlockId, rel: bytes, bad: set[BlockId],
+                   memo: dict[BlockId, list[str]]) -> list[str]:
+    if tree_id in memo:
+        return memo[tree_id]
+    shown = os.fsdecode(rel) or "/"
+    problems: list[str] = []
+    if tree_id in bad or (tree_id != EMPTY_TREE_ID and not volume.packs.has(tree_id)):
+        memo[tree_id] = [f"{shown}: directory listing missing or corrupt"]
+        return memo[tree_id]
+    try:
+        entries = volume.tree(tree_id)
+    except IntegrityError as exc:
+        memo[tree_id] = [f"{shown}: {exc}"]
+        return memo[tree_id]
+    for entry in entries:
+        problems.extend(_entry_problems(volume, entry, rel, bad, memo))
+    memo[tree_id] = problems
+    return problems
+
+
+def _entry_problems(volume: Volume, entry: Entry, rel: bytes, bad: set[BlockId],
+                    memo: dict[BlockId, list[str]]) -> list[str]:
+    path = rel + b"/" + entry.name if rel else entry.name
+    if entry.kind is Kind.DIR:
+        return _tree_problems(volume, BlockId(entry.ref), path, bad, memo)
+    if entry.kind is Kind.FILE:
+        damaged = [b for b in entry.blocks() if b in bad or not volume.packs.has(b)]
+        if damaged:
+            return [f"{os.fsdecode(path)}: {len(damaged)} block(s) missing or corrupt"]
+    return []
+
+
+def verify(volume: Volume, repair_from: Volume | None = None, wait: float = 0.0) -> VerifyReport:
+    report = VerifyReport()
+    if repair_from is not None or volume.state().journal:
+        with writing(volume, wait):
+            _verify(volume, report, repair_from)
+    else:
+        _verify(volume, report, None)
+    return report
+
+
+def _verify(volume: Volume, report: VerifyReport, repair_from: Volume | None) -> None:
+    bad, damaged = check_store(volume, report)
+    if repair_from is not None and (damaged or _missing(volume)):
+        volume.packs.salvage(damaged)
+        repair(volume, repair_from, report)
+        report.errors, report.blocks_checked = [], 0
+        bad, damaged = check_store(volume, report)
+    check_snapshots(volume, bad, report)
+    state = volume.state()
+    if state.mode == READ_ONLY and state.lineage and not report.errors:
+        changes, _ = live_changes(volume, state)
+        for change in changes:
+            report.errors.append(f"live tree: {change.path} {change.status} since the latest "
+                                 "snapshot of this mirror")
+
+
+def needed_blocks(volume: Volume) -> set[BlockId]:
+    """Every object id the volume's snapshots refer to (trees walked once each)."""
+    state = volume.state()
+    roots = []
+    for snap_id in state.lineage + state.preserved:
+        try:
+            roots.append(volume.snapshot(snap_id).root)
+        except IntegrityError:
+            continue
+    return reachable(lambda t: volume.tree(t), roots, tolerate=True)
+
+
+def reachable(read_tree, roots, tolerate: bool = False) -> set[BlockId]:
+    seen: set[BlockId] = set()
+    todo = [r for r in roots if r != EMPTY_TREE_ID]
+    while todo:
+        tree_id = todo.pop()
+        if tree_id in seen:
+            continue
+        seen.add(tree_id)
+        try:
+            entries = read_tree(tree_id)
+        except IntegrityError:
+            if tolerate:
+                continue
+            raise
+        for entry in entries:
+            if entry.kind is Kind.DIR:
+                todo.append(BlockId(entry.ref))
+            elif entry.kind is Kind.FILE:
+                seen.update(entry.blocks())
+    return seen
+
+
+def repair(volume: Volume, other: Volume, report: VerifyReport) -> None:
+    """Fetch good copies of missing objects from a related volume, checked by digest.
+    Missing trees come first, so each round may reveal blocks under newly fetched trees."""
+    packs = volume.packs
+    fixed: set[BlockId] = set()
+    unfixable: set[BlockId] = set()
+    while wanted := _missing(volume) - unfixable:
+        for block_id in wanted:
+            try:
+                packs.put(block_id, other.packs.get(block_id, verify=True))
+                fixed.add(block_id)
+            except (IntegrityError, KeyError, OSError):
+                unfixable.add(block_id)
+        packs.flush()
+    report.repaired.extend(f"block {b.hex()} fetched from {other.root}" for b in sorted(fixed))
+    report.notes.extend(f"block {b.hex()}: no good copy in {other.root}" for b in sorted(unfixable))
+
+
+def _missing(volume: Volume) -> set[BlockId]:
+    state = volume.state()
+    missing: set[BlockId] = set()
+    seen: set[BlockId] = set()
+    todo = []
+    for snap_id in state.lineage + state.preserved:
+        try:
+            todo.append(volume.snapshot(snap_id).root)
+        except IntegrityError:
+            continue
+    while todo:
+        tree_id = todo.pop()
+        if tree_id in seen or tree_id == EMPTY_TREE_ID:
+            continue
+        seen.add(tree_id)
+        if not volume.packs.has(tree_id):
+            missing.add(tree_id)
+            continue
+        try:
+            entries = volume.tree(tree_id)
+        except IntegrityError:
+            missing.add(tree_id)
+            continue
+        for entry in entries:
+            if entry.kind is Kind.DIR:
+                todo.append(BlockId(entry.ref))
+            elif entry.kind is Kind.FILE:
+                missing.update(b for b in entry.blocks() if not volume.packs.has(b))
+    return missing
+
+
+# --- prune --------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class PrunePlan:
+    remove: tuple[Snapshot, ...]
+    drop_preserved: tuple[Snapshot, ...]
+
+
+@dataclass(frozen=True)
+class PruneResult:
+    plan: PrunePlan
+    blocks_freed: int
+    bytes_freed: int
+
+
+def plan_prune(volume: Volume, keep_last: int | None, preserved: bool) -> PrunePlan:
+    if keep_last is not None and keep_last < 1:
+        raise BadArgument("--keep-last must be at least 1 (the latest snapshot is always kept)")
+    state = volume.state()
+    lineage = volume.lineage(state)
+    remove = tuple(lineage[:-keep_last]) if keep_last is not None else ()
+    drop = tuple(volume.preserved(state)) if preserved else ()
+    return PrunePlan(remove, drop)
+
+
+def prune(volume: Volume, keep_last: int | None, preserved: bool, wait: float = 0.0,
+          dry_run: bool = False) -> PruneResult:
+    with writing(volume, wait):
+        plan = plan_prune(volume, keep_last, preserved)
+        if dry_run:
+            return PruneResult(plan, 0, 0)
+        state = volume.state()
+        gone = {s.id for s in plan.remove + plan.drop_preserved}
+        state = state.with_(lineage=tuple(i for i in state.lineage if i not in gone),
+                            preserved=tuple(i for i in state.preserved if i not in gone))
+        volume.commit(state)
+        volume.remove_snapshot_records(set(state.lineage + state.preserved))
+        live = needed_blocks(volume) | cached_trees(volume)
+        freed, freed_bytes = volume.packs.repack(live)
+        return PruneResult(plan, freed, freed_bytes)
+
+
+def cached_trees(volume: Volume) -> set[BlockId]:
+    """Trees the stat cache may hand back without reading, kept alive with their blocks."""
+    roots = [BlockId(v[0]) for v in volume.load_statcache().values()]
+    roots = [r for r in roots if volume.packs.has(r)]
+    return reachable(lambda t: volume.tree(t), roots, tolerate=True)

@@ -1,0 +1,45 @@
+"""Checksummed msgpack envelopes for metadata files, with bounded decoding."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+import xxhash
+
+from ..errors import IntegrityError
+
+MAGIC = "volsync"
+FORMAT_VERSION = 1
+
+
+def pack(obj: Any) -> bytes:
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def unpack(data: bytes, what: str) -> Any:
+    """Decode msgpack; unpackb bounds every declared length by the input size."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
+        raise IntegrityError(f"{what}: undecodable ({type(exc).__name__})") from None
+
+
+def seal(kind: str, payload: Any) -> bytes:
+    """Wrap a value as [magic, version, kind, body, xxh3-64 of body]."""
+    body = pack(payload)
+    return pack([MAGIC, FORMAT_VERSION, kind, body, xxhash.xxh3_64_intdigest(body)])
+
+
+def open_sealed(data: bytes, kind: str, what: str) -> Any:
+    outer = unpack(data, what)
+    if not (isinstance(outer, list) and len(outer) == 5 and outer[0] == MAGIC):
+        raise IntegrityError(f"{what}: not a volsync {kind} file")
+    _, version, got_kind, body, checksum = outer
+    if version != FORMAT_VERSION:
+        raise IntegrityError(f"{what}: unsupported format version {version!r}")
+    if got_kind != kind or not isinstance(body, bytes):
+        raise IntegrityError(f"{what}: expected a {kind} file")
+    if xxhash.xxh3_64_intdigest(body) != checksum:
+        raise IntegrityError(f"{what}: checksum mismatch")
+    return unpack(body, what)

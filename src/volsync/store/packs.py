@@ -1,0 +1,281 @@
+"""Blocks and tree objects stored once each under their xxh3-128 id, appended to pack files.
+
+A pack `packs/<name>.pack` is a header and records `[id 16][length u32][data]`. It becomes part
+of the store only when its index `packs/<name>.idx` is renamed into place after the pack data is
+durable; a pack without an index is a crashed writer's leftover and is deleted by the next writer.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import struct
+from array import array
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+from ..errors import IntegrityError
+from ..model import DIGEST_SIZE, BlockId, digest_of
+from .codec import open_sealed, seal
+from .crash import crashpoint
+from .fsutil import atomic_write, write_all
+
+PACK_HEADER = b"VSPACK\x00\x01"
+RECORD = struct.Struct("<16sI")
+PACK_TARGET = 128 << 20  # bytes per pack before a new one is started
+BUFFER_LIMIT = 4 << 20
+
+
+class PackWriter:
+    """Appends records to one new pack; `seal` makes it durable and indexed."""
+
+    def __init__(self, directory: Path):
+        self.name = secrets.token_hex(8)
+        self.path = directory / f"{self.name}.pack"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+        self.entries: dict[BlockId, tuple[int, int]] = {}
+        self.flushed = 0
+        self.buffer = bytearray(PACK_HEADER)
+
+    @property
+    def size(self) -> int:
+        return self.flushed + len(self.buffer)
+
+    def add(self, block_id: BlockId, data: bytes | memoryview) -> None:
+        self.buffer += RECORD.pack(block_id, len(data))
+        self.entries[block_id] = (self.size, len(data))
+        self.buffer += data
+        if len(self.buffer) >= BUFFER_LIMIT:
+            self.flush()
+
+    def flush(self) -> None:
+        write_all(self.fd, self.buffer)
+        self.flushed += len(self.buffer)
+        self.buffer = bytearray()
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset >= self.flushed:
+            start = offset - self.flushed
+            return bytes(self.buffer[start : start + length])
+        return os.pread(self.fd, length, offset)
+
+    def seal(self) -> dict[BlockId, tuple[int, int]]:
+        self.flush()
+        os.fsync(self.fd)
+        crashpoint("pack-data-durable")
+        ids = list(self.entries)
+        body = {
+            "pack": self.name,
+            "ids": b"".join(ids),
+            "offsets": array("Q", (self.entries[i][0] for i in ids)).tobytes(),
+            "lengths": array("I", (self.entries[i][1] for i in ids)).tobytes(),
+        }
+        atomic_write(self.path.with_suffix(".idx"), seal("index", body))
+        crashpoint("pack-index-committed")
+        os.close(self.fd)
+        return self.entries
+
+    def abandon(self) -> None:
+        os.close(self.fd)
+        self.path.unlink(missing_ok=True)
+
+
+def read_index(path: Path) -> tuple[str, list[tuple[BlockId, int, int]]]:
+    """Decode one pack index, refusing any that fails its checksum or shape."""
+    body = open_sealed(path.read_bytes(), "index", f"pack index {path.name}")
+    try:
+        ids, offs, lens = body["ids"], array("Q"), array("I")
+        offs.frombytes(body["offsets"])
+        lens.frombytes(body["lengths"])
+        name = body["pack"]
+    except (KeyError, TypeError, ValueError):
+        raise IntegrityError(f"pack index {path.name}: malformed") from None
+    count = len(ids) // DIGEST_SIZE
+    if len(ids) % DIGEST_SIZE or len(offs) != count or len(lens) != count or name != path.stem:
+        raise IntegrityError(f"pack index {path.name}: malformed")
+    return name, [
+        (BlockId(ids[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]), offs[i], lens[i])
+        for i in range(count)
+    ]
+
+
+class PackStore:
+    """Content-addressed object store over the packs of one volume."""
+
+    def __init__(self, directory: Path):
+        self.dir = directory
+        self._index: dict[BlockId, tuple[str, int, int]] | None = None
+        self._fds: dict[str, int] = {}
+        self._writer: PackWriter | None = None
+        self.bad_indexes: list[tuple[str, str]] = []
+
+    # --- reading ---------------------------------------------------------------------------
+    def index(self) -> dict[BlockId, tuple[str, int, int]]:
+        if self._index is None:
+            self._index = {}
+            for idx in sorted(self.dir.glob("*.idx")):
+                try:
+                    name, entries = read_index(idx)
+                except (IntegrityError, OSError) as exc:
+                    self.bad_indexes.append((idx.name, str(exc)))
+                    continue
+                for block_id, off, length in entries:
+                    self._index[block_id] = (name, off, length)
+        return self._index
+
+    def has(self, block_id: BlockId) -> bool:
+        return block_id in self.index() or bool(self._writer and block_id in self._writer.entries)
+
+    def length(self, block_id: BlockId) -> int:
+        if self._writer and block_id in self._writer.entries:
+            return self._writer.entries[block_id][1]
+        return self.index()[block_id][2]
+
+    def get(self, block_id: BlockId, verify: bool = False) -> bytes:
+        """The object's bytes; with `verify`, re-hashed and refused if they do not match."""
+        w = self._writer
+        if w and block_id in w.entries:
+            data = w.read(*w.entries[block_id])
+        else:
+            loc = self.index().get(block_id)
+            if loc is None:
+                raise IntegrityError(f"missing block {block_id.hex()}")
+            name, off, length = loc
+            try:
+                data = os.pread(self._fd(name), length, off)
+            except OSError as exc:
+                raise IntegrityError(f"block {block_id.hex()}: unreadable pack {name}: {exc}")
+            if len(data) != length:
+                raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
+        if verify and digest_of(data) != block_id:
+            raise IntegrityError(f"block {block_id.hex()} failed its digest check")
+        return data
+
+    def _fd(self, name: str) -> int:
+        fd = self._fds.get(name)
+        if fd is None:
+            fd = self._fds[name] = os.open(self.dir / f"{name}.pack", os.O_RDONLY | os.O_NOFOLLOW)
+        return fd
+
+    # --- writing (lock holder only) ---------------------------------------------------------
+    def put(self, block_id: BlockId, data: bytes | memoryview) -> bool:
+        """Store an object unless present; True when it was written."""
+        if self.has(block_id):
+            return False
+        if self._writer is None:
+            self._writer = PackWriter(self.dir)
+        self._writer.add(block_id, data)
+        if self._writer.size >= PACK_TARGET:
+            self.flush()
+        return True
+
+    def flush(self) -> None:
+        """Make every object put so far durable and indexed."""
+        w, self._writer = self._writer, None
+        if w is None:
+            return
+        if not w.entries:
+            w.abandon()
+            return
+        entries = w.seal()
+        index = self.index()
+        for block_id, (off, length) in entries.items():
+            index[block_id] = (w.name, off, length)
+
+    def discard(self) -> None:
+        """Drop objects put since the last flush (an aborted run)."""
+        if self._writer is not None:
+            self._writer.abandon()
+            self._writer = None
+
+    def remove_orphans(self) -> None:
+        indexed = {p.stem for p in self.dir.glob("*.idx")}
+        for pack in self.dir.glob("*.pack"):
+            if pack.stem not in indexed and not (self._writer and self._writer.name == pack.stem):
+                pack.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        self.discard()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    # --- whole-store passes -----------------------------------------------------------------
+    def pack_names(self) -> list[str]:
+        return sorted(p.stem for p in self.dir.glob("*.idx"))
+
+    def scan_pack(self, name: str) -> Iterator[tuple[BlockId, int, bytes]]:
+        """Every record of a pack as written, for verify (id, offset, data)."""
+        with open(self.dir / f"{name}.pack", "rb") as f:
+            if f.read(len(PACK_HEADER)) != PACK_HEADER:
+                raise IntegrityError(f"pack {name}: bad header")
+            while head := f.read(RECORD.size):
+                if len(head) < RECORD.size:
+                    raise IntegrityError(f"pack {name}: truncated record")
+                block_id, length = RECORD.unpack(head)
+                off = f.tell()
+                data = f.read(length)
+                if len(data) != length:
+                    raise IntegrityError(f"pack {name}: truncated record")
+                yield BlockId(block_id), off, data
+
+    def repack(self, live: set[BlockId]) -> tuple[int, int]:
+        """Free objects not in `live`: rewrite packs holding garbage, then drop the old ones
+        once the rewritten data is durable. Returns (objects freed, bytes freed)."""
+        index = self.index()
+        by_pack: dict[str, list[BlockId]] = {}
+        for block_id, (name, _, _) in index.items():
+            by_pack.setdefault(name, []).append(block_id)
+        doomed = []
+        freed = freed_bytes = 0
+        for name, ids in by_pack.items():
+            dead = [i for i in ids if i not in live]
+            if not dead:
+                continue
+            doomed.append(name)
+            for i in ids:
+                if i in live:
+                    data = self.get(i)
+                    del index[i]
+                    self.put(i, data)
+                else:
+                    freed += 1
+                    freed_bytes += index.pop(i)[2]
+        self.flush()
+        for name in doomed:
+            self._drop_pack(name)
+        return freed, freed_bytes
+
+    def _drop_pack(self, name: str) -> None:
+        fd = self._fds.pop(name, None)
+        if fd is not None:
+            os.close(fd)
+        (self.dir / f"{name}.idx").unlink(missing_ok=True)
+        crashpoint("pack-index-dropped")
+        (self.dir / f"{name}.pack").unlink(missing_ok=True)
+
+    def ids(self) -> Iterable[BlockId]:
+        return self.index().keys()
+
+    def salvage(self, damaged: set[str]) -> int:
+        """Rewrite damaged packs (bad index, corrupt or truncated records) keeping only the
+        records that still match their id; returns how many records were kept."""
+        index = self.index()
+        kept = 0
+        for name in sorted(damaged):
+            good = []
+            try:
+                for block_id, _, data in self.scan_pack(name):
+                    if digest_of(data) == block_id:
+                        good.append((block_id, data))
+            except (IntegrityError, OSError):
+                pass  # keep what was readable before the damage
+            for block_id in [i for i, loc in index.items() if loc[0] == name]:
+                del index[block_id]
+            for block_id, data in good:
+                index.pop(block_id, None)
+                kept += self.put(block_id, data)
+            self.flush()
+            self._drop_pack(name)
+        self.bad_indexes = [b for b in self.bad_indexes if b[0][:-4] not in damaged]
+        return kept

@@ -1,0 +1,342 @@
+"""Mirroring: transfer, break, resync and role-swap, each as plan then apply.
+
+Apply order for transfer and resync: (1) SRC's live changes become a snapshot (read-write SRC
+only); (2) DST's live changes become a preserved snapshot (resync); (3) the planned objects are
+copied, each checked against its id, and made durable with the snapshot records; (4) one atomic
+commit of DST's state adds SRC's snapshots, moves DST's own later ones to preserved, sets the
+mode and a journal entry; (5) DST's live tree is brought to SRC's latest, writing only what
+differs; (6) the journal entry is cleared. A crash before (4) leaves DST as it was; after it,
+the next command finishes (5)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadArgument, Diverged, NoCommonSnapshot
+from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState
+from .ops import (
+    JOURNAL_MATERIALIZE,
+    bring_live_tree_to,
+    capture,
+    new_snapshot_id,
+    next_number,
+    writing,
+)
+from .plan import RESYNC, TRANSFER, TransferPlan, missing_objects, plan_lineages
+from .store.crash import crashpoint
+from .store.fsutil import fsync_dir
+from .store.trees import EMPTY_TREE_ID
+from .store.volume import META, Volume, is_volume
+from .tree import Objects, Progress, ScanResult, scan
+
+JOURNAL_ROLE_SWAP = "role-swap"
+
+
+@dataclass(frozen=True)
+class SyncResult:
+    plan: TransferPlan
+    dry_run: bool
+    src_snapshot: Snapshot | None  # taken by this run (or, dry run, the one it would take)
+    live_preserved: Snapshot | None  # DST's live changes kept as a preserved snapshot
+
+
+# --- opening DST ----------------------------------------------------------------------------
+
+def _dst_is_new(path: Path) -> bool:
+    """A missing or empty directory becomes a new mirror; a non-empty non-volume is refused."""
+    if not path.exists():
+        return True
+    if not path.is_dir():
+        raise BadArgument(f"{path} exists and is not a directory")
+    if is_volume(path):
+        return False
+    if any(path.iterdir()):
+        raise NoCommonSnapshot(f"{path} is not empty and not a volume: no common snapshot")
+    return True
+
+
+def _create_mirror(path: Path, src: Volume) -> Volume:
+    state = VolumeState(mode=READ_ONLY, upstream=str(src.root),
+                        upstream_id=src.config.volume_id)
+    return Volume.create(path, src.config.block_size, state)
+
+
+@contextmanager
+def _locked_pair(a: Volume, b: Volume, wait: float) -> Iterator[None]:
+    """Lock two volumes in one fixed order (by path) so opposite runs cannot deadlock."""
+    if a.root == b.root:
+        raise BadArgument("SRC and DST are the same volume")
+    with ExitStack() as stack:
+        for vol in sorted((a, b), key=lambda v: str(v.root)):
+            stack.enter_context(writing(vol, wait))
+        yield
+
+
+# --- planning -------------------------------------------------------------------------------
+
+def _src_snapshot_needed(src: Volume, no_snapshot: bool) -> tuple[bool, ScanResult | None, Objects | None]:
+    state = src.state()
+    if no_snapshot or state.mode != READ_WRITE:
+        return False, None, None
+    result, objects = scan(src, write=False)
+    latest = src.lineage(state)[-1].root if state.lineage else None
+    return result.root != latest, result, objects
+
+
+def build_plan(kind: str, src: Volume, dst: Volume | None, *, src_objects: Objects,
+               extra_src: Snapshot | None = None, live_changed: bool = False,
+               baseline: bool = False) -> TransferPlan:
+    """The one planner: dry runs pass SRC's would-be snapshot as `extra_src`."""
+    src_lineage = src.lineage() + ([extra_src] if extra_src else [])
+    if not src_lineage:
+        raise BadArgument(f"{src.root} has no snapshots to send")
+    dst_lineage = dst.lineage() if dst else []
+    if dst is not None and dst.config.block_size != src.config.block_size:
+        raise BadArgument("SRC and DST have different block sizes")
+    lineages = plan_lineages(kind, src_lineage, dst_lineage)
+    has = dst.packs.has if dst else (lambda _id: False)
+    objects, blocks = missing_objects(src_objects.raw, has, [s.root for s in lineages.add],
+                                      src.config.block_size)
+    return TransferPlan(kind, lineages, tuple(src_lineage), tuple(dst_lineage), tuple(objects),
+                        blocks, live_changed, extra_src is not None, baseline)
+
+
+def _virtual_snapshot(src: Volume, result: ScanResult) -> Snapshot:
+    state = src.state()
+    return Snapshot(new_snapshot_id(), next_number(src, state), 0.0, None, result.root,
+                    result.size, result.files, src.config.volume_id)
+
+
+def _check_dst_writable_by_transfer(dst: Volume) -> ScanResult:
+    state = dst.state()
+    if state.mode == READ_WRITE:
+        raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
+                       "diverged, use resync")
+    result, _ = scan(dst, write=False)
+    latest = dst.lineage(state)[-1].root if state.lineage else EMPTY_TREE_ID
+    if result.root != latest:
+        raise Diverged(f"{dst.root}: live tree was modified since its latest snapshot; "
+                       "diverged, use resync")
+    return result
+
+
+# --- transfer and resync ----------------------------------------------------------------------
+
+def transfer(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
+             wait: float = 0.0, progress: Progress | None = None) -> SyncResult:
+    return _sync(TRANSFER, src_path, dst_path, no_snapshot, dry_run, wait, progress)
+
+
+def resync(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
+           wait: float = 0.0, progress: Progress | None = None) -> SyncResult:
+    return _sync(RESYNC, src_path, dst_path, no_snapshot, dry_run, wait, progress)
+
+
+def _sync(kind, src_path, dst_path, no_snapshot, dry_run, wait, progress) -> SyncResult:
+    src = Volume.open(src_path)
+    dst_root = Path(dst_path).absolute()
+    if dst_root == src.root:
+        raise BadArgument("SRC and DST are the same volume")
+    new = _dst_is_new(dst_root)
+    if dry_run:
+        dst = None if new else Volume.open(dst_root)
+        return _dry_run(kind, src, dst, no_snapshot)
+    dst = _create_mirror(dst_root, src) if new and not is_volume(dst_root) else Volume.open(dst_root)
+    with _locked_pair(src, dst, wait):
+        return _apply_sync(kind, src, dst, no_snapshot, progress)
+
+
+def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> SyncResult:
+    needed, result, objects = _src_snapshot_needed(src, no_snapshot)
+    extra = _virtual_snapshot(src, result) if needed else None
+    live_changed = False
+    if dst is not None and kind == TRANSFER:
+        if dst.state().lineage:
+            plan_lineages(kind, src.lineage() + ([extra] if extra else []), dst.lineage())
+        _check_dst_writable_by_transfer(dst)
+    elif dst is not None and dst.state().lineage:
+        live, _ = scan(dst, write=False)
+        live_changed = live.root != dst.lineage()[-1].root
+    plan = build_plan(kind, src, dst, src_objects=objects or Objects(src, write=False),
+                      extra_src=extra, live_changed=live_changed, baseline=dst is None)
+    return SyncResult(plan, True, extra, None)
+
+
+def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
+    src_state, dst_state = src.state(), dst.state()
+    baseline = not dst_state.lineage
+    if kind == TRANSFER:
+        # refuse before changing anything: no common snapshot (first), divergence, a mirror
+        # that is read-write or was written to
+        if not baseline:
+            plan_lineages(kind, src.lineage(src_state), dst.lineage(dst_state))
+        _check_dst_writable_by_transfer(dst)
+    src_snap = None
+    if not no_snapshot and src_state.mode == READ_WRITE:
+        src_snap = _snapshot_if_changed(src, progress)
+    live_snap = None
+    if kind == RESYNC and not baseline:
+        live_snap = _preserve_live_changes(dst, dst_state, progress)
+    plan = build_plan(kind, src, dst, src_objects=Objects(src, write=False),
+                      live_changed=live_snap is not None, baseline=baseline)
+    _send(plan, src, dst, progress)
+    _commit_dst(plan, src, dst, live_snap)
+    bring_live_tree_to(dst, plan.src_lineage[-1].root, progress)
+    dst.commit(dst.state().with_(journal=None))
+    return SyncResult(plan, False, src_snap, live_snap)
+
+
+def _snapshot_if_changed(src: Volume, progress: Progress | None) -> Snapshot | None:
+    state = src.state()
+    result, _ = scan(src, write=False)
+    if state.lineage and src.lineage(state)[-1].root == result.root:
+        return None
+    snap, _ = capture(src, state, next_number(src, state), None, progress)
+    src.commit(state.with_(lineage=state.lineage + (snap.id,)))
+    return snap
+
+
+def _preserve_live_changes(dst: Volume, state: VolumeState, progress: Progress | None
+                           ) -> Snapshot | None:
+    """DST's unsnapshotted live changes become a (not yet committed) snapshot record."""
+    latest = dst.lineage(state)[-1]
+    check, _ = scan(dst, write=False)
+    if check.root == latest.root:
+        return None
+    snap, _ = capture(dst, state, latest.number + 1, "live changes before resync", progress)
+    return snap
+
+
+def _send(plan: TransferPlan, src: Volume, dst: Volume, progress: Progress | None) -> None:
+    """Copy the planned objects, each re-hashed on receipt (a bad one stops the run, exit 6)."""
+    try:
+        for block_id, _length in plan.objects:
+            data = src.packs.get(block_id, verify=True)
+            dst.packs.put(block_id, data)
+            crashpoint("object-received")
+            if progress:
+                progress(len(data))
+        for snap in plan.lineages.add:
+            dst.write_snapshot(snap)  # flushes the packs first: data before metadata
+    except BaseException:
+        dst.packs.discard()
+        raise
+
+
+def _commit_dst(plan: TransferPlan, src: Volume, dst: Volume, live_snap: Snapshot | None) -> None:
+    state = dst.state()
+    common = plan.lineages.common
+    keep = state.lineage[: state.lineage.index(common.id) + 1] if common else ()
+    preserved = tuple(s.id for s in plan.lineages.remove) + ((live_snap.id,) if live_snap else ())
+    dst.commit(state.with_(
+        mode=READ_ONLY, upstream=str(src.root), upstream_id=src.config.volume_id,
+        lineage=keep + tuple(s.id for s in plan.lineages.add),
+        preserved=state.preserved + preserved,
+        journal={"op": JOURNAL_MATERIALIZE, "root": plan.src_lineage[-1].root.hex()},
+    ))
+
+
+# --- break and role-swap ----------------------------------------------------------------------
+
+def break_mirror(path: str, wait: float = 0.0) -> VolumeState:
+    """Failover: the mirror becomes read-write at once, nothing copied."""
+    vol = Volume.open(path)
+    with writing(vol, wait):
+        state = vol.state()
+        if state.mode != READ_ONLY:
+            raise BadArgument(f"{vol.root} is already read-write (not a mirror)")
+        new = state.with_(mode=READ_WRITE, upstream=None, upstream_id=None,
+                          extra={**state.extra, "former_upstream": state.upstream})
+        vol.commit(new)
+        return new
+
+
+@dataclass(frozen=True)
+class RoleSwapResult:
+    sync: SyncResult | None
+    already_done: bool
+    link: str | None
+
+
+def role_swap(a_path: str, b_path: str, link: str | None = None, *, dry_run: bool = False,
+              wait: float = 0.0, progress: Progress | None = None) -> RoleSwapResult:
+    """A (read-write) and its mirror B swap roles with no write lost: last snapshot of A,
+    transfer A->B, A becomes a mirror of B (journalled), B read-write, link flipped."""
+    a, b = Volume.open(a_path), Volume.open(b_path)
+    if link is not None:
+        _check_link(Path(link))
+    if dry_run:
+        _check_swap_roles(a, b)
+        return RoleSwapResult(_dry_run(TRANSFER, a, b, no_snapshot=False), False, link)
+    with _locked_pair(a, b, wait):
+        sa, sb = a.state(), b.state()
+        if _swap_done(a, b, sa, sb):
+            if sa.journal or link:
+                _finish_swap(a, b, link)
+            return RoleSwapResult(None, True, link)
+        if not _swap_half_done(a, b, sa, sb):
+            _check_swap_roles(a, b)
+            result = _apply_sync(TRANSFER, a, b, False, progress)
+            sa = a.state()
+            a.commit(sa.with_(mode=READ_ONLY, upstream=str(b.root), upstream_id=b.config.volume_id,
+                              journal={"op": JOURNAL_ROLE_SWAP, "peer": str(b.root)}))
+            crashpoint("role-swap-source-demoted")
+        else:
+            result = None
+        b.commit(b.state().with_(mode=READ_WRITE, upstream=None, upstream_id=None))
+        crashpoint("role-swap-mirror-promoted")
+        _finish_swap(a, b, link)
+        return RoleSwapResult(result, False, link)
+
+
+def _check_swap_roles(a: Volume, b: Volume) -> None:
+    sa, sb = a.state(), b.state()
+    if sa.mode != READ_WRITE:
+        raise BadArgument(f"{a.root} is not read-write; role-swap A B needs A to be the source")
+    if sb.mode != READ_ONLY:
+        raise Diverged(f"{b.root} is read-write too: both are sources; diverged, use resync")
+    if sb.upstream_id != a.config.volume_id:
+        raise BadArgument(f"{b.root} is not a mirror of {a.root}")
+
+
+def _swap_half_done(a: Volume, b: Volume, sa: VolumeState, sb: VolumeState) -> bool:
+    """A crash between demoting A and promoting B: both are mirrors of each other."""
+    return (sa.mode == READ_ONLY and sa.upstream_id == b.config.volume_id
+            and sb.mode == READ_ONLY and sb.upstream_id == a.config.volume_id
+            and bool(sa.journal) and sa.journal.get("op") == JOURNAL_ROLE_SWAP
+            and sa.lineage[-1:] == sb.lineage[-1:])
+
+
+def _swap_done(a: Volume, b: Volume, sa: VolumeState, sb: VolumeState) -> bool:
+    return (sa.mode == READ_ONLY and sa.upstream_id == b.config.volume_id
+            and sb.mode == READ_WRITE and sa.lineage[-1:] == sb.lineage[-1:])
+
+
+def _finish_swap(a: Volume, b: Volume, link: str | None) -> None:
+    if link is not None:
+        flip_link(Path(link), b.root)
+    a.commit(a.state().with_(journal=None))
+
+
+def _check_link(path: Path) -> None:
+    if os.path.lexists(path) and not path.is_symlink():
+        raise BadArgument(f"--link {path} exists and is not a symlink; refusing to replace it")
+    if not path.parent.is_dir():
+        raise BadArgument(f"--link {path}: no such directory {path.parent}")
+
+
+def flip_link(path: Path, target: Path) -> None:
+    """Point the symlink at `target` by renaming a new link over it (atomic for readers)."""
+    tmp = path.with_name(f".{path.name}.volsync-{secrets.token_hex(4)}")
+    os.symlink(target, tmp)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    crashpoint("link-flipped")
+
+
+__all__ = ["META", "break_mirror", "resync", "role_swap", "transfer"]
