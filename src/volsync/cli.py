@@ -282,30 +282,33 @@ def prune(volume: str, keep_last: int | None, preserved: bool, dry_run: bool, wa
 
 # --- mirroring ----------------------------------------------------------------------------------
 
-def plan_json(plan: TransferPlan, dry_run: bool) -> dict:
+def plan_json(plan: TransferPlan, dry_run: bool, src_snapshot=None) -> dict:
     common = plan.lineages.common
     return {
         "common": common.number if common else None,
         "common_id": common.id if common else None,
         "added": [s.number for s in plan.lineages.add],
         "removed": [s.number for s in plan.lineages.remove],
-        "preserved": [s.number for s in plan.preserve] + (["live"] if plan.live_changed else []),
+        "preserved": plan.preserved_numbers,
         "blocks_sent": plan.blocks, "objects_sent": len(plan.objects), "bytes_sent": plan.bytes,
-        "baseline": plan.baseline, "snapshot_src": plan.snapshot_src, "dry_run": dry_run,
+        "baseline": plan.baseline, "dry_run": dry_run,
+        "src_snapshot": src_snapshot.number if src_snapshot else None,
     }
 
 
-def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool) -> str:
+def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool, src_snapshot=None) -> str:
     common = plan.lineages.common
     lines = [lineage_picture(plan, "SRC", "DST")] if dry_run else []
-    if plan.snapshot_src:
-        lines.append(f"snapshot SRC's live changes as {plan.src_lineage[-1].number}")
+    if src_snapshot:
+        verb = "would snapshot" if dry_run else "snapshotted"
+        lines.append(f"{verb} SRC's live changes as {src_snapshot.number}")
     if plan.baseline:
         lines.append(f"create {dst} as a new mirror of {src}")
     lines.append(f"newest common snapshot: {common.number if common else 'none'}")
     lines.append("add:      " + (" ".join(str(s.number) for s in plan.lineages.add) or "-"))
     if plan.kind == "resync":
-        pres = [f"{s.number}'" for s in plan.preserve] + (["live changes"] if plan.live_changed else [])
+        pres = [f"{s.number}'" for s in plan.lineages.remove]
+        pres += [f"{plan.live_number}' (live changes)"] if plan.live_changed else []
         lines.append("preserve: " + (" ".join(pres) or "-"))
     lines.append(f"send:     {plan.blocks} blocks, {len(plan.objects)} objects, "
                  f"{human_bytes(plan.bytes)}")
@@ -319,7 +322,9 @@ def _mirror_command(fn_name: str):
         engine = getattr(sync, fn_name)
         result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
                         progress=out.progress(fn_name))
-        out.emit(plan_json(result.plan, dry_run), lambda: plan_text(result.plan, src, dst, dry_run))
+        snap = result.src_snapshot
+        out.emit(plan_json(result.plan, dry_run, snap),
+                 lambda: plan_text(result.plan, src, dst, dry_run, snap))
 
     return run
 
@@ -381,12 +386,12 @@ def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, out:
 
     A's last changes are snapshotted and sent to B first, so nothing is lost."""
     r = sync.role_swap(a, b, link, dry_run=dry_run, wait=wait, progress=out.progress("role-swap"))
-    data = plan_json(r.sync.plan, dry_run) if r.sync else {}
+    data = plan_json(r.sync.plan, dry_run, r.sync.src_snapshot) if r.sync else {}
     data |= {"read_write": os.path.abspath(b), "read_only": os.path.abspath(a),
              "link": link, "already_done": r.already_done, "dry_run": dry_run}
 
     def text() -> str:
-        lines = [plan_text(r.sync.plan, a, b, dry_run)] if r.sync else []
+        lines = [plan_text(r.sync.plan, a, b, dry_run, r.sync.src_snapshot)] if r.sync else []
         verb = "would make" if dry_run else ("already" if r.already_done else "now")
         lines.append(f"{verb}: {b} read-write, {a} its read-only mirror"
                      + (f"; {link} -> {os.path.abspath(b)}" if link else ""))

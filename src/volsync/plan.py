@@ -29,7 +29,7 @@ class TransferPlan:
     dst_lineage: tuple[Snapshot, ...]
     objects: tuple[tuple[BlockId, int], ...]  # (id, length) in send order: children first
     blocks: int  # file blocks among the objects
-    live_changed: bool  # DST's live tree differs from its latest (resync preserves it)
+    live_number: int | None  # number of the preserved snapshot of DST's live changes (resync)
     snapshot_src: bool  # SRC's live changes are captured as a new snapshot first
     baseline: bool  # DST is created as a new mirror
 
@@ -38,8 +38,14 @@ class TransferPlan:
         return sum(length for _, length in self.objects)
 
     @property
-    def preserve(self) -> tuple[Snapshot, ...]:
-        return self.lineages.remove
+    def live_changed(self) -> bool:
+        return self.live_number is not None
+
+    @property
+    def preserved_numbers(self) -> list[int]:
+        """DST's snapshots leaving the lineage, then its preserved live changes."""
+        live = [self.live_number] if self.live_number is not None else []
+        return [s.number for s in self.lineages.remove] + live
 
 
 def plan_lineages(kind: str, src: list[Snapshot], dst: list[Snapshot]) -> LineagePlan:

@@ -89,7 +89,7 @@ def _src_snapshot_needed(src: Volume, no_snapshot: bool) -> tuple[bool, ScanResu
 
 
 def build_plan(kind: str, src: Volume, dst: Volume | None, *, src_objects: Objects,
-               extra_src: Snapshot | None = None, live_changed: bool = False,
+               extra_src: Snapshot | None = None, live_number: int | None = None,
                baseline: bool = False) -> TransferPlan:
     """The one planner: dry runs pass SRC's would-be snapshot as `extra_src`."""
     src_lineage = src.lineage() + ([extra_src] if extra_src else [])
@@ -103,7 +103,7 @@ def build_plan(kind: str, src: Volume, dst: Volume | None, *, src_objects: Objec
     objects, blocks = missing_objects(src_objects.raw, has, [s.root for s in lineages.add],
                                       src.config.block_size)
     return TransferPlan(kind, lineages, tuple(src_lineage), tuple(dst_lineage), tuple(objects),
-                        blocks, live_changed, extra_src is not None, baseline)
+                        blocks, live_number, extra_src is not None, baseline)
 
 
 def _virtual_snapshot(src: Volume, result: ScanResult) -> Snapshot:
@@ -154,16 +154,17 @@ def _sync(kind, src_path, dst_path, no_snapshot, dry_run, wait, progress) -> Syn
 def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> SyncResult:
     needed, result, objects = _src_snapshot_needed(src, no_snapshot)
     extra = _virtual_snapshot(src, result) if needed else None
-    live_changed = False
+    live_number = None
     if dst is not None and kind == TRANSFER:
         if dst.state().lineage:
             plan_lineages(kind, src.lineage() + ([extra] if extra else []), dst.lineage())
         _check_dst_writable_by_transfer(dst)
     elif dst is not None and dst.state().lineage:
         live, _ = scan(dst, write=False)
-        live_changed = live.root != dst.lineage()[-1].root
+        latest = dst.lineage()[-1]
+        live_number = latest.number + 1 if live.root != latest.root else None
     plan = build_plan(kind, src, dst, src_objects=objects or Objects(src, write=False),
-                      extra_src=extra, live_changed=live_changed, baseline=dst is None)
+                      extra_src=extra, live_number=live_number, baseline=dst is None)
     return SyncResult(plan, True, extra, None)
 
 
@@ -183,7 +184,7 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     if kind == RESYNC and not baseline:
         live_snap = _preserve_live_changes(dst, dst_state, progress)
     plan = build_plan(kind, src, dst, src_objects=Objects(src, write=False),
-                      live_changed=live_snap is not None, baseline=baseline)
+                      live_number=live_snap.number if live_snap else None, baseline=baseline)
     _send(plan, src, dst, progress)
     _commit_dst(plan, src, dst, live_snap)
     bring_live_tree_to(dst, plan.src_lineage[-1].root, progress)

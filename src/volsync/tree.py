@@ -385,23 +385,30 @@ class Materializer:
                 data = self.objects.block(block_id)
                 write_all(fd, data)
                 self.count(len(data))
-            key = self.finish_file(fd, entry, close=False)
+            self.set_metadata(fd, entry)
         finally:
             os.close(fd)
         if old is not None and old.kind is Kind.DIR:
             _remove(dfd, entry.name)
         os.rename(tmp, entry.name, src_dir_fd=dfd, dst_dir_fd=dfd)
-        return key
+        # the key is taken after the rename, which changes ctime on some filesystems
+        return self.file_key(os.stat(entry.name, dir_fd=dfd, follow_symlinks=False), entry)
 
-    def finish_file(self, fd: int, entry: Entry, close: bool = True) -> list | None:
+    def finish_file(self, fd: int, entry: Entry) -> list | None:
         try:
-            os.fchmod(fd, entry.mode)
-            os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
+            self.set_metadata(fd, entry)
             st = os.fstat(fd)
         finally:
-            if close:
-                os.close(fd)
+            os.close(fd)
+        return self.file_key(st, entry)
+
+    @staticmethod
+    def set_metadata(fd: int, entry: Entry) -> None:
+        os.fchmod(fd, entry.mode)
+        os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         crashpoint("live-entry-written")
+
+    def file_key(self, st: os.stat_result, entry: Entry) -> list | None:
         if st.st_mtime_ns >= self.racy_after:
             return None
         return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, entry.mode]
