@@ -40,7 +40,9 @@ class Output:
         if self.json:
             click.echo(json.dumps(data, sort_keys=True))
         elif not self.quiet:
-            click.echo(text() if callable(text) else text)
+            shown = text() if callable(text) else text
+            # non-UTF-8 names (surrogate-escaped) print as \xNN instead of crashing the write
+            click.echo(shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
     def warn(self, message: str) -> None:
         if not self.quiet:

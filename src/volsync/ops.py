@@ -36,14 +36,18 @@ def writing(volume: Volume, wait: float = 0.0) -> Iterator[Volume]:
 
 
 def recover(volume: Volume) -> None:
+    """Finish an interrupted live-tree step: the journal means "the live tree may be anywhere
+    between two trees; bring it to the lineage's latest snapshot". Before a run's final commit
+    that undoes the step; after it, it redoes it."""
     state = volume.state()
-    journal = state.journal
-    if not journal:
-        return
-    if journal.get("op") == JOURNAL_MATERIALIZE:
-        bring_live_tree_to(volume, BlockId(bytes.fromhex(journal["root"])))
-        volume.commit(state.with_(journal=None))
-    # Other journal kinds belong to the mirroring layer, which recovers them itself.
+    if not state.journal or state.journal.get("op") != JOURNAL_MATERIALIZE:
+        return  # other journal kinds belong to the mirroring layer, which finishes them
+    bring_live_tree_to(volume, latest_root(volume, state))
+    volume.commit(state.with_(journal=None))
+
+
+def latest_root(volume: Volume, state: VolumeState) -> BlockId:
+    return volume.snapshot(state.lineage[-1]).root if state.lineage else EMPTY_TREE_ID
 
 
 def bring_live_tree_to(volume: Volume, target: BlockId, progress: Progress | None = None) -> int:
@@ -124,8 +128,7 @@ def live_changes(volume: Volume, state: VolumeState | None = None) -> tuple[list
     """What differs between the latest snapshot and the live tree (hashing, storing nothing)."""
     state = state or volume.state()
     result, objects = scan(volume, write=False)
-    latest = volume.lineage(state)[-1].root if state.lineage else EMPTY_TREE_ID
-    return list(diff_trees(objects, latest, result.root)), result.root
+    return list(diff_trees(objects, latest_root(volume, state), result.root)), result.root
 
 
 # --- revert and restore -------------------------------------------------------------------------
@@ -162,7 +165,7 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
                               f"live changes before revert to {plan.target.number}", progress)
             preserved.append(live.id)
         keep = state.lineage[: state.lineage.index(plan.target.id) + 1]
-        journal = {"op": JOURNAL_MATERIALIZE, "root": plan.target.root.hex()}
+        journal = {"op": JOURNAL_MATERIALIZE}
         state = state.with_(lineage=keep, preserved=state.preserved + tuple(preserved),
                             journal=journal)
         volume.commit(state)

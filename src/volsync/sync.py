@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import os
 import secrets
+import sys
+import threading
 from collections.abc import Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,10 +23,10 @@ from .errors import BadArgument, Diverged, NoCommonSnapshot
 from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState
 from .ops import (
     JOURNAL_MATERIALIZE,
-    bring_live_tree_to,
     capture,
     new_snapshot_id,
     next_number,
+    recover,
     writing,
 )
 from .plan import RESYNC, TRANSFER, TransferPlan, missing_objects, plan_lineages
@@ -32,7 +34,7 @@ from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
 from .store.trees import EMPTY_TREE_ID
 from .store.volume import META, Volume, is_volume
-from .tree import Objects, Progress, ScanResult, scan
+from .tree import Materializer, Objects, Progress, ScanResult, scan
 
 JOURNAL_ROLE_SWAP = "role-swap"
 
@@ -112,6 +114,15 @@ def _virtual_snapshot(src: Volume, result: ScanResult) -> Snapshot:
                     result.size, result.files, src.config.volume_id)
 
 
+def _refuse_unrelated_non_empty(dst: Volume) -> None:
+    """A DST volume with no snapshot but files in its live tree shares nothing with SRC and
+    is not empty: exit 4 (for resync too: nothing there may be overwritten unpreserved)."""
+    result, _ = scan(dst, write=False)
+    if result.root != EMPTY_TREE_ID:
+        raise NoCommonSnapshot(f"{dst.root} has no snapshots but is not empty: "
+                               "no common snapshot")
+
+
 def _check_dst_writable_by_transfer(dst: Volume) -> ScanResult:
     state = dst.state()
     if state.mode == READ_WRITE:
@@ -155,6 +166,8 @@ def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> S
     needed, result, objects = _src_snapshot_needed(src, no_snapshot)
     extra = _virtual_snapshot(src, result) if needed else None
     live_number = None
+    if dst is not None and not dst.state().lineage:
+        _refuse_unrelated_non_empty(dst)
     if dst is not None and kind == TRANSFER:
         if dst.state().lineage:
             plan_lineages(kind, src.lineage() + ([extra] if extra else []), dst.lineage())
@@ -171,6 +184,8 @@ def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> S
 def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     src_state, dst_state = src.state(), dst.state()
     baseline = not dst_state.lineage
+    if baseline:
+        _refuse_unrelated_non_empty(dst)
     if kind == TRANSFER:
         # refuse before changing anything: no common snapshot (first), divergence, a mirror
         # that is read-write or was written to
@@ -185,11 +200,65 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
         live_snap = _preserve_live_changes(dst, dst_state, progress)
     plan = build_plan(kind, src, dst, src_objects=Objects(src, write=False),
                       live_number=live_snap.number if live_snap else None, baseline=baseline)
-    _send(plan, src, dst, progress)
-    _commit_dst(plan, src, dst, live_snap)
-    bring_live_tree_to(dst, plan.src_lineage[-1].root, progress)
-    dst.commit(dst.state().with_(journal=None))
+    state = dst.state()
+    if _nothing_to_do(plan, state, src, live_snap):
+        return SyncResult(plan, False, src_snap, None)
+    # announce the live-tree step; DST's live changes are kept before it is touched
+    kept = (live_snap.id,) if live_snap else ()
+    dst.commit(state.with_(preserved=state.preserved + kept, journal={"op": JOURNAL_MATERIALIZE}))
+    try:
+        _send_and_materialize(plan, src, dst, progress)
+    except BaseException:
+        _undo(dst)
+        raise
+    _commit_dst(plan, src, dst)
     return SyncResult(plan, False, src_snap, live_snap)
+
+
+def _nothing_to_do(plan: TransferPlan, state: VolumeState, src: Volume,
+                   live_snap: Snapshot | None) -> bool:
+    """DST already is an up-to-date, unmodified mirror of SRC."""
+    return (not plan.lineages.add and not plan.lineages.remove and live_snap is None
+            and state.mode == READ_ONLY and state.upstream_id == src.config.volume_id
+            and state.upstream == str(src.root) and bool(state.lineage))
+
+
+def _send_and_materialize(plan: TransferPlan, src: Volume, dst: Volume,
+                          progress: Progress | None) -> None:
+    """Copy the planned objects into DST's store while a second thread writes DST's live
+    tree from SRC's store (both only read SRC); then make both durable."""
+    live, dst_objects = scan(dst, write=False)
+    objects = Objects(dst, write=False, source=src)
+    objects.overlay = dst_objects.overlay
+    writer = Materializer(objects, dst.config.block_size, live.cache)
+    target = plan.src_lineage[-1].root
+    outcome: dict = {}
+
+    def write_live_tree() -> None:
+        try:
+            outcome["cache"] = writer.run(bytes(dst.root), live.root, target)
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=write_live_tree, name="volsync-materialize")
+    thread.start()
+    try:
+        _send(plan, src, dst, progress)
+    finally:
+        if sys.exc_info()[0] is not None:
+            objects.cancelled = True
+        thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    dst.save_statcache(outcome["cache"])
+
+
+def _undo(dst: Volume) -> None:
+    """After a failed run, put DST's live tree back to its latest snapshot now (the next
+    command would do the same from the journal)."""
+    dst.packs.discard()
+    with suppress(Exception):  # if this fails too, the journal stays for the next command
+        recover(dst)
 
 
 def _snapshot_if_changed(src: Volume, progress: Progress | None) -> Snapshot | None:
@@ -214,31 +283,28 @@ def _preserve_live_changes(dst: Volume, state: VolumeState, progress: Progress |
 
 
 def _send(plan: TransferPlan, src: Volume, dst: Volume, progress: Progress | None) -> None:
-    """Copy the planned objects, each re-hashed on receipt (a bad one stops the run, exit 6)."""
-    try:
-        for block_id, _length in plan.objects:
-            data = src.packs.get(block_id, verify=True)
-            dst.packs.put(block_id, data)
-            crashpoint("object-received")
-            if progress:
-                progress(len(data))
-        for snap in plan.lineages.add:
-            dst.write_snapshot(snap)  # flushes the packs first: data before metadata
-    except BaseException:
-        dst.packs.discard()
-        raise
+    """Copy the planned objects, each re-hashed on receipt (a bad one stops the run, exit 6),
+    then the snapshot records once the objects are durable."""
+    for block_id, _length in plan.objects:
+        n = dst.packs.put_from(src.packs, block_id)
+        crashpoint("object-received")
+        if progress:
+            progress(n)
+    for snap in plan.lineages.add:
+        dst.write_snapshot(snap)  # flushes the packs first: data before metadata
 
 
-def _commit_dst(plan: TransferPlan, src: Volume, dst: Volume, live_snap: Snapshot | None) -> None:
+def _commit_dst(plan: TransferPlan, src: Volume, dst: Volume) -> None:
+    """The one commit: SRC's snapshots join DST's lineage, DST's own later ones leave it
+    (preserved), DST becomes SRC's read-only mirror, and the live-tree step is done."""
     state = dst.state()
     common = plan.lineages.common
     keep = state.lineage[: state.lineage.index(common.id) + 1] if common else ()
-    preserved = tuple(s.id for s in plan.lineages.remove) + ((live_snap.id,) if live_snap else ())
     dst.commit(state.with_(
         mode=READ_ONLY, upstream=str(src.root), upstream_id=src.config.volume_id,
         lineage=keep + tuple(s.id for s in plan.lineages.add),
-        preserved=state.preserved + preserved,
-        journal={"op": JOURNAL_MATERIALIZE, "root": plan.src_lineage[-1].root.hex()},
+        preserved=state.preserved + tuple(s.id for s in plan.lineages.remove),
+        journal=None,
     ))
 
 

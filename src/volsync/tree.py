@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from .errors import VolsyncError
 from .model import BlockId, Entry, Kind, digest_of
 from .store.crash import crashpoint
-from .store.fsutil import write_all
 from .store.trees import EMPTY_TREE, EMPTY_TREE_ID, decode_tree, encode_tree
 from .store.volume import META, Volume
 
@@ -35,13 +34,16 @@ Progress = Callable[[int], None]
 
 
 class Objects:
-    """Trees and blocks of one volume for a scan or a materialize. With `write` False (a check
-    that must change nothing), new trees live in memory and file blocks are hashed only."""
+    """Trees and blocks for a scan or a materialize. With `write` False (a check that must
+    change nothing), new trees live in memory and file blocks are hashed only. `source`, if
+    given, is another volume read first (a transfer writes DST's live tree from SRC's store)."""
 
-    def __init__(self, volume: Volume, write: bool = True):
+    def __init__(self, volume: Volume, write: bool = True, source: Volume | None = None):
         self.volume = volume
         self.write = write
         self.overlay: dict[BlockId, bytes] = {}
+        self.readers = (source.packs, volume.packs) if source else (volume.packs,)
+        self.cancelled = False
 
     def put_tree(self, entries: list[Entry]) -> BlockId:
         data = encode_tree(entries) if entries else EMPTY_TREE
@@ -55,21 +57,31 @@ class Objects:
     def tree(self, tree_id: BlockId | None) -> list[Entry]:
         if tree_id is None or tree_id == EMPTY_TREE_ID:
             return []
-        data = self.overlay.get(tree_id)
-        if data is not None:
-            return decode_tree(data, tree_id)
-        return self.volume.tree(tree_id)
+        return decode_tree(self.raw(tree_id), tree_id)
 
     def raw(self, tree_id: BlockId) -> bytes:
         data = self.overlay.get(tree_id)
-        return data if data is not None else self.volume.packs.get(tree_id)
+        return data if data is not None else self._reader(tree_id).get(tree_id)
+
+    def _reader(self, block_id: BlockId):
+        for packs in self.readers:
+            if packs.has(block_id):
+                return packs
+        return self.readers[-1]  # raises the missing-block IntegrityError
 
     def put_block(self, block_id: BlockId, data: memoryview) -> None:
         if self.write:
             self.volume.packs.put(block_id, data)
 
-    def block(self, block_id: BlockId) -> bytes:
-        return self.volume.packs.get(block_id, verify=True)
+    def copy_block(self, block_id: BlockId, fd: int, offset: int | None) -> int:
+        """Write a verified block into a file (at `offset`, or at its position)."""
+        if self.cancelled:
+            raise Cancelled()
+        return self._reader(block_id).copy_to(block_id, fd, offset)
+
+
+class Cancelled(Exception):
+    """A concurrent step failed; this one stops where it is."""
 
 
 @dataclass
@@ -372,9 +384,7 @@ class Materializer:
         for i, block_id in enumerate(entry.blocks()):
             if i < len(old_blocks) and old_blocks[i] == block_id:
                 continue
-            data = self.objects.block(block_id)
-            os.pwrite(fd, data, i * self.block_size)
-            self.count(len(data))
+            self.count(self.objects.copy_block(block_id, fd, i * self.block_size))
         os.ftruncate(fd, entry.size)
 
     def replace_file(self, dfd: int, entry: Entry, old: Entry | None) -> list | None:
@@ -382,9 +392,7 @@ class Materializer:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600, dir_fd=dfd)
         try:
             for block_id in entry.blocks():
-                data = self.objects.block(block_id)
-                write_all(fd, data)
-                self.count(len(data))
+                self.count(self.objects.copy_block(block_id, fd, None))
             self.set_metadata(fd, entry)
         finally:
             os.close(fd)

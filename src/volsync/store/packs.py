@@ -7,6 +7,8 @@ durable; a pack without an index is a crashed writer's leftover and is deleted b
 
 from __future__ import annotations
 
+import errno
+import mmap
 import os
 import secrets
 import struct
@@ -44,12 +46,27 @@ class PackWriter:
     def add(self, block_id: BlockId, data: bytes | memoryview) -> None:
         self.buffer += RECORD.pack(block_id, len(data))
         self.entries[block_id] = (self.size, len(data))
+        if len(data) >= BUFFER_LIMIT // 16:  # large: skip the copy into the buffer
+            self.flush()
+            pwrite_all(self.fd, data, self.flushed)
+            self.flushed += len(data)
+            return
         self.buffer += data
         if len(self.buffer) >= BUFFER_LIMIT:
             self.flush()
 
+    def add_copy(self, block_id: BlockId, src_fd: int, src_off: int, length: int) -> None:
+        """Append a record whose data the kernel copies from another file."""
+        self.buffer += RECORD.pack(block_id, length)
+        self.flush()
+        copy_range(src_fd, src_off, self.fd, self.flushed, length)
+        self.entries[block_id] = (self.flushed, length)
+        self.flushed += length
+
     def flush(self) -> None:
-        write_all(self.fd, self.buffer)
+        """Write the buffer at the end of the pack (positional writes only: kernel copies
+        by `add_copy` do not move the file position)."""
+        pwrite_all(self.fd, self.buffer, self.flushed)
         self.flushed += len(self.buffer)
         self.buffer = bytearray()
 
@@ -80,6 +97,35 @@ class PackWriter:
         self.path.unlink(missing_ok=True)
 
 
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
+
+
+def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int | None, length: int) -> None:
+    """Kernel-side copy (copy_file_range), falling back to read and write where unsupported.
+    With dst_off None the destination's file position is used and advanced."""
+    done = 0
+    try:
+        while done < length:
+            n = os.copy_file_range(src_fd, dst_fd, length - done, src_off + done,
+                                   None if dst_off is None else dst_off + done)
+            if n == 0:
+                raise IntegrityError("source ended early while copying a block")
+            done += n
+        return
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise
+    data = os.pread(src_fd, length - done, src_off + done)
+    if dst_off is None:
+        write_all(dst_fd, data)
+    else:
+        os.pwrite(dst_fd, data, dst_off + done)
+
+
 def read_index(path: Path) -> tuple[str, list[tuple[BlockId, int, int]]]:
     """Decode one pack index, refusing any that fails its checksum or shape."""
     body = open_sealed(path.read_bytes(), "index", f"pack index {path.name}")
@@ -106,6 +152,7 @@ class PackStore:
         self.dir = directory
         self._index: dict[BlockId, tuple[str, int, int]] | None = None
         self._fds: dict[str, int] = {}
+        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
         self._writer: PackWriter | None = None
         self.bad_indexes: list[tuple[str, str]] = []
 
@@ -150,6 +197,64 @@ class PackStore:
         if verify and digest_of(data) != block_id:
             raise IntegrityError(f"block {block_id.hex()} failed its digest check")
         return data
+
+    def locate(self, block_id: BlockId, verify: bool = True) -> tuple[int, int, int] | None:
+        """(fd, offset, length) of a sealed object, its digest checked through a read-only
+        mapping (no copy); None when it is only in the unsealed writer."""
+        w = self._writer
+        if w and block_id in w.entries:
+            return None
+        loc = self.index().get(block_id)
+        if loc is None:
+            raise IntegrityError(f"missing block {block_id.hex()}")
+        name, off, length = loc
+        if verify:
+            view = self._view(name)
+            if off + length > len(view):
+                raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
+            if digest_of(view[off : off + length]) != block_id:
+                raise IntegrityError(f"block {block_id.hex()} failed its digest check")
+        return self._fd(name), off, length
+
+    def copy_to(self, block_id: BlockId, out_fd: int, out_off: int | None = None) -> int:
+        """Write a verified object into a file without copying it through Python."""
+        loc = self.locate(block_id)
+        if loc is None:
+            data = self.get(block_id, verify=True)
+            if out_off is None:
+                write_all(out_fd, data)
+            else:
+                os.pwrite(out_fd, data, out_off)
+            return len(data)
+        copy_range(*loc[:2], out_fd, out_off, loc[2])
+        return loc[2]
+
+    def put_from(self, other: PackStore, block_id: BlockId) -> int:
+        """Receive an object from another store, checked against its id; returns its size."""
+        if self.has(block_id):
+            return 0
+        loc = other.locate(block_id)
+        if loc is None:
+            data = other.get(block_id, verify=True)
+            self.put(block_id, data)
+            return len(data)
+        if self._writer is None:
+            self._writer = PackWriter(self.dir)
+        self._writer.add_copy(block_id, *loc)
+        if self._writer.size >= PACK_TARGET:
+            self.flush()
+        return loc[2]
+
+    def _view(self, name: str) -> memoryview:
+        mapped = self._maps.get(name)
+        if mapped is None:
+            fd = self._fd(name)
+            size = os.fstat(fd).st_size
+            if size == 0:
+                return memoryview(b"")
+            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+            mapped = self._maps[name] = (m, memoryview(m))
+        return mapped[1]
 
     def _fd(self, name: str) -> int:
         fd = self._fds.get(name)
@@ -196,9 +301,17 @@ class PackStore:
 
     def close(self) -> None:
         self.discard()
-        for fd in self._fds.values():
+        for name in list(self._fds):
+            self._close_pack(name)
+
+    def _close_pack(self, name: str) -> None:
+        mapped = self._maps.pop(name, None)
+        if mapped is not None:
+            mapped[1].release()
+            mapped[0].close()
+        fd = self._fds.pop(name, None)
+        if fd is not None:
             os.close(fd)
-        self._fds.clear()
 
     # --- whole-store passes -----------------------------------------------------------------
     def pack_names(self) -> list[str]:
@@ -247,9 +360,7 @@ class PackStore:
         return freed, freed_bytes
 
     def _drop_pack(self, name: str) -> None:
-        fd = self._fds.pop(name, None)
-        if fd is not None:
-            os.close(fd)
+        self._close_pack(name)
         (self.dir / f"{name}.idx").unlink(missing_ok=True)
         crashpoint("pack-index-dropped")
         (self.dir / f"{name}.pack").unlink(missing_ok=True)
