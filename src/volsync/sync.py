@@ -33,7 +33,7 @@ from .plan import RESYNC, TRANSFER, TransferPlan, missing_objects, plan_lineages
 from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
 from .store.trees import EMPTY_TREE_ID
-from .store.volume import META, Volume, is_volume
+from .store.volume import META, Volume, is_create_leftover, is_volume
 from .tree import Materializer, Objects, Progress, ScanResult, scan
 
 JOURNAL_ROLE_SWAP = "role-swap"
@@ -57,7 +57,7 @@ def _dst_is_new(path: Path) -> bool:
         raise BadArgument(f"{path} exists and is not a directory")
     if is_volume(path):
         return False
-    if any(path.iterdir()):
+    if any(not is_create_leftover(p.name) for p in path.iterdir()):
         raise NoCommonSnapshot(f"{path} is not empty and not a volume: no common snapshot")
     return True
 
@@ -211,7 +211,7 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     except BaseException:
         _undo(dst)
         raise
-    _commit_dst(plan, src, dst)
+    _commit_dst(plan, src, dst, live_snap)
     return SyncResult(plan, False, src_snap, live_snap)
 
 
@@ -294,16 +294,19 @@ def _send(plan: TransferPlan, src: Volume, dst: Volume, progress: Progress | Non
         dst.write_snapshot(snap)  # flushes the packs first: data before metadata
 
 
-def _commit_dst(plan: TransferPlan, src: Volume, dst: Volume) -> None:
+def _commit_dst(plan: TransferPlan, src: Volume, dst: Volume, live_snap: Snapshot | None) -> None:
     """The one commit: SRC's snapshots join DST's lineage, DST's own later ones leave it
-    (preserved), DST becomes SRC's read-only mirror, and the live-tree step is done."""
+    (preserved, before the live changes kept earlier), DST becomes SRC's read-only mirror,
+    and the live-tree step is done."""
     state = dst.state()
     common = plan.lineages.common
     keep = state.lineage[: state.lineage.index(common.id) + 1] if common else ()
+    live = (live_snap.id,) if live_snap else ()
+    earlier = tuple(i for i in state.preserved if i not in live)
     dst.commit(state.with_(
         mode=READ_ONLY, upstream=str(src.root), upstream_id=src.config.volume_id,
         lineage=keep + tuple(s.id for s in plan.lineages.add),
-        preserved=state.preserved + tuple(s.id for s in plan.lineages.remove),
+        preserved=earlier + tuple(s.id for s in plan.lineages.remove) + live,
         journal=None,
     ))
 

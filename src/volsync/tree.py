@@ -69,7 +69,7 @@ class Objects:
                 return packs
         return self.readers[-1]  # raises the missing-block IntegrityError
 
-    def put_block(self, block_id: BlockId, data: memoryview) -> None:
+    def put_block(self, block_id: BlockId, data: bytes) -> None:
         if self.write:
             self.volume.packs.put(block_id, data)
 
@@ -111,7 +111,6 @@ class Scanner:
         self.bytes_read = 0
         self.progress = progress
         self.racy_after = time.time_ns() - RACY_NS
-        self.buf = bytearray(self.block_size)
 
     def run(self) -> ScanResult:
         root = bytes(self.volume.root)
@@ -217,35 +216,36 @@ class Scanner:
         raise VolsyncError(f"{shown}: file kept changing while being read; try again later")
 
     def hash_blocks(self, fd: int) -> tuple[list[bytes], int]:
-        view = memoryview(self.buf)
+        """Read a file block by block (each a fresh bytes object the store may keep)."""
         ids = []
         length = 0
-        with open(fd, "rb", buffering=0, closefd=False) as f:
-            while True:
-                n = _read_full(f, view)
-                if n == 0:
-                    break
-                data = view[:n]
-                block_id = digest_of(data)
-                self.objects.put_block(block_id, data)
-                ids.append(block_id)
-                length += n
-                if self.progress:
-                    self.progress(n)
-                if n < len(view):
-                    break
+        size = self.block_size
+        while True:
+            data = _read_block(fd, size)
+            if not data:
+                break
+            block_id = digest_of(data)
+            self.objects.put_block(block_id, data)
+            ids.append(block_id)
+            length += len(data)
+            if self.progress:
+                self.progress(len(data))
+            if len(data) < size:
+                break
         self.bytes_read += length
         return ids, length
 
 
-def _read_full(f, view: memoryview) -> int:
-    got = 0
-    while got < len(view):
-        n = f.readinto(view[got:])
-        if not n:
-            break
-        got += n
-    return got
+def _read_block(fd: int, size: int) -> bytes:
+    data = os.read(fd, size)
+    if 0 < len(data) < size:  # a short read before the end: keep reading
+        parts = [data]
+        got = len(data)
+        while got < size and (more := os.read(fd, size - got)):
+            parts.append(more)
+            got += len(more)
+        data = b"".join(parts)
+    return data
 
 
 def scan(volume: Volume, write: bool = True, progress: Progress | None = None

@@ -10,10 +10,13 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import queue
 import secrets
 import struct
+import threading
 from array import array
 from collections.abc import Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 from ..errors import IntegrityError
@@ -26,10 +29,16 @@ PACK_HEADER = b"VSPACK\x00\x01"
 RECORD = struct.Struct("<16sI")
 PACK_TARGET = 128 << 20  # bytes per pack before a new one is started
 BUFFER_LIMIT = 4 << 20
+QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
+SYNC_EVERY = 32 << 20  # start writeback this often, so the final fsync is short
 
 
 class PackWriter:
-    """Appends records to one new pack; `seal` makes it durable and indexed."""
+    """Appends records to one new pack; `seal` makes it durable and indexed.
+
+    Writes go to a background thread (bounded queue) that also starts flushing to disk every
+    SYNC_EVERY bytes, so reading and hashing, copying into the page cache and writeback
+    overlap; `seal` waits for it, then fsyncs."""
 
     def __init__(self, directory: Path):
         self.name = secrets.token_hex(8)
@@ -38,6 +47,9 @@ class PackWriter:
         self.entries: dict[BlockId, tuple[int, int]] = {}
         self.flushed = 0
         self.buffer = bytearray(PACK_HEADER)
+        self.queue: queue.Queue | None = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
 
     @property
     def size(self) -> int:
@@ -48,7 +60,7 @@ class PackWriter:
         self.entries[block_id] = (self.size, len(data))
         if len(data) >= BUFFER_LIMIT // 16:  # large: skip the copy into the buffer
             self.flush()
-            pwrite_all(self.fd, data, self.flushed)
+            self._write_at(self.flushed, data if isinstance(data, bytes) else bytes(data))
             self.flushed += len(data)
             return
         self.buffer += data
@@ -64,20 +76,55 @@ class PackWriter:
         self.flushed += length
 
     def flush(self) -> None:
-        """Write the buffer at the end of the pack (positional writes only: kernel copies
-        by `add_copy` do not move the file position)."""
-        pwrite_all(self.fd, self.buffer, self.flushed)
-        self.flushed += len(self.buffer)
-        self.buffer = bytearray()
+        """Hand the buffer to the writer (positional writes only: kernel copies by
+        `add_copy` do not move the file position)."""
+        if self.buffer:
+            self._write_at(self.flushed, bytes(self.buffer))
+            self.flushed += len(self.buffer)
+            self.buffer = bytearray()
+
+    def _write_at(self, offset: int, data: bytes) -> None:
+        if self.error is not None:
+            raise self.error
+        if self.thread is None:
+            self.queue = queue.Queue(maxsize=QUEUE_DEPTH)
+            self.thread = threading.Thread(target=self._run, name="volsync-pack", daemon=True)
+            self.thread.start()
+        self.queue.put((offset, data))
+
+    def _run(self) -> None:
+        unsynced = 0
+        while (item := self.queue.get()) is not None:
+            if self.error is not None:
+                continue
+            try:
+                pwrite_all(self.fd, item[1], item[0])
+                unsynced += len(item[1])
+                if unsynced >= SYNC_EVERY:
+                    os.fdatasync(self.fd)
+                    unsynced = 0
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                self.error = exc
+
+    def drain(self) -> None:
+        """Wait until every queued write is in the file; re-raise a write error."""
+        self.flush()
+        if self.thread is not None:
+            self.queue.put(None)
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            raise self.error
 
     def read(self, offset: int, length: int) -> bytes:
         if offset >= self.flushed:
             start = offset - self.flushed
             return bytes(self.buffer[start : start + length])
+        self.drain()
         return os.pread(self.fd, length, offset)
 
     def seal(self) -> dict[BlockId, tuple[int, int]]:
-        self.flush()
+        self.drain()
         os.fsync(self.fd)
         crashpoint("pack-data-durable")
         ids = list(self.entries)
@@ -93,6 +140,8 @@ class PackWriter:
         return self.entries
 
     def abandon(self) -> None:
+        with suppress(BaseException):
+            self.drain()
         os.close(self.fd)
         self.path.unlink(missing_ok=True)
 
@@ -333,27 +382,30 @@ class PackStore:
                 yield BlockId(block_id), off, data
 
     def repack(self, live: set[BlockId]) -> tuple[int, int]:
-        """Free objects not in `live`: rewrite packs holding garbage, then drop the old ones
-        once the rewritten data is durable. Returns (objects freed, bytes freed)."""
+        """Free objects not in `live`: rewrite each pack holding garbage or copies that live
+        elsewhere (a crashed earlier repack leaves those), then drop the old packs once the
+        rewritten data is durable. Returns (objects freed, bytes freed)."""
         index = self.index()
-        by_pack: dict[str, list[BlockId]] = {}
-        for block_id, (name, _, _) in index.items():
-            by_pack.setdefault(name, []).append(block_id)
         doomed = []
         freed = freed_bytes = 0
-        for name, ids in by_pack.items():
-            dead = [i for i in ids if i not in live]
-            if not dead:
+        for name in self.pack_names():
+            try:
+                _, entries = read_index(self.dir / f"{name}.idx")
+            except (IntegrityError, OSError):
+                continue  # a damaged pack is verify's business, not prune's
+            own = [e for e in entries if index.get(e[0], ("",))[0] == name]
+            if all(e[0] in live for e in own) and len(own) == len(entries):
                 continue
             doomed.append(name)
-            for i in ids:
-                if i in live:
-                    data = self.get(i)
-                    del index[i]
-                    self.put(i, data)
+            for block_id, _, length in own:
+                if block_id in live:
+                    data = self.get(block_id)
+                    del index[block_id]
+                    self.put(block_id, data)
                 else:
+                    del index[block_id]
                     freed += 1
-                    freed_bytes += index.pop(i)[2]
+                    freed_bytes += length
         self.flush()
         for name in doomed:
             self._drop_pack(name)

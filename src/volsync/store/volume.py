@@ -53,6 +53,11 @@ def is_volume(path: Path) -> bool:
     return (path / META / "config").is_file()
 
 
+def is_create_leftover(name: str) -> bool:
+    """The temp metadata dir of a `Volume.create` that crashed before renaming it in."""
+    return name.startswith(f"{META}.tmp-")
+
+
 class Volume:
     """One opened volume. Reading needs no lock; every change happens under `locked()`."""
 
@@ -95,6 +100,9 @@ class Volume:
         root.mkdir(parents=True, exist_ok=True)
         if (root / META).exists():
             raise BadArgument(f"{path} is already a volsync volume")
+        for stale in root.iterdir():
+            if is_create_leftover(stale.name) and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
         tmp = root / f"{META}.tmp-{secrets.token_hex(4)}"
         try:
             (tmp / "packs").mkdir(parents=True)
