@@ -20,7 +20,16 @@ from .errors import BadArgument, IntegrityError, VolsyncError
 from .model import READ_ONLY, BlockId, Entry, Kind, Snapshot, SnapshotId, VolumeState, digest_of
 from .store.trees import EMPTY_TREE_ID
 from .store.volume import DEFAULT_BLOCK, Volume
-from .tree import Change, Materializer, Objects, Progress, diff_trees, materialize, scan
+from .tree import (
+    Change,
+    Materializer,
+    Objects,
+    Progress,
+    ScanResult,
+    diff_trees,
+    materialize,
+    scan,
+)
 
 JOURNAL_MATERIALIZE = "materialize"
 
@@ -106,11 +115,16 @@ def capture(volume: Volume, state: VolumeState, number: int, label: str | None,
             progress: Progress | None = None) -> tuple[Snapshot, list[str]]:
     """Scan the live tree into the store and write (not yet commit) a snapshot record."""
     result, _ = scan(volume, write=True, progress=progress)
+    return record_scan(volume, result, number, label), result.warnings
+
+
+def record_scan(volume: Volume, result: ScanResult, number: int, label: str | None) -> Snapshot:
+    """Write (not yet commit) a snapshot record of a scan made with write=True."""
     snap = Snapshot(new_snapshot_id(), number, time.time(), label, result.root, result.size,
                     result.files, volume.config.volume_id)
     volume.write_snapshot(snap)  # flushes packs first: data before metadata
     volume.save_statcache(result.cache)
-    return snap, result.warnings
+    return snap
 
 
 def take_snapshot(volume: Volume, label: str | None = None, wait: float = 0.0,

@@ -23,9 +23,10 @@ from .errors import BadArgument, Diverged, NoCommonSnapshot
 from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState
 from .ops import (
     JOURNAL_MATERIALIZE,
-    capture,
+    latest_root,
     new_snapshot_id,
     next_number,
+    record_scan,
     recover,
     writing,
 )
@@ -68,11 +69,16 @@ def _create_mirror(path: Path, src: Volume) -> Volume:
     return Volume.create(path, src.config.block_size, state)
 
 
+def _refuse_same(a: Path, b: Path) -> None:
+    """One volume named twice (also through a symlink or '..'): a bad argument, not a lock."""
+    if a == b or (a.exists() and b.exists() and os.path.samefile(a, b)):
+        raise BadArgument("SRC and DST are the same volume")
+
+
 @contextmanager
 def _locked_pair(a: Volume, b: Volume, wait: float) -> Iterator[None]:
     """Lock two volumes in one fixed order (by path) so opposite runs cannot deadlock."""
-    if a.root == b.root:
-        raise BadArgument("SRC and DST are the same volume")
+    _refuse_same(a.root, b.root)
     with ExitStack() as stack:
         for vol in sorted((a, b), key=lambda v: str(v.root)):
             stack.enter_context(writing(vol, wait))
@@ -114,26 +120,31 @@ def _virtual_snapshot(src: Volume, result: ScanResult) -> Snapshot:
                     result.size, result.files, src.config.volume_id)
 
 
-def _refuse_unrelated_non_empty(dst: Volume) -> None:
-    """A DST volume with no snapshot but files in its live tree shares nothing with SRC and
-    is not empty: exit 4 (for resync too: nothing there may be overwritten unpreserved)."""
-    result, _ = scan(dst, write=False)
-    if result.root != EMPTY_TREE_ID:
-        raise NoCommonSnapshot(f"{dst.root} has no snapshots but is not empty: "
-                               "no common snapshot")
+def _refuse_unrelated_files(dst: Volume, live: ScanResult) -> None:
+    """A DST with no snapshots is filled from SRC only if its live tree is empty."""
+    if live.root != EMPTY_TREE_ID:
+        raise NoCommonSnapshot(f"{dst.root} is not empty and shares no snapshot with SRC")
 
 
-def _check_dst_writable_by_transfer(dst: Volume) -> ScanResult:
+def _check_transfer_dst(src_lineage: list[Snapshot], dst: Volume
+                        ) -> tuple[ScanResult, Objects]:
+    """Transfer's refusals, before anything changes, in the contract's order: no common
+    snapshot with a non-empty DST (exit 4) first; then a read-write DST, a written-to DST
+    or one with snapshots SRC lacks (exit 5). Returns the scan of DST's live tree."""
     state = dst.state()
+    dst_lineage = dst.lineage(state)
+    if dst_lineage:
+        plan_lineages(TRANSFER, src_lineage, dst_lineage)
+    result, objects = scan(dst, write=False)
+    if not dst_lineage:
+        _refuse_unrelated_files(dst, result)
     if state.mode == READ_WRITE:
         raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
                        "diverged, use resync")
-    result, _ = scan(dst, write=False)
-    latest = dst.lineage(state)[-1].root if state.lineage else EMPTY_TREE_ID
-    if result.root != latest:
+    if result.root != latest_root(dst, state):
         raise Diverged(f"{dst.root}: live tree was modified since its latest snapshot; "
                        "diverged, use resync")
-    return result
+    return result, objects
 
 
 # --- transfer and resync ----------------------------------------------------------------------
@@ -151,8 +162,7 @@ def resync(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: 
 def _sync(kind, src_path, dst_path, no_snapshot, dry_run, wait, progress) -> SyncResult:
     src = Volume.open(src_path)
     dst_root = Path(dst_path).absolute()
-    if dst_root == src.root:
-        raise BadArgument("SRC and DST are the same volume")
+    _refuse_same(src.root, dst_root)
     new = _dst_is_new(dst_root)
     if dry_run:
         dst = None if new else Volume.open(dst_root)
@@ -166,16 +176,15 @@ def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> S
     needed, result, objects = _src_snapshot_needed(src, no_snapshot)
     extra = _virtual_snapshot(src, result) if needed else None
     live_number = None
-    if dst is not None and not dst.state().lineage:
-        _refuse_unrelated_non_empty(dst)
     if dst is not None and kind == TRANSFER:
-        if dst.state().lineage:
-            plan_lineages(kind, src.lineage() + ([extra] if extra else []), dst.lineage())
-        _check_dst_writable_by_transfer(dst)
-    elif dst is not None and dst.state().lineage:
+        _check_transfer_dst(src.lineage() + ([extra] if extra else []), dst)
+    elif dst is not None:
         live, _ = scan(dst, write=False)
-        latest = dst.lineage()[-1]
-        live_number = latest.number + 1 if live.root != latest.root else None
+        lineage = dst.lineage()
+        if not lineage:
+            _refuse_unrelated_files(dst, live)
+        elif live.root != lineage[-1].root:
+            live_number = lineage[-1].number + 1
     plan = build_plan(kind, src, dst, src_objects=objects or Objects(src, write=False),
                       extra_src=extra, live_number=live_number, baseline=dst is None)
     return SyncResult(plan, True, extra, None)
@@ -184,20 +193,16 @@ def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> S
 def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     src_state, dst_state = src.state(), dst.state()
     baseline = not dst_state.lineage
-    if baseline:
-        _refuse_unrelated_non_empty(dst)
+    live_snap = None
     if kind == TRANSFER:
-        # refuse before changing anything: no common snapshot (first), divergence, a mirror
-        # that is read-write or was written to
-        if not baseline:
-            plan_lineages(kind, src.lineage(src_state), dst.lineage(dst_state))
-        _check_dst_writable_by_transfer(dst)
+        live = _check_transfer_dst(src.lineage(src_state), dst)
+    elif baseline:  # resync must not overwrite files it could not preserve
+        _refuse_unrelated_files(dst, scan(dst, write=False)[0])
     src_snap = None
     if not no_snapshot and src_state.mode == READ_WRITE:
         src_snap = _snapshot_if_changed(src, progress)
-    live_snap = None
-    if kind == RESYNC and not baseline:
-        live_snap = _preserve_live_changes(dst, dst_state, progress)
+    if kind == RESYNC:
+        live, live_snap = _keep_live_changes(dst, dst_state, progress)
     plan = build_plan(kind, src, dst, src_objects=Objects(src, write=False),
                       live_number=live_snap.number if live_snap else None, baseline=baseline)
     state = dst.state()
@@ -207,12 +212,37 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     kept = (live_snap.id,) if live_snap else ()
     dst.commit(state.with_(preserved=state.preserved + kept, journal={"op": JOURNAL_MATERIALIZE}))
     try:
-        _send_and_materialize(plan, src, dst, progress)
+        _send_and_materialize(plan, src, dst, live, progress)
     except BaseException:
         _undo(dst)
         raise
     _commit_dst(plan, src, dst, live_snap)
     return SyncResult(plan, False, src_snap, live_snap)
+
+
+def _snapshot_if_changed(src: Volume, progress: Progress | None) -> Snapshot | None:
+    """One scan that stores what is new; a snapshot record only if the tree changed."""
+    state = src.state()
+    result, _ = scan(src, write=True, progress=progress)
+    if state.lineage and src.lineage(state)[-1].root == result.root:
+        src.packs.flush()
+        src.save_statcache(result.cache)
+        return None
+    snap = record_scan(src, result, next_number(src, state), None)
+    src.commit(state.with_(lineage=state.lineage + (snap.id,)))
+    return snap
+
+
+def _keep_live_changes(dst: Volume, state: VolumeState, progress: Progress | None
+                       ) -> tuple[tuple[ScanResult, Objects], Snapshot | None]:
+    """Scan DST's live tree, storing it; if it differs from DST's latest snapshot, write
+    (not yet commit) a record of it, to be preserved."""
+    live = scan(dst, write=False) if not state.lineage else scan(dst, write=True, progress=progress)
+    latest = dst.lineage(state)[-1] if state.lineage else None
+    if latest is None or live[0].root == latest.root:
+        dst.packs.flush()
+        return live, None
+    return live, record_scan(dst, live[0], latest.number + 1, "live changes before resync")
 
 
 def _nothing_to_do(plan: TransferPlan, state: VolumeState, src: Volume,
@@ -224,10 +254,10 @@ def _nothing_to_do(plan: TransferPlan, state: VolumeState, src: Volume,
 
 
 def _send_and_materialize(plan: TransferPlan, src: Volume, dst: Volume,
-                          progress: Progress | None) -> None:
+                          scanned: tuple[ScanResult, Objects], progress: Progress | None) -> None:
     """Copy the planned objects into DST's store while a second thread writes DST's live
-    tree from SRC's store (both only read SRC); then make both durable."""
-    live, dst_objects = scan(dst, write=False)
+    tree (as `scanned` found it) from SRC's store; then make both durable."""
+    live, dst_objects = scanned
     objects = Objects(dst, write=False, source=src)
     objects.overlay = dst_objects.overlay
     writer = Materializer(objects, dst.config.block_size, live.cache)
@@ -259,27 +289,6 @@ def _undo(dst: Volume) -> None:
     dst.packs.discard()
     with suppress(Exception):  # if this fails too, the journal stays for the next command
         recover(dst)
-
-
-def _snapshot_if_changed(src: Volume, progress: Progress | None) -> Snapshot | None:
-    state = src.state()
-    result, _ = scan(src, write=False)
-    if state.lineage and src.lineage(state)[-1].root == result.root:
-        return None
-    snap, _ = capture(src, state, next_number(src, state), None, progress)
-    src.commit(state.with_(lineage=state.lineage + (snap.id,)))
-    return snap
-
-
-def _preserve_live_changes(dst: Volume, state: VolumeState, progress: Progress | None
-                           ) -> Snapshot | None:
-    """DST's unsnapshotted live changes become a (not yet committed) snapshot record."""
-    latest = dst.lineage(state)[-1]
-    check, _ = scan(dst, write=False)
-    if check.root == latest.root:
-        return None
-    snap, _ = capture(dst, state, latest.number + 1, "live changes before resync", progress)
-    return snap
 
 
 def _send(plan: TransferPlan, src: Volume, dst: Volume, progress: Progress | None) -> None:
@@ -338,6 +347,7 @@ def role_swap(a_path: str, b_path: str, link: str | None = None, *, dry_run: boo
     """A (read-write) and its mirror B swap roles with no write lost: last snapshot of A,
     transfer A->B, A becomes a mirror of B (journalled), B read-write, link flipped."""
     a, b = Volume.open(a_path), Volume.open(b_path)
+    _refuse_same(a.root, b.root)
     if link is not None:
         _check_link(Path(link))
     if dry_run:

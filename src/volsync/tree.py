@@ -25,12 +25,22 @@ from .store.crash import crashpoint
 from .store.trees import EMPTY_TREE, EMPTY_TREE_ID, decode_tree, encode_tree
 from .store.volume import META, Volume
 
-RACY_NS = 1_000_000_000  # a file modified this close to a scan is read again next time
+RACY_NS = 1_000_000_000  # a file written this close to a scan may be "racy" (see is_racy)
 READ_ATTEMPTS = 5
 TMP_NAME = b".volsync-tmp-"
 FILE_KEY, DIR_KEY, LINK_KEY = 1, 2, 3
 
 Progress = Callable[[int], None]
+
+
+def is_racy(st: os.stat_result, racy_after: int) -> bool:
+    """Can a later write leave this stat unchanged? A write sets mtime and ctime to the same
+    timestamp tick, so a key whose mtime differs from its ctime (a file restored with its
+    recorded mtime, chmod'ed or renamed since) never matches a later write; a key with
+    mtime == ctime could, if that write falls in the same tick as the one recorded, which is
+    only possible for a file written within a timestamp tick (here, generously, 1 s) of the
+    scan. Such a key is not kept, and the file is read again next time (git's "racy" rule)."""
+    return st.st_mtime_ns == st.st_ctime_ns and st.st_mtime_ns >= racy_after
 
 
 class Objects:
@@ -122,8 +132,11 @@ class Scanner:
         keys: dict[bytes, list | None] = {}
         stats: list[tuple[bytes, os.stat_result, bytes]] = []
         sub: dict[bytes, tuple[BlockId, int, int]] = {}
-        with os.scandir(path) as it:
-            listing = sorted((e.name, e.path) for e in it)
+        try:
+            with os.scandir(path) as it:
+                listing = sorted((e.name, e.path) for e in it)
+        except (FileNotFoundError, NotADirectoryError):
+            listing = []  # removed or replaced since its lstat: captured as it was, empty
         for name, child in listing:
             if not rel and name == META.encode():
                 continue
@@ -160,7 +173,10 @@ class Scanner:
                 entries.append(Entry(name, Kind.DIR, stat.S_IMODE(mode), st.st_mtime_ns, 0, sub_id))
                 continue
             if stat.S_ISLNK(mode):
-                target = os.readlink(child)
+                try:
+                    target = os.readlink(child)
+                except OSError:
+                    continue  # removed or replaced since its lstat: not in this snapshot
                 entries.append(Entry(name, Kind.LINK, 0o777, st.st_mtime_ns, 0, target))
                 continue
             old_key = cached[3].get(name) if cached else None
@@ -184,7 +200,7 @@ class Scanner:
             return {}
 
     def file_key(self, st: os.stat_result) -> list | None:
-        if st.st_mtime_ns >= self.racy_after:
+        if is_racy(st, self.racy_after):
             return None
         return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                 stat.S_IMODE(st.st_mode)]
@@ -280,6 +296,8 @@ class Materializer:
         self.bytes_written = 0
 
     def run(self, root: bytes, live: BlockId | None, target: BlockId) -> dict:
+        # the path the user named may be a symlink to the volume; below it nothing is followed
+        root = os.path.realpath(root)
         fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
         try:
             self.sync_dir(fd, b"", live, target)
@@ -417,7 +435,7 @@ class Materializer:
         crashpoint("live-entry-written")
 
     def file_key(self, st: os.stat_result, entry: Entry) -> list | None:
-        if st.st_mtime_ns >= self.racy_after:
+        if is_racy(st, self.racy_after):
             return None
         return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, entry.mode]
 
