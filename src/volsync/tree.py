@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from .errors import VolsyncError
 from .model import BlockId, Entry, Kind, digest_of
-from .store.crash import crashpoint
+from .store.crash import crashpoint, fault
 from .store.trees import EMPTY_TREE, EMPTY_TREE_ID, decode_tree, encode_tree
 from .store.volume import META, Volume
 
@@ -253,6 +253,7 @@ class Scanner:
 
 
 def _read_block(fd: int, size: int) -> bytes:
+    fault("read")
     data = os.read(fd, size)
     if 0 < len(data) < size:  # a short read before the end: keep reading
         parts = [data]
@@ -273,6 +274,7 @@ def scan(volume: Volume, write: bool = True, progress: Progress | None = None
 # --- materialize ------------------------------------------------------------------------------
 
 def _syncfs(fd: int) -> None:
+    fault("fsync")
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.syncfs(fd) == 0:

@@ -1,8 +1,13 @@
-"""Test-only crash points: VOLSYNC_CRASH_AT="name:N" kills the process with os._exit at the
-Nth passage of the named durable step (read once at start-up; unset in normal use)."""
+"""Test-only switches, read once at start-up and unset in normal use.
+
+VOLSYNC_CRASH_AT="name:N" kills the process with os._exit at the Nth passage of the named
+durable step. VOLSYNC_FAULT="op:ERRNO:N" makes the Nth I/O call of kind `op` (write, fsync,
+read) fail with that errno, once; "op:ERRNO:N+" makes it fail from the Nth call on.
+"""
 
 from __future__ import annotations
 
+import errno
 import os
 
 _SPEC = os.environ.get("VOLSYNC_CRASH_AT", "")
@@ -10,6 +15,14 @@ _NAME, _, _N = _SPEC.partition(":")
 _TARGET = int(_N or "1") if _NAME else 0
 _count = 0
 CRASH_EXIT = 137
+
+_FAULT_OP, _FAULT_ERRNO, _FAULT_FROM, _FAULT_STICKY = "", 0, 0, False
+if spec := os.environ.get("VOLSYNC_FAULT", ""):
+    _FAULT_OP, name, nth = spec.split(":")
+    _FAULT_ERRNO = getattr(errno, name)
+    _FAULT_STICKY = nth.endswith("+")
+    _FAULT_FROM = int(nth.rstrip("+"))
+_fault_calls = 0
 
 
 def crashpoint(name: str) -> None:
@@ -20,3 +33,13 @@ def crashpoint(name: str) -> None:
     _count += 1
     if _count == _TARGET:
         os._exit(CRASH_EXIT)
+
+
+def fault(op: str) -> None:
+    """Mark an I/O call; fails here when the test switch names it."""
+    global _fault_calls
+    if op != _FAULT_OP:
+        return
+    _fault_calls += 1
+    if _fault_calls == _FAULT_FROM or (_FAULT_STICKY and _fault_calls > _FAULT_FROM):
+        raise OSError(_FAULT_ERRNO, f"{os.strerror(_FAULT_ERRNO)} (injected {op} fault)")

@@ -6,23 +6,37 @@ import os
 import secrets
 from pathlib import Path
 
-from .crash import crashpoint
+from .crash import crashpoint, fault
 
 TMP_PREFIX = ".tmp-"
+
+
+def fsync(fd: int) -> None:
+    fault("fsync")
+    os.fsync(fd)
 
 
 def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        os.fsync(fd)
+        fsync(fd)
     finally:
         os.close(fd)
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:
+    fault("write")
     view = memoryview(data)
     while view:
         view = view[os.write(fd, view) :]
+
+
+def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
+    fault("write")
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
@@ -31,7 +45,7 @@ def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
         write_all(fd, data)
-        os.fsync(fd)
+        fsync(fd)
     except BaseException:
         os.close(fd)
         tmp.unlink(missing_ok=True)

@@ -22,8 +22,8 @@ from pathlib import Path
 from ..errors import IntegrityError
 from ..model import DIGEST_SIZE, BlockId, digest_of
 from .codec import open_sealed, seal
-from .crash import crashpoint
-from .fsutil import atomic_write, write_all
+from .crash import crashpoint, fault
+from .fsutil import atomic_write, fsync, pwrite_all, write_all
 
 PACK_HEADER = b"VSPACK\x00\x01"
 RECORD = struct.Struct("<16sI")
@@ -101,6 +101,7 @@ class PackWriter:
                 pwrite_all(self.fd, item[1], item[0])
                 unsynced += len(item[1])
                 if unsynced >= SYNC_EVERY:
+                    fault("fsync")
                     os.fdatasync(self.fd)
                     unsynced = 0
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
@@ -125,7 +126,7 @@ class PackWriter:
 
     def seal(self) -> dict[BlockId, tuple[int, int]]:
         self.drain()
-        os.fsync(self.fd)
+        fsync(self.fd)
         crashpoint("pack-data-durable")
         ids = list(self.entries)
         body = {
@@ -146,16 +147,10 @@ class PackWriter:
         self.path.unlink(missing_ok=True)
 
 
-def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
-
-
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int | None, length: int) -> None:
     """Kernel-side copy (copy_file_range), falling back to read and write where unsupported.
     With dst_off None the destination's file position is used and advanced."""
+    fault("write")
     done = 0
     try:
         while done < length:
