@@ -168,7 +168,8 @@ def status(volume: str, out: Output) -> None:
         "latest_id": st.latest.id if st.latest else None,
         "changed_paths": [c.path for c in st.changed_paths],
         "changes": [{"status": c.status, "path": c.path} for c in st.changed_paths],
-        "lock_holder": st.lock_holder, "behind": st.behind, "pending": st.pending,
+        "lock_holder": st.lock_holder if st.lock_holder and st.lock_holder > 0 else None,
+        "locked": bool(st.lock_holder), "behind": st.behind, "pending": st.pending,
     }
 
     def text() -> str:
@@ -184,7 +185,9 @@ def status(volume: str, out: Output) -> None:
         if len(st.changed_paths) > 50:
             lines.append(f"  ... and {len(st.changed_paths) - 50} more (see 'volsync diff')")
         if st.lock_holder:
-            lines.append(f"locked:   by volsync process {st.lock_holder}")
+            holder = (f"volsync process {st.lock_holder}" if st.lock_holder > 0
+                      else "another process (no pid recorded)")
+            lines.append(f"locked:   by {holder}")
         if st.pending:
             lines.append(f"pending:  an interrupted {st.pending} step; the next command "
                          "finishes it")

@@ -21,8 +21,8 @@ class VolumeLocked(VolsyncError):
     code = 3
 
     def __init__(self, path: str, pid: int | None):
-        holder = f"process {pid}" if pid else "another process"
-        super().__init__(f"volume {path} is locked by volsync {holder}")
+        holder = f"volsync process {pid}" if pid else "another process (no pid recorded)"
+        super().__init__(f"volume {path} is locked by {holder}")
         self.path = path
         self.pid = pid
 

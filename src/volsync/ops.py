@@ -28,6 +28,7 @@ from .tree import (
     ScanResult,
     diff_trees,
     materialize,
+    remove_strays,
     scan,
 )
 
@@ -62,6 +63,7 @@ def latest_root(volume: Volume, state: VolumeState) -> BlockId:
 def bring_live_tree_to(volume: Volume, target: BlockId, progress: Progress | None = None) -> int:
     """Rewrite the live tree to `target`, touching only what differs; returns bytes written."""
     live, objects = scan(volume, write=False)
+    remove_strays(bytes(volume.root), live.strays)
     m = Materializer(objects, volume.config.block_size, live.cache, progress)
     cache = m.run(bytes(volume.root), live.root, target)
     volume.packs.flush()
@@ -278,6 +280,7 @@ def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set
     bad: set[BlockId] = set()
     damaged: set[str] = set()
     packs = volume.packs
+    index = packs.index()  # loading it is what finds the unreadable indexes
     for name, problem in packs.bad_indexes:
         report.errors.append(f"pack index {name}: {problem}")
         damaged.add(name[: -len(".idx")])
@@ -295,7 +298,7 @@ def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set
         except (OSError, IntegrityError) as exc:
             damaged.add(name)
             report.errors.append(f"pack {name}: {exc}")
-    for block_id, (name, off, _) in packs.index().items():
+    for block_id, (name, off, _) in index.items():
         if (block_id, name, off) not in located and block_id not in bad:
             bad.add(block_id)
             damaged.add(name)

@@ -87,9 +87,10 @@ def _locked_pair(a: Volume, b: Volume, wait: float) -> Iterator[None]:
 
 # --- planning -------------------------------------------------------------------------------
 
-def _src_snapshot_needed(src: Volume, no_snapshot: bool) -> tuple[bool, ScanResult | None, Objects | None]:
+def _src_snapshot_needed(src: Volume, no_snapshot: bool
+                         ) -> tuple[bool, ScanResult | None, Objects | None]:
     state = src.state()
-    if no_snapshot or state.mode != READ_WRITE:
+    if no_snapshot or state.mode != READ_WRITE or state.journal:
         return False, None, None
     result, objects = scan(src, write=False)
     latest = src.lineage(state)[-1].root if state.lineage else None
@@ -126,15 +127,22 @@ def _refuse_unrelated_files(dst: Volume, live: ScanResult) -> None:
         raise NoCommonSnapshot(f"{dst.root} is not empty and shares no snapshot with SRC")
 
 
-def _check_transfer_dst(src_lineage: list[Snapshot], dst: Volume
-                        ) -> tuple[ScanResult, Objects]:
+def _check_transfer_dst(src_lineage: list[Snapshot], dst: Volume, pending: bool = False
+                        ) -> tuple[ScanResult, Objects] | None:
     """Transfer's refusals, before anything changes, in the contract's order: no common
     snapshot with a non-empty DST (exit 4) first; then a read-write DST, a written-to DST
-    or one with snapshots SRC lacks (exit 5). Returns the scan of DST's live tree."""
+    or one with snapshots SRC lacks (exit 5). Returns the scan of DST's live tree. With
+    `pending` (a dry run over an interrupted step that the real run finishes first), the
+    live tree is taken to be the lineage's latest, as it will be."""
     state = dst.state()
     dst_lineage = dst.lineage(state)
     if dst_lineage:
         plan_lineages(TRANSFER, src_lineage, dst_lineage)
+    if pending:
+        if state.mode == READ_WRITE:
+            raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
+                           "diverged, use resync")
+        return None
     result, objects = scan(dst, write=False)
     if not dst_lineage:
         _refuse_unrelated_files(dst, result)
@@ -176,9 +184,10 @@ def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> S
     needed, result, objects = _src_snapshot_needed(src, no_snapshot)
     extra = _virtual_snapshot(src, result) if needed else None
     live_number = None
+    pending = dst is not None and bool(dst.state().journal)
     if dst is not None and kind == TRANSFER:
-        _check_transfer_dst(src.lineage() + ([extra] if extra else []), dst)
-    elif dst is not None:
+        _check_transfer_dst(src.lineage() + ([extra] if extra else []), dst, pending)
+    elif dst is not None and not pending:
         live, _ = scan(dst, write=False)
         lineage = dst.lineage()
         if not lineage:

@@ -27,7 +27,8 @@ from .store.volume import META, Volume
 
 RACY_NS = 1_000_000_000  # a file written this close to a scan may be "racy" (see is_racy)
 READ_ATTEMPTS = 5
-TMP_NAME = b".volsync-tmp-"
+TMP_NAME = b".volsync-tmp-"  # materialize's temp names; never captured, removed on recovery
+META_NAME = META.encode()
 FILE_KEY, DIR_KEY, LINK_KEY = 1, 2, 3
 
 Progress = Callable[[int], None]
@@ -102,6 +103,7 @@ class ScanResult:
     cache: dict
     warnings: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    strays: list[bytes] = field(default_factory=list)  # temp files a crashed run left
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
@@ -121,51 +123,74 @@ class Scanner:
         self.bytes_read = 0
         self.progress = progress
         self.racy_after = time.time_ns() - RACY_NS
+        self.strays: list[bytes] = []
 
     def run(self) -> ScanResult:
-        root = bytes(self.volume.root)
-        tree_id, size, files = self.scan_dir(b"", root)
-        return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read)
+        fd = os.open(os.path.realpath(bytes(self.volume.root)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            tree_id, size, files = self.scan_dir(b"", fd)
+        finally:
+            os.close(fd)
+        return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read,
+                          self.strays)
 
-    def scan_dir(self, rel: bytes, path: bytes) -> tuple[BlockId, int, int]:
+    def scan_dir(self, rel: bytes, dfd: int) -> tuple[BlockId, int, int]:
+        """Scan the directory open at `dfd`. Everything below is reached through directory
+        fds opened with O_NOFOLLOW, so a directory swapped for a symlink is never followed."""
         cached = self.old.get(rel)
         keys: dict[bytes, list | None] = {}
-        stats: list[tuple[bytes, os.stat_result, bytes]] = []
+        stats: list[tuple[bytes, os.stat_result]] = []
         sub: dict[bytes, tuple[BlockId, int, int]] = {}
         try:
-            with os.scandir(path) as it:
-                listing = sorted((e.name, e.path) for e in it)
+            with os.scandir(dfd) as it:
+                listing = sorted(os.fsencode(e.name) for e in it)
         except (FileNotFoundError, NotADirectoryError):
-            listing = []  # removed or replaced since its lstat: captured as it was, empty
-        for name, child in listing:
-            if not rel and name == META.encode():
+            listing = []
+        for name in listing:
+            if not rel and name == META_NAME:
+                continue
+            if name.startswith(TMP_NAME):  # a crashed materialize's temp file
+                self.strays.append(_join(rel, name))
                 continue
             try:
-                st = os.lstat(child)
+                st = os.lstat(name, dir_fd=dfd)
             except FileNotFoundError:
                 continue
             mode = st.st_mode
             if stat.S_ISDIR(mode):
-                sub[name] = self.scan_dir(_join(rel, name), child)
+                sub[name] = self.scan_subdir(_join(rel, name), dfd, name)
                 keys[name] = [DIR_KEY, stat.S_IMODE(mode), st.st_mtime_ns, sub[name][0]]
             elif stat.S_ISREG(mode):
                 keys[name] = self.file_key(st)
             elif stat.S_ISLNK(mode):
                 keys[name] = [LINK_KEY, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             else:
-                self.warnings.append(f"skipped special file {_join(rel, name).decode(errors='replace')}")
+                self.warnings.append(f"skipped special file {os.fsdecode(_join(rel, name))}")
                 continue
-            stats.append((name, st, child))
+            stats.append((name, st))
         if cached and cached[3] == keys and None not in keys.values():
             self.new[rel] = cached
             return BlockId(cached[0]), cached[1], cached[2]
-        return self.build_dir(rel, stats, keys, sub, cached)
+        return self.build_dir(rel, dfd, stats, keys, sub, cached)
 
-    def build_dir(self, rel, stats, keys, sub, cached) -> tuple[BlockId, int, int]:
+    def scan_subdir(self, rel: bytes, dfd: int, name: bytes) -> tuple[BlockId, int, int]:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            # removed or replaced since its lstat: captured as it was then, empty
+            return self.objects.put_tree([]), 0, 0
+        try:
+            return self.scan_dir(rel, fd)
+        finally:
+            os.close(fd)
+
+    def build_dir(self, rel, dfd, stats, keys, sub, cached) -> tuple[BlockId, int, int]:
         old_entries = self.cached_entries(cached)
         entries: list[Entry] = []
         size = files = 0
-        for name, st, child in stats:
+        for name, st in stats:
             mode = st.st_mode
             if stat.S_ISDIR(mode):
                 sub_id, sub_size, sub_files = sub[name]
@@ -174,7 +199,7 @@ class Scanner:
                 continue
             if stat.S_ISLNK(mode):
                 try:
-                    target = os.readlink(child)
+                    target = os.readlink(name, dir_fd=dfd)
                 except OSError:
                     continue  # removed or replaced since its lstat: not in this snapshot
                 entries.append(Entry(name, Kind.LINK, 0o777, st.st_mtime_ns, 0, target))
@@ -182,7 +207,7 @@ class Scanner:
             old_key = cached[3].get(name) if cached else None
             entry = old_entries.get(name) if old_key is not None and old_key == keys[name] else None
             if entry is None:
-                entry, keys[name] = self.read_file(rel, name, child)
+                entry, keys[name] = self.read_file(rel, dfd, name)
             if entry is not None:
                 entries.append(entry)
                 size, files = size + entry.size, files + 1
@@ -205,11 +230,11 @@ class Scanner:
         return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                 stat.S_IMODE(st.st_mode)]
 
-    def read_file(self, rel: bytes, name: bytes, path: bytes) -> tuple[Entry | None, list | None]:
+    def read_file(self, rel: bytes, dfd: int, name: bytes) -> tuple[Entry | None, list | None]:
         """Hash (and store) a file's blocks; a file that changes while read is read again."""
         for _ in range(READ_ATTEMPTS):
             try:
-                fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ELOOP):
                     return None, None  # vanished or replaced by a link: not in this snapshot
@@ -473,6 +498,24 @@ def _remove(dfd: int, name: bytes) -> None:
         shutil.rmtree(name, dir_fd=dfd)
     else:
         os.unlink(name, dir_fd=dfd)
+
+
+def remove_strays(root: bytes, strays: list[bytes]) -> None:
+    """Delete temp files a crashed materialize left, reaching each through O_NOFOLLOW
+    directory fds (a swapped-in symlink leads nowhere)."""
+    for rel in strays:
+        *parents, name = rel.split(b"/")
+        fd = os.open(os.path.realpath(root), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for part in parents:
+                sub = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.close(fd)
+                fd = sub
+            _remove(fd, name)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
 
 
 def materialize(objects: Objects, root: bytes, live: BlockId | None, target: BlockId,

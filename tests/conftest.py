@@ -1,0 +1,203 @@
+"""Shared fixtures: run the CLI in-process (`run`) or as the installed program (`sh`), and
+build / read back / compare directory trees described as plain dicts."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from volsync import cli
+
+META = b".volsync"
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+    def __repr__(self) -> str:  # shown by pytest when an assert fails
+        return f"Result(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
+
+
+@pytest.fixture
+def run(capsys):
+    """Call `volsync.cli.main(args)` in-process, as the installed script does, and return
+    its exit code and captured stdout/stderr."""
+
+    def _run(*args) -> Result:
+        capsys.readouterr()
+        try:
+            cli.main([os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args])
+            code = 0
+        except SystemExit as exc:
+            code = _exit_code(exc)
+        out, err = capsys.readouterr()
+        return Result(code, out, err)
+
+    return _run
+
+
+def run_subprocess(*args, env: dict | None = None, timeout: float = 60) -> Result:
+    """Run the real program (`python -m volsync`) in a child process."""
+    full_env = dict(os.environ)
+    full_env.pop("VOLSYNC_CRASH_AT", None)
+    full_env.update(env or {})
+    proc = subprocess.run(
+        [sys.executable, "-m", "volsync", *[os.fsdecode(a) if isinstance(a, bytes) else str(a)
+                                            for a in args]],
+        check=False, capture_output=True, text=True, errors="surrogateescape", env=full_env, timeout=timeout,
+    )
+    return Result(proc.returncode, proc.stdout, proc.stderr)
+
+
+@pytest.fixture
+def sh():
+    """Run the installed volsync as a subprocess: sh(*args, env={...}) -> Result."""
+    return run_subprocess
+
+
+# --- trees as dicts -------------------------------------------------------------------------
+#
+# A spec maps a name (str or bytes) to:
+#   bytes / str               a file with that content (mode 0o644)
+#   ("file", data, mode)      a file with a mode
+#   ("link", target)          a symlink (target str or bytes; never followed)
+#   dict                      a directory (mode 0o755)
+#   ("dir", mode, dict)       a directory with a mode
+
+
+def _b(name) -> bytes:
+    return name if isinstance(name, bytes) else os.fsencode(name)
+
+
+def write_tree(root, spec: dict) -> None:
+    """Create the entries of `spec` under `root` (which is created if needed)."""
+    root = _b(os.fspath(root))
+    os.makedirs(root, exist_ok=True)
+    for name, value in spec.items():
+        path = os.path.join(root, _b(name))
+        if isinstance(value, dict):
+            value = ("dir", 0o755, value)
+        if isinstance(value, (bytes, str)):
+            value = ("file", value, 0o644)
+        kind = value[0]
+        if kind == "file":
+            data = value[1] if isinstance(value[1], bytes) else value[1].encode()
+            with open(path, "wb") as f:
+                f.write(data)
+            os.chmod(path, value[2])
+        elif kind == "link":
+            os.symlink(_b(value[1]), path)
+        elif kind == "dir":
+            os.makedirs(path, exist_ok=True)
+            write_tree(path, value[2])
+            os.chmod(path, value[1])
+        else:
+            raise ValueError(kind)
+
+
+def read_tree(root, mtimes: bool = False) -> dict:
+    """Everything under `root` except a top-level `.volsync`, as {relative bytes path:
+    ("file", content, mode) | ("link", target) | ("dir", mode)}; with `mtimes`, each value
+    also carries st_mtime_ns."""
+    root = _b(os.fspath(root))
+    out: dict = {}
+
+    def walk(dirpath: bytes, rel: bytes) -> None:
+        for name in sorted(os.listdir(dirpath)):
+            if not rel and name == META:
+                continue
+            path = os.path.join(dirpath, name)
+            r = rel + b"/" + name if rel else name
+            st = os.lstat(path)
+            if stat.S_ISLNK(st.st_mode):
+                value = ("link", os.readlink(path))
+            elif stat.S_ISDIR(st.st_mode):
+                value = ("dir", stat.S_IMODE(st.st_mode))
+                walk(path, r)
+            elif stat.S_ISREG(st.st_mode):
+                with open(path, "rb") as f:
+                    value = ("file", f.read(), stat.S_IMODE(st.st_mode))
+            else:
+                value = ("special", stat.S_IFMT(st.st_mode))
+            out[r] = value + (st.st_mtime_ns,) if mtimes else value
+
+    walk(root, b"")
+    return out
+
+
+def spec_to_flat(spec: dict, rel: bytes = b"") -> dict:
+    """The read_tree() form of a spec (what writing it should give)."""
+    out: dict = {}
+    for name, value in spec.items():
+        r = rel + b"/" + _b(name) if rel else _b(name)
+        if isinstance(value, dict):
+            value = ("dir", 0o755, value)
+        if isinstance(value, (bytes, str)):
+            value = ("file", value, 0o644)
+        if value[0] == "file":
+            data = value[1] if isinstance(value[1], bytes) else value[1].encode()
+            out[r] = ("file", data, value[2])
+        elif value[0] == "link":
+            out[r] = ("link", _b(value[1]))
+        else:
+            out[r] = ("dir", value[1])
+            out.update(spec_to_flat(value[2], r))
+    return out
+
+
+def assert_same_tree(a, b, mtimes: bool = False) -> None:
+    """Two directories (or a directory and a read_tree dict) hold the same entries."""
+    ta = a if isinstance(a, dict) else read_tree(a, mtimes)
+    tb = b if isinstance(b, dict) else read_tree(b, mtimes)
+    assert sorted(ta) == sorted(tb)
+    for key in ta:
+        assert ta[key] == tb[key], key
+
+
+def age_tree(root, seconds_ago: int = 100, start: int | None = None) -> None:
+    """Set every mtime under `root` (not .volsync) into the past so the stat cache trusts them."""
+    import time
+
+    base = start if start is not None else int(time.time()) - seconds_ago
+    root = _b(os.fspath(root))
+    for dirpath, dirnames, filenames in os.walk(root, topdown=True):
+        if dirpath == root and META in dirnames:
+            dirnames.remove(META)
+        for name in filenames + dirnames:
+            os.utime(os.path.join(dirpath, name), (base, base), follow_symlinks=False)
+
+
+@pytest.fixture
+def make_volume(tmp_path, run):
+    """make_volume(spec=None, name="vol", block_size=None) -> Path of a new volume."""
+
+    def _make(spec: dict | None = None, name: str = "vol", block_size: str | None = None) -> Path:
+        path = tmp_path / name
+        if spec:
+            write_tree(path, spec)
+        args = ["init", path] + (["--block-size", block_size] if block_size else [])
+        r = run(*args)
+        assert r.code == 0, r
+        return path
+
+    return _make

@@ -1,0 +1,298 @@
+"""A random walk over three volumes: writes, snapshots, transfers, breaks, resyncs, role-swaps
+and reverts, valid and invalid, checked against a small model of modes, upstreams and
+lineages. Invariants: a failed command changes nothing; a clean live tree equals its latest
+snapshot's content; every snapshot that ever existed stays restorable with its content."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+from mirror_helpers import content, fingerprint, make_volume, okj, vs
+
+from volsync.store.volume import Volume, is_volume
+
+N = 3
+VOL = st.integers(0, N - 1)
+PATHS = ["f1", "f2", "d/f3", "d/e/f4"]
+RO, RW = "read-only", "read-write"
+
+
+class Model:
+    """What we expect of one volume."""
+
+    def __init__(self):
+        self.mode = RW
+        self.upstream: int | None = None
+        self.lineage: list[str] = []
+        self.preserved: list[str] = []
+        self.dirty = False  # live tree written since it last equalled the latest snapshot
+
+
+class MirrorMachine(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.tmp = Path(tempfile.mkdtemp(prefix="volsync-sm-"))
+        self.paths = [self.tmp / f"V{i}" for i in range(N)]
+        self.model: dict[int, Model] = {}
+        self.snap_content: dict[str, dict] = {}
+        self.counter = 0
+        make_volume(self.paths[0], {"f1": "initial"})
+        self.model[0] = Model()
+        self._snapshot_ok(0)
+
+    def teardown(self):
+        try:
+            self._check_all_restorable()
+            for i, m in self.model.items():
+                if m.mode == RW or not m.dirty:
+                    r = vs("verify", self.paths[i], "--json")
+                    assert r.code == 0 and r.json["ok"], r.out
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    def exists(self, i: int) -> bool:
+        return i in self.model
+
+    def all_fingerprints(self):
+        return {i: fingerprint(p) if p.exists() else None for i, p in enumerate(self.paths)}
+
+    def run(self, *args) -> object:
+        return vs(*args, "--json")
+
+    def expect_failure(self, want: int, *args) -> None:
+        before = self.all_fingerprints()
+        r = self.run(*args)
+        assert r.code == want, f"{args}: want {want}, got {r.code}: {r.out} {r.err}"
+        assert r.json["code"] == want
+        assert self.all_fingerprints() == before, f"{args} failed but changed something"
+
+    def _snapshot_ok(self, i: int) -> None:
+        live = content(self.paths[i])
+        res = okj("snapshot", self.paths[i])
+        self.model[i].lineage.append(res["id"])
+        self.model[i].dirty = False
+        self.snap_content[res["id"]] = live
+
+    def _transfer_code(self, s: int, d: int) -> int:
+        """The exit code transfer s d must give, from the model alone."""
+        if not self.exists(s) or s == d:
+            return 1
+        if not self.exists(d):
+            return 0
+        ms, md = self.model[s], self.model[d]
+        src_ids = set(ms.lineage)
+        shared = [k for k, x in enumerate(md.lineage) if x in src_ids]
+        if not shared:
+            return 4
+        if shared[-1] != len(md.lineage) - 1 or md.mode == RW or md.dirty:
+            return 5
+        return 0
+
+    def _resync_code(self, s: int, d: int) -> int:
+        if not self.exists(s) or s == d:
+            return 1
+        if not self.exists(d):
+            return 0
+        if not set(self.model[s].lineage) & set(self.model[d].lineage):
+            return 4
+        return 0
+
+    def _apply_mirror(self, kind: str, s: int, d: int, args: list,
+                      no_snapshot: bool = False) -> None:
+        """Run a transfer or resync expected to succeed and update the model."""
+        src_live = content(self.paths[s])
+        dst_live = content(self.paths[d]) if self.exists(d) else None
+        res = okj(*args)
+        ms = self.model[s]
+        if ms.mode == RW and ms.dirty and not no_snapshot:
+            new = Volume.open(self.paths[s]).state().lineage[-1]
+            assert new not in ms.lineage and res["src_snapshot"] is not None
+            ms.lineage.append(new)
+            self.snap_content[new] = src_live
+            ms.dirty = False
+        else:
+            assert res["src_snapshot"] is None
+        md = self.model.setdefault(d, Model())
+        if md.lineage:
+            src_ids = set(ms.lineage)
+            common = max(k for k, x in enumerate(md.lineage) if x in src_ids)
+            leaving = md.lineage[common + 1:]
+            new_pres = [x for x in Volume.open(self.paths[d]).state().preserved
+                        if x not in md.preserved]
+            assert new_pres[: len(leaving)] == leaving
+            assert len(new_pres) == len(leaving) + (1 if md.dirty else 0)
+            if md.dirty:
+                self.snap_content[new_pres[-1]] = dst_live
+            md.preserved += new_pres
+            assert kind == "resync" or not new_pres
+        md.lineage = list(ms.lineage)
+        md.mode, md.upstream, md.dirty = RO, s, False
+        # DST's live tree now equals SRC's latest snapshot, and DST verifies clean
+        assert content(self.paths[d]) == self.snap_content[ms.lineage[-1]]
+        r = vs("verify", self.paths[d], "--json")
+        assert r.code == 0 and r.json["ok"], r.out
+
+    # --- rules --------------------------------------------------------------------------------
+
+    @rule(i=VOL, p=st.sampled_from(PATHS), size=st.sampled_from([0, 5, 40, 5000]))
+    def write_file(self, i, p, size):
+        """Users write (on a mirror too: that is a change transfer must not overwrite)."""
+        if not self.exists(i):
+            return
+        self.counter += 1
+        data = (f"{self.counter}:".encode() * (size // 3 + 1))[: max(size, len(str(self.counter)) + 1)]
+        target = self.paths[i] / p
+        if target.exists() and target.read_bytes() == data:
+            data += b"!"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(data)
+        self.model[i].dirty = True
+
+    @rule(i=VOL, k=st.integers(0, 50))
+    def delete_file(self, i, k):
+        if not self.exists(i):
+            return
+        files = sorted(p for p, v in content(self.paths[i]).items() if v[0] == "f")
+        if not files:
+            return
+        (self.paths[i] / files[k % len(files)]).unlink()
+        self.model[i].dirty = True
+
+    @rule(i=VOL)
+    def snapshot(self, i):
+        if not self.exists(i) or self.model[i].mode == RO:
+            self.expect_failure(1, "snapshot", self.paths[i])
+        else:
+            self._snapshot_ok(i)
+
+    @rule(s=VOL, d=VOL, no_snapshot=st.booleans())
+    def transfer(self, s, d, no_snapshot):
+        """SRC's possible new snapshot never is in DST, so it does not change the outcome."""
+        args = ["transfer", self.paths[s], self.paths[d]] + (["--no-snapshot"] if no_snapshot else [])
+        code = self._transfer_code(s, d)
+        if code:
+            self.expect_failure(code, *args)
+            return
+        src_live = content(self.paths[s])
+        self._apply_mirror("transfer", s, d, args, no_snapshot)
+        assert content(self.paths[s]) == src_live  # SRC's live tree is never touched
+
+    @rule(s=VOL, d=VOL)
+    def resync(self, s, d):
+        args = ["resync", self.paths[s], self.paths[d]]
+        code = self._resync_code(s, d)
+        if code:
+            self.expect_failure(code, *args)
+        else:
+            self._apply_mirror("resync", s, d, args)
+
+    @rule(i=VOL)
+    def break_(self, i):
+        if not self.exists(i) or self.model[i].mode == RW:
+            self.expect_failure(1, "break", self.paths[i])
+            return
+        okj("break", self.paths[i])
+        self.model[i].mode, self.model[i].upstream = RW, None
+
+    @rule(a=VOL, b=VOL)
+    def role_swap(self, a, b):
+        args = ["role-swap", self.paths[a], self.paths[b]]
+        if not self.exists(a) or not self.exists(b) or a == b:
+            self.expect_failure(1, *args)
+            return
+        ma, mb = self.model[a], self.model[b]
+        if (ma.mode == RO and ma.upstream == b and mb.mode == RW
+                and ma.lineage[-1:] == mb.lineage[-1:]):
+            before = self.all_fingerprints()
+            assert okj(*args)["already_done"]
+            assert self.all_fingerprints() == before
+            return
+        if ma.mode != RW:
+            code = 1
+        elif mb.mode != RO:
+            code = 5
+        elif mb.upstream != a:
+            code = 1
+        else:
+            code = self._transfer_code(a, b)
+        if code:
+            self.expect_failure(code, *args)
+            return
+        self._apply_mirror("transfer", a, b, args)
+        ma.mode, ma.upstream = RO, b
+        mb.mode, mb.upstream = RW, None
+        assert content(self.paths[a]) == content(self.paths[b])
+
+    @rule(i=VOL, k=st.integers(0, 50))
+    def revert(self, i, k):
+        if not self.exists(i) or self.model[i].mode == RO:
+            return
+        m = self.model[i]
+        target = k % len(m.lineage)
+        live = content(self.paths[i])
+        res = okj("revert", self.paths[i], m.lineage[target])
+        later = m.lineage[target + 1:]
+        assert len(res["preserved"]) == len(later)
+        assert res["live_changes_preserved"] == m.dirty
+        new_pres = [x for x in Volume.open(self.paths[i]).state().preserved
+                    if x not in m.preserved]
+        assert new_pres[: len(later)] == later
+        assert len(new_pres) == len(later) + (1 if m.dirty else 0)
+        if m.dirty:
+            self.snap_content[new_pres[-1]] = live
+        m.preserved += new_pres
+        m.lineage = m.lineage[: target + 1]
+        m.dirty = False
+
+    # --- invariants ---------------------------------------------------------------------------
+
+    @invariant()
+    def disk_matches_model(self):
+        for i, p in enumerate(self.paths):
+            assert is_volume(p) == self.exists(i)
+            if not self.exists(i):
+                continue
+            m = self.model[i]
+            state = Volume.open(p).state()
+            assert state.mode == m.mode
+            want_up = str(self.paths[m.upstream]) if m.upstream is not None else None
+            assert state.upstream == want_up
+            assert list(state.lineage) == m.lineage
+            assert list(state.preserved) == m.preserved
+            assert state.journal is None
+
+    @invariant()
+    def clean_live_tree_equals_latest(self):
+        for i, m in self.model.items():
+            if not m.dirty:
+                assert content(self.paths[i]) == self.snap_content[m.lineage[-1]]
+
+    @invariant()
+    def every_snapshot_still_held(self):
+        held = set()
+        for m in self.model.values():
+            held.update(m.lineage, m.preserved)
+        assert set(self.snap_content) <= held
+
+    def _check_all_restorable(self):
+        for n, (sid, want) in enumerate(self.snap_content.items()):
+            holder = next(i for i, m in self.model.items() if sid in m.lineage + m.preserved)
+            dest = self.tmp / f"restore-{n}"
+            r = vs("restore", self.paths[holder], sid, dest)
+            assert r.code == 0, r.err
+            assert content(dest) == want, f"snapshot {sid} restored wrong from V{holder}"
+            shutil.rmtree(dest)
+
+
+MirrorMachine.TestCase.settings = settings(
+    max_examples=20, stateful_step_count=15, deadline=None, derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
+TestMirrorStateMachine = MirrorMachine.TestCase

@@ -1,0 +1,326 @@
+"""The pure planner, in the notation of docs/resync.md: a lineage is drawn as a string of
+snapshot tokens, "1 2 3 4 5' 6'", where the token is the snapshot's id and its leading digits
+its number. Equal tokens in two lineages are the same snapshot (same id); 5 and 5' are not."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from volsync.errors import Diverged, NoCommonSnapshot
+from volsync.model import BlockId, Entry, Kind, Snapshot, SnapshotId, digest_of, newest_common
+from volsync.plan import (
+    RESYNC,
+    TRANSFER,
+    LineagePlan,
+    TransferPlan,
+    lineage_picture,
+    missing_objects,
+    plan_lineages,
+)
+from volsync.store.trees import EMPTY_TREE_ID, encode_tree
+
+# --- notation -----------------------------------------------------------------------------------
+
+
+def lin(picture: str) -> list[Snapshot]:
+    """ "1 2 3 5'" -> snapshots numbered 1 2 3 5 whose ids are the tokens themselves."""
+    out = []
+    for token in picture.split():
+        number = int(re.match(r"\d+", token).group())
+        out.append(Snapshot(SnapshotId(token), number, 0.0, None, EMPTY_TREE_ID, 0, 0, "vol"))
+    return out
+
+
+def toks(snaps) -> str:
+    return " ".join(s.id for s in snaps)
+
+
+def plan(kind: str, src: str, dst: str) -> tuple[str | None, str, str]:
+    p = plan_lineages(kind, lin(src), lin(dst))
+    return (p.common.id if p.common else None, toks(p.add), toks(p.remove))
+
+
+# --- newest_common ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src, dst, common", [
+    ("", "", None),
+    ("1 2 3", "", None),
+    ("", "1 2 3", None),
+    ("1 2 3", "1 2 3", "3"),
+    ("1 2 3 4 5 6", "1 2 3 4 5' 6'", "4"),
+    ("1 2 3", "1' 2' 3'", None),
+    ("1 2 3", "1 2 3'", "2"),  # same number, different id: not common
+    ("3 4 5", "1 2 3 4", "4"),  # SRC pruned its oldest snapshots
+    ("1 3 5 7", "1 2 3 4 5", "5"),  # gaps from pruning on either side
+    ("1 2 3 4", "4", "4"),  # DST pruned down to one snapshot
+])
+def test_newest_common_is_highest_numbered_shared_id(src, dst, common):
+    """newest_common: the highest-numbered snapshot whose id is in both lineages."""
+    got = newest_common(lin(src), lin(dst))
+    assert (got.id if got else None) == common
+
+
+def test_newest_common_compares_ids_not_numbers():
+    """Two snapshot 5s with different ids are not common even if everything else matches."""
+    a = lin("1 2 3 4 5")
+    b = lin("1 2 3 4") + [Snapshot(SnapshotId("5x"), 5, 0.0, None, EMPTY_TREE_ID, 0, 0, "vol")]
+    assert newest_common(a, b).id == "4"
+
+
+# --- plan_lineages: transfer ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src, dst, common, add", [
+    ("1", "", None, "1"),  # baseline into an empty mirror
+    ("1 2 3", "", None, "1 2 3"),
+    ("1 2 3 4", "1 2", "2", "3 4"),  # incremental
+    ("1 2 3", "1 2 3", "3", ""),  # nothing new
+    ("1 3 4", "1 2 3", "3", "4"),  # DST's extra 2 lies before the common snapshot: fine
+    ("3 4 5", "1 2 3", "3", "4 5"),  # SRC pruned 1 2
+    ("", "", None, ""),
+])
+def test_transfer_plan_adds_src_snapshots_after_common(src, dst, common, add):
+    """transfer: common = newest shared id; add = SRC's snapshots after it; nothing removed."""
+    assert plan(TRANSFER, src, dst) == (common, add, "")
+
+
+@pytest.mark.parametrize("src, dst, common, src_only, dst_only", [
+    ("1 2 3 4 5 6", "1 2 3 4 5' 6'", 4, (5, 6), (5, 6)),
+    ("1 2 3", "1 2 3 4'", 3, (), (4,)),  # DST ahead with its own snapshot
+    ("1 2 3", "1 2 3'", 2, (3,), (3,)),  # same number, different id
+    ("1 2", "1 2 3 4", 2, (), (3, 4)),  # DST has snapshots SRC lacks (SRC pruned/reverted)
+])
+def test_transfer_refuses_divergence_with_exit_5(src, dst, common, src_only, dst_only):
+    """transfer: DST snapshots after the common one are divergence (Diverged, exit 5)
+    carrying common, src_only and dst_only as numbers."""
+    with pytest.raises(Diverged) as info:
+        plan_lineages(TRANSFER, lin(src), lin(dst))
+    exc = info.value
+    assert exc.code == 5
+    assert (exc.common, tuple(exc.src_only), tuple(exc.dst_only)) == (common, src_only, dst_only)
+    assert "resync" in str(exc)
+
+
+@pytest.mark.parametrize("kind", [TRANSFER, RESYNC])
+@pytest.mark.parametrize("src, dst", [
+    ("1 2 3", "1' 2' 3'"),  # unrelated, and would also count as diverged: 4 wins
+    ("1 2", "5'"),
+    ("", "1'"),  # SRC empty, DST not
+    ("4 5", "1 2 3"),  # SRC pruned past everything DST has
+])
+def test_no_common_snapshot_exit_4_wins(kind, src, dst):
+    """No shared id while DST has snapshots: NoCommonSnapshot (exit 4), even where
+    divergence (exit 5) would also apply."""
+    with pytest.raises(NoCommonSnapshot) as info:
+        plan_lineages(kind, lin(src), lin(dst))
+    assert info.value.code == 4
+    assert not isinstance(info.value, Diverged)
+
+
+# --- plan_lineages: resync -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("src, dst, common, add, remove", [
+    ("1 2 3 4 5 6", "1 2 3 4 5' 6'", "4", "5 6", "5' 6'"),  # the picture of docs/resync.md
+    ("1 2 3", "1 2 3 4' 5'", "3", "", "4' 5'"),  # DST ahead: its own ones leave
+    ("1 2 3 4", "1 2", "2", "3 4", ""),  # plain catch-up, like transfer
+    ("1 2 3", "1 2 3", "3", "", ""),
+    ("1 2 3", "", None, "1 2 3", ""),  # baseline
+    ("1 2 3 4 5", "1 2 3 4' 5'", "3", "4 5", "4' 5'"),  # same numbers, different ids
+])
+def test_resync_plan_removes_dst_only_snapshots(src, dst, common, add, remove):
+    """resync: DST's snapshots after the common one leave (to be preserved), SRC's join."""
+    assert plan(RESYNC, src, dst) == (common, add, remove)
+
+
+def test_lineage_plan_keeps_snapshot_objects():
+    """The plan carries the Snapshot values themselves, oldest first."""
+    src, dst = lin("1 2 3 4"), lin("1 2 3'")
+    p = plan_lineages(RESYNC, src, dst)
+    assert p == LineagePlan(src[1], (src[2], src[3]), (dst[2],))
+
+
+# --- missing_objects ----------------------------------------------------------------------------
+
+BS = 4096
+
+
+def bid(tag: str) -> BlockId:
+    """A fake 16-byte block id (file blocks are never re-hashed by the planner)."""
+    return BlockId(tag.encode().ljust(16, b"."))
+
+
+class Store:
+    """Trees by id, counting reads."""
+
+    def __init__(self):
+        self.trees: dict[BlockId, bytes] = {}
+        self.reads: list[BlockId] = []
+
+    def tree(self, *entries: Entry) -> BlockId:
+        data = encode_tree(sorted(entries, key=lambda e: e.name))
+        tid = digest_of(data)
+        self.trees[tid] = data
+        return tid
+
+    def read(self, tid: BlockId) -> bytes:
+        self.reads.append(tid)
+        return self.trees[tid]
+
+
+def f(name: str, size: int, *blocks: str) -> Entry:
+    return Entry(name.encode(), Kind.FILE, 0o644, 0, size, b"".join(bid(b) for b in blocks))
+
+
+def d(name: str, tree: BlockId) -> Entry:
+    return Entry(name.encode(), Kind.DIR, 0o755, 0, 0, tree)
+
+
+def link(name: str, target: str) -> Entry:
+    return Entry(name.encode(), Kind.LINK, 0o777, 0, 0, target.encode())
+
+
+def run_missing(store: Store, have: set, roots: list[BlockId]):
+    return missing_objects(store.read, lambda i: i in have, roots, BS)
+
+
+def check_children_first(store: Store, out: list[tuple[BlockId, int]], have: set) -> None:
+    """Every tree in the send list comes after every object under it that is also sent."""
+    pos = {oid: i for i, (oid, _) in enumerate(out)}
+    from volsync.store.trees import decode_tree
+
+    for oid, i in pos.items():
+        if oid in store.trees:
+            for e in decode_tree(store.trees[oid]):
+                kids = [BlockId(e.ref)] if e.kind is Kind.DIR else (
+                    e.blocks() if e.kind is Kind.FILE else [])
+                for k in kids:
+                    if k in pos:
+                        assert pos[k] < i, "a child is sent after its parent"
+                    else:
+                        assert k in have or k == EMPTY_TREE_ID, "a needed child is not sent"
+
+
+def test_missing_objects_sends_everything_children_first_with_lengths():
+    """Baseline: every tree and block is sent once, children before parents, block lengths
+    from the file size (last block short), the root last."""
+    s = Store()
+    sub = s.tree(f("x", 10000, "x1", "x2", "x3"), link("l", "../y"))
+    root = s.tree(f("a", 5, "a1"), d("sub", sub), f("empty", 0))
+    out, blocks = run_missing(s, set(), [root])
+    lengths = dict(out)
+    assert lengths[bid("x1")] == BS and lengths[bid("x2")] == BS and lengths[bid("x3")] == 1808
+    assert lengths[bid("a1")] == 5
+    assert lengths[sub] == len(s.trees[sub]) and lengths[root] == len(s.trees[root])
+    assert blocks == 4
+    assert len(out) == len(lengths) == 6  # 4 blocks + 2 trees, each once
+    assert out[-1][0] == root
+    check_children_first(s, out, set())
+
+
+def test_missing_objects_skips_subtrees_dst_has():
+    """A tree DST already has is skipped whole: not read, none of its blocks sent."""
+    s = Store()
+    big = s.tree(f("b", 3 * BS, "b1", "b2", "b3"))
+    root = s.tree(d("big", big), f("new", 7, "n1"))
+    out, blocks = run_missing(s, {big}, [root])
+    assert [oid for oid, _ in out] == [bid("n1"), root]
+    assert blocks == 1
+    assert big not in s.reads
+
+
+def test_missing_objects_skips_blocks_dst_has():
+    """Blocks DST holds (e.g. from an older snapshot) are not sent; changed ones are."""
+    s = Store()
+    root = s.tree(f("f", 3 * BS, "k1", "CHANGED", "k3"))
+    out, blocks = run_missing(s, {bid("k1"), bid("k3")}, [root])
+    assert [oid for oid, _ in out] == [bid("CHANGED"), root]
+    assert blocks == 1
+    check_children_first(s, out, {bid("k1"), bid("k3")})
+
+
+def test_missing_objects_sends_each_block_once():
+    """A block shared by several files, directories and snapshots is sent once."""
+    s = Store()
+    sub1 = s.tree(f("a", BS, "same"), f("b", 2 * BS, "same", "same"))
+    sub2 = s.tree(f("c", BS, "same"), f("d", 10, "other"))
+    root1 = s.tree(d("s1", sub1), f("top", BS, "same"))
+    root2 = s.tree(d("s1", sub1), d("s2", sub2))  # the next snapshot shares s1
+    out, blocks = run_missing(s, set(), [root1, root2])
+    ids = [oid for oid, _ in out]
+    assert len(ids) == len(set(ids))
+    assert sorted(ids) == sorted([bid("same"), bid("other"), sub1, sub2, root1, root2])
+    assert blocks == 2
+    assert s.reads.count(sub1) == 1
+    check_children_first(s, out, set())
+
+
+def test_missing_objects_identical_roots_and_empty_tree():
+    """The same root twice is planned once; the empty tree is never sent."""
+    s = Store()
+    root = s.tree(f("a", 1, "a1"))
+    out, _ = run_missing(s, set(), [root, root, EMPTY_TREE_ID])
+    assert [oid for oid, _ in out] == [bid("a1"), root]
+    assert run_missing(s, set(), [EMPTY_TREE_ID]) == ([], 0)
+
+
+def test_missing_objects_nothing_when_dst_has_root():
+    """DST holding the root means nothing at all is sent."""
+    s = Store()
+    root = s.tree(f("a", 1, "a1"))
+    assert run_missing(s, {root}, [root]) == ([], 0)
+
+
+def test_missing_objects_deep_nesting_order():
+    """Deep trees: every level strictly after its child level."""
+    s = Store()
+    t = s.tree(f("leaf", 3, "leaf"))
+    chain = [t]
+    for i in range(6):
+        t = s.tree(d(f"d{i}", t), f(f"f{i}", 1, f"b{i}"))
+        chain.append(t)
+    out, blocks = run_missing(s, set(), [t])
+    ids = [oid for oid, _ in out]
+    assert [ids.index(c) for c in chain] == sorted(ids.index(c) for c in chain)
+    assert blocks == 7
+    check_children_first(s, out, set())
+
+
+# --- lineage_picture ----------------------------------------------------------------------------
+
+
+def make_plan(src: str, dst: str, kind=RESYNC) -> TransferPlan:
+    s, d_ = lin(src), lin(dst)
+    lp = plan_lineages(kind, s, d_)
+    return TransferPlan(kind, lp, tuple(s), tuple(d_), (), 0, None, False, not d_)
+
+
+def picture_rows(text: str) -> list[list[str]]:
+    return [line.split() for line in text.splitlines()]
+
+
+def test_lineage_picture_marks_dst_only_snapshots_with_prime():
+    """The picture: SRC's numbers, DST's with a prime on those SRC lacks, the common one."""
+    text = lineage_picture(make_plan("1 2 3 4 5 6", "1 2 3 4 5' 6'"), "SRC", "DST")
+    assert picture_rows(text) == [
+        ["SRC:", "1", "2", "3", "4", "5", "6"],
+        ["DST:", "1", "2", "3", "4", "5'", "6'"],
+        ["common:", "4"],
+    ]
+
+
+def test_lineage_picture_empty_and_no_common():
+    """An empty DST is drawn as (empty) and the common snapshot as none."""
+    text = lineage_picture(make_plan("1 2", "", TRANSFER), "SRC", "DST")
+    assert picture_rows(text) == [["SRC:", "1", "2"], ["DST:", "(empty)"], ["common:", "none"]]
+
+
+def test_lineage_picture_aligns_columns():
+    """The lineages start in the same column whatever the names' lengths."""
+    text = lineage_picture(make_plan("1 2", "1"), "a", "longer-name")
+    lines = text.splitlines()
+    starts = [len(line) - len(line.split(None, 1)[1]) for line in lines]
+    assert len(set(starts)) == 1
