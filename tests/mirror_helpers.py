@@ -99,9 +99,10 @@ def write(root: Path, files: dict[str, bytes | str | None]) -> None:
         p.write_bytes(data)
 
 
-def content(root: Path | str) -> dict[str, tuple]:
+def content(root: Path | str, mtimes: bool = False) -> dict[str, tuple]:
     """Every path under root except the top-level .volsync: ('f', bytes, mode) for files,
-    ('l', target) for symlinks, ('d', mode) for directories."""
+    ('l', target) for symlinks, ('d', mode) for directories; with `mtimes`, each also ends
+    with its mtime_ns (what a snapshot records, so equal means "unchanged" to volsync)."""
     root = Path(root)
     out: dict[str, tuple] = {}
     for dirpath, dirnames, filenames in os.walk(root):
@@ -118,6 +119,8 @@ def content(root: Path | str) -> dict[str, tuple]:
                 out[rel] = ("d", stat.S_IMODE(st.st_mode))
             else:
                 out[rel] = ("f", Path(p).read_bytes(), stat.S_IMODE(st.st_mode))
+            if mtimes:
+                out[rel] += (st.st_mtime_ns,)
         # do not descend into symlinked directories (os.walk does not by default)
     return out
 

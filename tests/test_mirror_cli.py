@@ -723,3 +723,21 @@ def test_not_a_volume_src_exit_1(tmp_path):
     (tmp_path / "plain").mkdir()
     refuse(1, "transfer", tmp_path / "plain", tmp_path / "B")
     assert not (tmp_path / "B").exists()
+
+
+def test_preserved_snapshot_back_in_lineage_is_listed_once(pair, tmp_path):
+    """A snapshot preserved by a revert that a resync brings back into the lineage is a
+    lineage snapshot again: listed once, restorable by id, and kept by prune --preserved."""
+    a, b = pair
+    write(a, {"a.txt": "two\n"})
+    ok("transfer", a, b)  # A, B: 1 2
+    ok("revert", a, "1")  # A: 1, preserved 2
+    ok("resync", b, a)  # A: 1 2 again, mirror of B
+    ids = [s["id"] for s in okj("snapshots", a, "--all")["snapshots"]]
+    assert len(ids) == len(set(ids)) == 2
+    assert lineage(a) == lineage(b) and preserved(a) == []
+    two = lineage(a)[1][1]
+    assert restored(a, two, tmp_path / "r")["a.txt"][1] == b"two\n"
+    ok("prune", a, "--preserved")
+    assert lineage(a) == lineage(b)
+    verify_clean(a)

@@ -12,14 +12,27 @@ from pathlib import Path
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from mirror_helpers import content, fingerprint, make_volume, okj, vs
+from mirror_helpers import content as _content
+from mirror_helpers import fingerprint, make_volume, okj, vs
 
 from volsync.store.volume import Volume, is_volume
 
 N = 3
+
+
+def content(path):
+    """Content with mtimes: equal to a snapshot's recording exactly when volsync sees no
+    change (a write undone by a delete at the top level is no change, in a subdirectory it
+    changes the directory's mtime)."""
+    return _content(path, mtimes=True)
+
 VOL = st.integers(0, N - 1)
 PATHS = ["f1", "f2", "d/f3", "d/e/f4"]
 RO, RW = "read-only", "read-write"
+
+
+def _strip(c: dict) -> dict:
+    return {k: v[:-1] for k, v in c.items()}
 
 
 class Model:
@@ -30,7 +43,6 @@ class Model:
         self.upstream: int | None = None
         self.lineage: list[str] = []
         self.preserved: list[str] = []
-        self.dirty = False  # live tree written since it last equalled the latest snapshot
 
 
 class MirrorMachine(RuleBasedStateMachine):
@@ -49,7 +61,7 @@ class MirrorMachine(RuleBasedStateMachine):
         try:
             self._check_all_restorable()
             for i, m in self.model.items():
-                if m.mode == RW or not m.dirty:
+                if m.mode == RW or not self.dirty(i):
                     r = vs("verify", self.paths[i], "--json")
                     assert r.code == 0 and r.json["ok"], r.out
         finally:
@@ -59,6 +71,27 @@ class MirrorMachine(RuleBasedStateMachine):
 
     def exists(self, i: int) -> bool:
         return i in self.model
+
+    def dirty(self, i: int) -> bool:
+        """The live tree differs from the latest snapshot's recorded content."""
+        return content(self.paths[i]) != self.snap_content[self.model[i].lineage[-1]]
+
+    def modified(self, i: int) -> bool:
+        """Changed as transfer counts it: content, modes (an mtime alone does not count)."""
+        return _strip(content(self.paths[i])) != _strip(
+            self.snap_content[self.model[i].lineage[-1]])
+
+    def expect_preserved(self, i: int, leaving: list[str], live_kept: bool, live) -> None:
+        """Preserved = earlier ones not (back) in the lineage, then those leaving it, then the
+        live changes (whose id we learn here), each once."""
+        m = self.model[i]
+        known = [x for x in dict.fromkeys(m.preserved + leaving) if x not in m.lineage]
+        disk = list(Volume.open(self.paths[i]).state().preserved)
+        assert disk[: len(known)] == known
+        assert len(disk) == len(known) + (1 if live_kept else 0)
+        if live_kept:
+            self.snap_content[disk[-1]] = live
+        m.preserved = disk
 
     def all_fingerprints(self):
         return {i: fingerprint(p) if p.exists() else None for i, p in enumerate(self.paths)}
@@ -77,7 +110,6 @@ class MirrorMachine(RuleBasedStateMachine):
         live = content(self.paths[i])
         res = okj("snapshot", self.paths[i])
         self.model[i].lineage.append(res["id"])
-        self.model[i].dirty = False
         self.snap_content[res["id"]] = live
 
     def _transfer_code(self, s: int, d: int) -> int:
@@ -91,7 +123,7 @@ class MirrorMachine(RuleBasedStateMachine):
         shared = [k for k, x in enumerate(md.lineage) if x in src_ids]
         if not shared:
             return 4
-        if shared[-1] != len(md.lineage) - 1 or md.mode == RW or md.dirty:
+        if shared[-1] != len(md.lineage) - 1 or md.mode == RW or self.modified(d):
             return 5
         return 0
 
@@ -108,34 +140,35 @@ class MirrorMachine(RuleBasedStateMachine):
                       no_snapshot: bool = False) -> None:
         """Run a transfer or resync expected to succeed and update the model."""
         src_live = content(self.paths[s])
-        dst_live = content(self.paths[d]) if self.exists(d) else None
-        res = okj(*args)
         ms = self.model[s]
-        if ms.mode == RW and ms.dirty and not no_snapshot:
+        src_snapshots = ms.mode == RW and self.dirty(s) and not no_snapshot
+        dst_live = dst_dirty = None
+        if self.exists(d):
+            dst_live, dst_dirty = content(self.paths[d]), self.dirty(d)
+        res = okj(*args)
+        if src_snapshots:
             new = Volume.open(self.paths[s]).state().lineage[-1]
             assert new not in ms.lineage and res["src_snapshot"] is not None
             ms.lineage.append(new)
             self.snap_content[new] = src_live
-            ms.dirty = False
         else:
             assert res["src_snapshot"] is None
         md = self.model.setdefault(d, Model())
+        leaving = []
         if md.lineage:
             src_ids = set(ms.lineage)
             common = max(k for k, x in enumerate(md.lineage) if x in src_ids)
             leaving = md.lineage[common + 1:]
-            new_pres = [x for x in Volume.open(self.paths[d]).state().preserved
-                        if x not in md.preserved]
-            assert new_pres[: len(leaving)] == leaving
-            assert len(new_pres) == len(leaving) + (1 if md.dirty else 0)
-            if md.dirty:
-                self.snap_content[new_pres[-1]] = dst_live
-            md.preserved += new_pres
-            assert kind == "resync" or not new_pres
+            assert kind == "resync" or not (leaving or dst_dirty)
         md.lineage = list(ms.lineage)
-        md.mode, md.upstream, md.dirty = RO, s, False
-        # DST's live tree now equals SRC's latest snapshot, and DST verifies clean
-        assert content(self.paths[d]) == self.snap_content[ms.lineage[-1]]
+        self.expect_preserved(d, leaving, bool(dst_dirty), dst_live)
+        md.mode, md.upstream = RO, s
+        # DST's live tree now equals SRC's latest snapshot (mtimes too, unless nothing was
+        # to be done), and DST verifies clean
+        latest = self.snap_content[ms.lineage[-1]]
+        assert _strip(content(self.paths[d])) == _strip(latest)
+        if res["added"] or res["preserved"]:
+            assert content(self.paths[d]) == latest
         r = vs("verify", self.paths[d], "--json")
         assert r.code == 0 and r.json["ok"], r.out
 
@@ -153,7 +186,6 @@ class MirrorMachine(RuleBasedStateMachine):
             data += b"!"
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(data)
-        self.model[i].dirty = True
 
     @rule(i=VOL, k=st.integers(0, 50))
     def delete_file(self, i, k):
@@ -163,7 +195,6 @@ class MirrorMachine(RuleBasedStateMachine):
         if not files:
             return
         (self.paths[i] / files[k % len(files)]).unlink()
-        self.model[i].dirty = True
 
     @rule(i=VOL)
     def snapshot(self, i):
@@ -236,20 +267,13 @@ class MirrorMachine(RuleBasedStateMachine):
             return
         m = self.model[i]
         target = k % len(m.lineage)
-        live = content(self.paths[i])
+        live, dirty = content(self.paths[i]), self.dirty(i)
         res = okj("revert", self.paths[i], m.lineage[target])
         later = m.lineage[target + 1:]
         assert len(res["preserved"]) == len(later)
-        assert res["live_changes_preserved"] == m.dirty
-        new_pres = [x for x in Volume.open(self.paths[i]).state().preserved
-                    if x not in m.preserved]
-        assert new_pres[: len(later)] == later
-        assert len(new_pres) == len(later) + (1 if m.dirty else 0)
-        if m.dirty:
-            self.snap_content[new_pres[-1]] = live
-        m.preserved += new_pres
+        assert res["live_changes_preserved"] == dirty
         m.lineage = m.lineage[: target + 1]
-        m.dirty = False
+        self.expect_preserved(i, later, dirty, live)
 
     # --- invariants ---------------------------------------------------------------------------
 
@@ -269,10 +293,16 @@ class MirrorMachine(RuleBasedStateMachine):
             assert state.journal is None
 
     @invariant()
-    def clean_live_tree_equals_latest(self):
+    def status_agrees_with_model(self):
+        """status lists changes exactly when the live tree's content left the latest
+        snapshot's (an mtime-only difference may go unlisted)."""
         for i, m in self.model.items():
-            if not m.dirty:
-                assert content(self.paths[i]) == self.snap_content[m.lineage[-1]]
+            changed = vs("status", self.paths[i], "--json").json["changed_paths"]
+            recorded = self.snap_content[m.lineage[-1]]
+            if not self.dirty(i):
+                assert not changed
+            elif _strip(content(self.paths[i])) != _strip(recorded):
+                assert changed
 
     @invariant()
     def every_snapshot_still_held(self):

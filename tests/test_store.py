@@ -148,31 +148,50 @@ def test_bad_index_recorded_not_fatal(packdir):
     assert [n for n, _ in s2.bad_indexes] == [f"{bad_name}.idx"]
 
 
-def test_orphan_pack_removed(packdir):
-    """A pack without an index (crashed writer) is deleted; indexed packs are kept."""
+def test_orphan_pack_adopted(packdir):
+    """A pack without an index (crashed writer) is indexed: its intact records are kept, a
+    torn tail is cut off, and indexed packs are untouched."""
     s = PackStore(packdir)
     ids = put_all(s, [blob(1)])
     s.flush()
     w = PackWriter(packdir)
     w.add(digest_of(blob(9)), blob(9))
+    w.add(digest_of(blob(8)), blob(8))
     w.flush()
+    w.drain()
     os.close(w.fd)
     orphan = w.path
-    assert orphan.exists()
+    with open(orphan, "r+b") as f:  # tear the last record, as a crash mid-write would
+        f.truncate(orphan.stat().st_size - 100)
     s2 = PackStore(packdir)
-    s2.remove_orphans()
-    assert not orphan.exists()
+    assert s2.adopt_orphans() == 1
+    assert orphan.with_suffix(".idx").exists()
     assert s2.get(ids[0], verify=True) == blob(1)
-    assert len(list(packdir.glob("*.pack"))) == 1
+    assert s2.get(digest_of(blob(9)), verify=True) == blob(9)
+    assert not s2.has(digest_of(blob(8)))
+    assert PackStore(packdir).get(digest_of(blob(9)), verify=True) == blob(9)
 
 
-def test_remove_orphans_spares_own_writer(packdir):
-    """remove_orphans does not delete the pack this store is currently writing."""
+def test_orphan_pack_with_nothing_intact_removed(packdir):
+    """An orphan whose first record is already torn holds nothing: it is deleted."""
+    w = PackWriter(packdir)
+    w.add(digest_of(blob(9)), blob(9))
+    w.drain()
+    os.close(w.fd)
+    with open(w.path, "r+b") as f:
+        f.truncate(30)
+    assert PackStore(packdir).adopt_orphans() == 0
+    assert not w.path.exists()
+
+
+def test_adopt_orphans_spares_own_writer(packdir):
+    """adopt_orphans leaves alone the pack this store is currently writing."""
     s = PackStore(packdir)
     ids = put_all(s, [blob(1)])
-    s.remove_orphans()
+    s.adopt_orphans()
     s.flush()
     assert PackStore(packdir).get(ids[0], verify=True) == blob(1)
+    assert len(list(packdir.glob("*.idx"))) == 1
 
 
 def test_repack_frees_garbage_keeps_live(packdir):

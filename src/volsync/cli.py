@@ -405,6 +405,10 @@ def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, out:
     out.emit(data, text)
 
 
+for _command in cli.commands.values():  # every command's --help lists the exit codes
+    _command.epilog = EXIT_CODES
+
+
 # --- entry point ----------------------------------------------------------------------------
 
 def _error(message: str, code: int, as_json: bool, extra: dict | None = None) -> None:

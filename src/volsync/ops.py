@@ -95,7 +95,8 @@ def resolve(volume: Volume, text: str, state: VolumeState | None = None) -> Snap
     if len(labelled) > 1:
         raise BadArgument(f"label {text!r} names several snapshots; use a number or id")
     if len(text) >= 8 and all(c in "0123456789abcdef" for c in text.lower()):
-        found = [i for i in state.lineage + state.preserved if i.startswith(text.lower())]
+        found = list(dict.fromkeys(i for i in state.lineage + state.preserved
+                                   if i.startswith(text.lower())))
         if len(found) == 1:
             return volume.snapshot(found[0])
         if len(found) > 1:

@@ -35,7 +35,7 @@ from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
 from .store.trees import EMPTY_TREE_ID
 from .store.volume import META, Volume, is_create_leftover, is_volume
-from .tree import Materializer, Objects, Progress, ScanResult, scan
+from .tree import Materializer, Objects, Progress, ScanResult, diff_trees, scan
 
 JOURNAL_ROLE_SWAP = "role-swap"
 
@@ -149,7 +149,9 @@ def _check_transfer_dst(src_lineage: list[Snapshot], dst: Volume, pending: bool 
     if state.mode == READ_WRITE:
         raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
                        "diverged, use resync")
-    if result.root != latest_root(dst, state):
+    latest = latest_root(dst, state)
+    # as status and verify see it: content, modes, links; an mtime alone is no modification
+    if result.root != latest and any(diff_trees(objects, latest, result.root)):
         raise Diverged(f"{dst.root}: live tree was modified since its latest snapshot; "
                        "diverged, use resync")
     return result, objects

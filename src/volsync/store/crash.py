@@ -1,7 +1,8 @@
 """Test-only switches, read once at start-up and unset in normal use.
 
 VOLSYNC_CRASH_AT="name:N" kills the process with os._exit at the Nth passage of the named
-durable step. VOLSYNC_FAULT="op:ERRNO:N" makes the Nth I/O call of kind `op` (write, fsync,
+durable step. VOLSYNC_CRASH_TRACE=FILE appends the name of every passage to FILE, so a test
+can enumerate every (name, N) a command goes through. VOLSYNC_FAULT="op:ERRNO:N" makes the Nth I/O call of kind `op` (write, fsync,
 read) fail with that errno, once; "op:ERRNO:N+" makes it fail from the Nth call on.
 """
 
@@ -14,7 +15,13 @@ _SPEC = os.environ.get("VOLSYNC_CRASH_AT", "")
 _NAME, _, _N = _SPEC.partition(":")
 _TARGET = int(_N or "1") if _NAME else 0
 _count = 0
+_TRACE = os.environ.get("VOLSYNC_CRASH_TRACE", "")
 CRASH_EXIT = 137
+POINTS = (
+    "atomic-write-before-rename", "pack-data-durable", "pack-index-committed",
+    "pack-index-dropped", "snapshot-record-written", "state-committed", "live-entry-written",
+    "object-received", "role-swap-source-demoted", "role-swap-mirror-promoted", "link-flipped",
+)
 
 _FAULT_OP, _FAULT_ERRNO, _FAULT_FROM, _FAULT_STICKY = "", 0, 0, False
 if spec := os.environ.get("VOLSYNC_FAULT", ""):
@@ -28,6 +35,9 @@ _fault_calls = 0
 def crashpoint(name: str) -> None:
     """Mark a durable step; dies here when the test switch names it."""
     global _count
+    if _TRACE:
+        with open(_TRACE, "a") as trace:
+            trace.write(name + "\n")
     if name != _NAME:
         return
     _count += 1

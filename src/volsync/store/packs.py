@@ -337,11 +337,46 @@ class PackStore:
             self._writer.abandon()
             self._writer = None
 
-    def remove_orphans(self) -> None:
+    def adopt_orphans(self) -> int:
+        """Index packs that have none (a writer killed before sealing, or a lost index):
+        records that match their ids are kept, the torn tail is cut off. Objects received
+        before a crash are thus not sent again, and nothing readable is thrown away."""
         indexed = {p.stem for p in self.dir.glob("*.idx")}
-        for pack in self.dir.glob("*.pack"):
-            if pack.stem not in indexed and not (self._writer and self._writer.name == pack.stem):
-                pack.unlink(missing_ok=True)
+        adopted = 0
+        for pack in sorted(self.dir.glob("*.pack")):
+            if pack.stem in indexed or (self._writer and self._writer.name == pack.stem):
+                continue
+            adopted += self._adopt(pack)
+        return adopted
+
+    def _adopt(self, pack: Path) -> int:
+        writer = PackWriter.__new__(PackWriter)  # index an existing file, writing no data
+        writer.name, writer.path, writer.entries = pack.stem, pack, {}
+        end = len(PACK_HEADER)
+        try:
+            for block_id, off, data in self.scan_pack(pack.stem):
+                if digest_of(data) != block_id:
+                    break
+                writer.entries[block_id] = (off, len(data))
+                end = off + len(data)
+        except (IntegrityError, OSError):
+            pass  # keep the intact records before the damage
+        if not writer.entries:
+            pack.unlink(missing_ok=True)
+            return 0
+        fd = os.open(pack, os.O_RDWR | os.O_NOFOLLOW)
+        try:
+            os.ftruncate(fd, end)
+            fsync(fd)
+        finally:
+            os.close(fd)
+        writer.fd = os.open(pack, os.O_RDONLY | os.O_NOFOLLOW)
+        writer.flushed, writer.buffer, writer.thread, writer.error = end, bytearray(), None, None
+        entries = writer.seal()
+        if self._index is not None:
+            for block_id, (off, length) in entries.items():
+                self._index.setdefault(block_id, (pack.stem, off, length))
+        return len(entries)
 
     def close(self) -> None:
         self.discard()

@@ -50,7 +50,8 @@ def check_block_size(size: int) -> int:
 
 
 def is_volume(path: Path) -> bool:
-    return (path / META / "config").is_file()
+    """A directory with volume metadata (complete or damaged: damage is verify's to report)."""
+    return os.path.lexists(path / META)
 
 
 def is_create_leftover(name: str) -> bool:
@@ -64,12 +65,15 @@ class Volume:
     def __init__(self, root: Path):
         self.root = root
         self.meta = root / META
+        if not os.path.lexists(self.meta):
+            raise NotAVolume(f"{root} is not a volsync volume (run 'volsync init')")
+        for sub in (self.meta, self.meta / "packs", self.meta / "snapshots"):
+            if sub.is_symlink() or not sub.is_dir():
+                raise IntegrityError(f"{sub} is missing or not a real directory")
         try:
             raw = (self.meta / "config").read_bytes()
-        except FileNotFoundError:
-            raise NotAVolume(f"{root} is not a volsync volume (run 'volsync init')") from None
         except OSError as exc:
-            raise NotAVolume(f"{root}: cannot read volume: {exc.strerror}") from None
+            raise IntegrityError(f"{root}: cannot read volume config: {exc.strerror}") from None
         cfg = open_sealed(raw, "config", f"{root}: config")
         try:
             self.config = VolumeConfig(cfg["volume_id"], int(cfg["block_size"]), cfg["hash"],
@@ -128,7 +132,7 @@ class Volume:
             remove_temps(self.meta)
             remove_temps(self.meta / "snapshots")
             remove_temps(self.meta / "packs")
-            self.packs.remove_orphans()
+            self.packs.adopt_orphans()
             yield self
             self.packs.flush()
         finally:
@@ -140,7 +144,11 @@ class Volume:
 
     # --- state -------------------------------------------------------------------------------
     def state(self) -> VolumeState:
-        body = open_sealed((self.meta / "state").read_bytes(), "state", f"{self.root}: state")
+        try:
+            raw = (self.meta / "state").read_bytes()
+        except OSError as exc:
+            raise IntegrityError(f"{self.root}: cannot read volume state: {exc.strerror}") from None
+        body = open_sealed(raw, "state", f"{self.root}: state")
         try:
             return VolumeState(
                 mode=body["mode"], upstream=body["upstream"], upstream_id=body["upstream_id"],
@@ -153,6 +161,11 @@ class Volume:
     def commit(self, state: VolumeState) -> None:
         """The one atomic step that changes a volume's lineage, mode or journal."""
         assert state.mode in (READ_WRITE, READ_ONLY)
+        # a preserved snapshot that is (back) in the lineage is no longer preserved, and none
+        # is listed twice (else prune --preserved would drop a lineage snapshot)
+        in_lineage = set(state.lineage)
+        state = state.with_(preserved=tuple(dict.fromkeys(
+            i for i in state.preserved if i not in in_lineage)))
         self.packs.flush()
         atomic_write(self.meta / "state", seal("state", _state_body(state)))
         crashpoint("state-committed")
