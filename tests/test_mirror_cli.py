@@ -741,3 +741,20 @@ def test_preserved_snapshot_back_in_lineage_is_listed_once(pair, tmp_path):
     ok("prune", a, "--preserved")
     assert lineage(a) == lineage(b)
     verify_clean(a)
+
+
+def test_mtime_only_drift_on_mirror_is_not_a_modification(pair):
+    """A mirror whose files were only touched (or a file created and removed again in a
+    subdirectory) shows no changes in status, and transfer agrees: it proceeds (exit 0)."""
+    a, b = pair
+    os.utime(b / "a.txt", ns=(1, 1))
+    (b / "dir" / "scratch").write_text("x")
+    (b / "dir" / "scratch").unlink()
+    assert status(b)["changed_paths"] == []
+    verify_clean(b)
+    write(a, {"a.txt": "next\n"})
+    assert okj("transfer", a, b)["added"] == [2]
+    assert content(b) == content(a)
+    write(b, {"a.txt": "real change\n"})
+    assert status(b)["changed_paths"] == ["a.txt"]
+    refuse(5, "transfer", a, b)

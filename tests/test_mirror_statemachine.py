@@ -142,9 +142,10 @@ class MirrorMachine(RuleBasedStateMachine):
         src_live = content(self.paths[s])
         ms = self.model[s]
         src_snapshots = ms.mode == RW and self.dirty(s) and not no_snapshot
-        dst_live = dst_dirty = None
+        dst_live = dst_dirty = dst_modified = None
         if self.exists(d):
             dst_live, dst_dirty = content(self.paths[d]), self.dirty(d)
+            dst_modified = self.modified(d)
         res = okj(*args)
         if src_snapshots:
             new = Volume.open(self.paths[s]).state().lineage[-1]
@@ -159,9 +160,9 @@ class MirrorMachine(RuleBasedStateMachine):
             src_ids = set(ms.lineage)
             common = max(k for k, x in enumerate(md.lineage) if x in src_ids)
             leaving = md.lineage[common + 1:]
-            assert kind == "resync" or not (leaving or dst_dirty)
+            assert kind == "resync" or not (leaving or dst_modified)
         md.lineage = list(ms.lineage)
-        self.expect_preserved(d, leaving, bool(dst_dirty), dst_live)
+        self.expect_preserved(d, leaving, kind == "resync" and bool(dst_dirty), dst_live)
         md.mode, md.upstream = RO, s
         # DST's live tree now equals SRC's latest snapshot (mtimes too, unless nothing was
         # to be done), and DST verifies clean

@@ -324,3 +324,14 @@ def test_lineage_picture_aligns_columns():
     lines = text.splitlines()
     starts = [len(line) - len(line.split(None, 1)[1]) for line in lines]
     assert len(set(starts)) == 1
+
+
+def test_preserved_numbers_lists_removed_then_live():
+    """The plan's preserved numbers: DST's snapshots leaving the lineage, then its live
+    changes' snapshot number."""
+    s, d_ = lin("1 2 3 4 5 6"), lin("1 2 3 4 5' 6'")
+    lp = plan_lineages(RESYNC, s, d_)
+    p = TransferPlan(RESYNC, lp, tuple(s), tuple(d_), (), 0, 7, False, False)
+    assert p.preserved_numbers == [5, 6, 7] and p.live_changed
+    q = TransferPlan(RESYNC, lp, tuple(s), tuple(d_), (), 0, None, False, False)
+    assert q.preserved_numbers == [5, 6] and not q.live_changed
