@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadArgument, IntegrityError, VolsyncError
-from .model import READ_ONLY, BlockId, Entry, Kind, Snapshot, SnapshotId, VolumeState, digest_of
+from .model import READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState, digest_of
+from .store.codec import open_sealed
+from .store.fsutil import atomic_write
 from .store.trees import EMPTY_TREE_ID
-from .store.volume import DEFAULT_BLOCK, Volume
+from .store.volume import DEFAULT_BLOCK, Volume, snapshot_from_body
 from .tree import (
     Change,
     Materializer,
@@ -323,35 +325,42 @@ def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> 
 
 
 def _tree_problems(volume: Volume, tree_id: BlockId, rel: bytes, bad: set[BlockId],
-                   memo: dict[BlockId, list[str]]) -> list[str]:
+                   memo: dict[BlockId, list[tuple[bytes, str]]]) -> list[str]:
+    """Problems under one tree, each named by its path. The memo holds them relative to the
+    tree, so a subtree shared by several snapshots or paths is walked once yet named at each."""
+    return [f"{os.fsdecode(_join_rel(rel, sub)) or '/'}: {problem}"
+            for sub, problem in _subtree_problems(volume, tree_id, bad, memo)]
+
+
+def _join_rel(rel: bytes, sub: bytes) -> bytes:
+    return rel + b"/" + sub if rel and sub else rel or sub
+
+
+def _subtree_problems(volume: Volume, tree_id: BlockId, bad: set[BlockId],
+                      memo: dict[BlockId, list[tuple[bytes, str]]]) -> list[tuple[bytes, str]]:
     if tree_id in memo:
         return memo[tree_id]
-    shown = os.fsdecode(rel) or "/"
-    problems: list[str] = []
+    problems: list[tuple[bytes, str]] = []
     if tree_id in bad or (tree_id != EMPTY_TREE_ID and not volume.packs.has(tree_id)):
-        memo[tree_id] = [f"{shown}: directory listing missing or corrupt"]
+        memo[tree_id] = [(b"", "directory listing missing or corrupt")]
         return memo[tree_id]
     try:
         entries = volume.tree(tree_id)
     except IntegrityError as exc:
-        memo[tree_id] = [f"{shown}: {exc}"]
+        memo[tree_id] = [(b"", str(exc))]
         return memo[tree_id]
     for entry in entries:
-        problems.extend(_entry_problems(volume, entry, rel, bad, memo))
+        if entry.kind is Kind.DIR:
+            problems.extend((_join_rel(entry.name, sub), problem)
+                            for sub, problem in _subtree_problems(volume, BlockId(entry.ref),
+                                                                  bad, memo))
+        elif entry.kind is Kind.FILE:
+            damaged = [b for b in entry.blocks() if b in bad or not volume.packs.has(b)]
+            if damaged:
+                problems.append((entry.name,
+                                 f"{len(damaged)} block(s) missing or corrupt"))
     memo[tree_id] = problems
     return problems
-
-
-def _entry_problems(volume: Volume, entry: Entry, rel: bytes, bad: set[BlockId],
-                    memo: dict[BlockId, list[str]]) -> list[str]:
-    path = rel + b"/" + entry.name if rel else entry.name
-    if entry.kind is Kind.DIR:
-        return _tree_problems(volume, BlockId(entry.ref), path, bad, memo)
-    if entry.kind is Kind.FILE:
-        damaged = [b for b in entry.blocks() if b in bad or not volume.packs.has(b)]
-        if damaged:
-            return [f"{os.fsdecode(path)}: {len(damaged)} block(s) missing or corrupt"]
-    return []
 
 
 def verify(volume: Volume, repair_from: Volume | None = None, wait: float = 0.0) -> VerifyReport:
@@ -366,6 +375,8 @@ def verify(volume: Volume, repair_from: Volume | None = None, wait: float = 0.0)
 
 def _verify(volume: Volume, report: VerifyReport, repair_from: Volume | None) -> None:
     bad, damaged = check_store(volume, report)
+    if repair_from is not None:
+        repair_records(volume, repair_from, report)
     if repair_from is not None and (damaged or _missing(volume)):
         volume.packs.salvage(damaged)
         repair(volume, repair_from, report)
@@ -412,6 +423,26 @@ def reachable(read_tree, roots, tolerate: bool = False) -> set[BlockId]:
             elif entry.kind is Kind.FILE:
                 seen.update(entry.blocks())
     return seen
+
+
+def repair_records(volume: Volume, other: Volume, report: VerifyReport) -> None:
+    """Replace missing or damaged snapshot records by the other volume's copy of the same
+    record (records are immutable and copied byte for byte, so an intact one is the one)."""
+    state = volume.state()
+    for snap_id in dict.fromkeys(state.lineage + state.preserved):
+        try:
+            volume.snapshot(snap_id)
+            continue
+        except IntegrityError:
+            pass
+        try:
+            raw = (other.meta / "snapshots" / snap_id).read_bytes()
+            snapshot_from_body(open_sealed(raw, "snapshot", f"snapshot {snap_id}"), snap_id)
+        except (OSError, IntegrityError):
+            report.notes.append(f"snapshot record {snap_id}: no good copy in {other.root}")
+            continue
+        atomic_write(volume.meta / "snapshots" / snap_id, raw)
+        report.repaired.append(f"snapshot record {snap_id} copied from {other.root}")
 
 
 def repair(volume: Volume, other: Volume, report: VerifyReport) -> None:

@@ -171,12 +171,14 @@ def resync(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: 
 
 def _sync(kind, src_path, dst_path, no_snapshot, dry_run, wait, progress) -> SyncResult:
     src = Volume.open(src_path)
-    dst_root = Path(dst_path).absolute()
+    dst_root = Path(os.path.abspath(dst_path))
     _refuse_same(src.root, dst_root)
     new = _dst_is_new(dst_root)
     if dry_run:
         dst = None if new else Volume.open(dst_root)
         return _dry_run(kind, src, dst, no_snapshot)
+    if new and not src.state().lineage and (no_snapshot or src.state().mode != READ_WRITE):
+        raise BadArgument(f"{src.root} has no snapshots to send")  # before DST is created
     dst = _create_mirror(dst_root, src) if new and not is_volume(dst_root) else Volume.open(dst_root)
     with _locked_pair(src, dst, wait):
         return _apply_sync(kind, src, dst, no_snapshot, progress)

@@ -456,16 +456,23 @@ class PackStore:
         index = self.index()
         kept = 0
         for name in sorted(damaged):
-            good = []
+            good = {}
             try:
                 for block_id, _, data in self.scan_pack(name):
                     if digest_of(data) == block_id:
-                        good.append((block_id, data))
+                        good[block_id] = data
             except (IntegrityError, OSError):
                 pass  # keep what was readable before the damage
-            for block_id in [i for i, loc in index.items() if loc[0] == name]:
+            listed = [i for i, loc in index.items() if loc[0] == name]
+            for block_id in listed:
+                # the index still finds records whose header (or an earlier record's
+                # length) is damaged: keep each whose data matches its id
+                if block_id not in good:
+                    with suppress(IntegrityError, OSError):
+                        good[block_id] = self.get(block_id, verify=True)
                 del index[block_id]
-            for block_id, data in good:
+            self._close_pack(name)
+            for block_id, data in good.items():
                 index.pop(block_id, None)
                 kept += self.put(block_id, data)
             self.flush()

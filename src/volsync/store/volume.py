@@ -90,7 +90,7 @@ class Volume:
     # --- creation ----------------------------------------------------------------------------
     @classmethod
     def open(cls, path: str | Path) -> Volume:
-        root = Path(path).absolute()
+        root = Path(os.path.abspath(path))
         if not root.is_dir():
             raise NotAVolume(f"{path}: no such directory")
         return cls(root)
@@ -99,7 +99,7 @@ class Volume:
     def create(cls, path: str | Path, block_size: int = DEFAULT_BLOCK,
                state: VolumeState | None = None) -> Volume:
         """Make `path` a volume in place: metadata is built in a temp dir and renamed in."""
-        root = Path(path).absolute()
+        root = Path(os.path.abspath(path))
         check_block_size(block_size)
         root.mkdir(parents=True, exist_ok=True)
         if (root / META).exists():
