@@ -12,7 +12,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -187,9 +187,16 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
         journal = {"op": JOURNAL_MATERIALIZE}
         state = state.with_(lineage=keep, preserved=state.preserved + tuple(preserved),
                             journal=journal)
-        volume.commit(state)
-        bring_live_tree_to(volume, plan.target.root, progress)
-        volume.commit(state.with_(journal=None))
+        try:
+            volume.commit(state)
+            bring_live_tree_to(volume, plan.target.root, progress)
+            volume.commit(state.with_(journal=None))
+        except BaseException:
+            # if the new lineage is on disk, finish the live tree now should the error have
+            # passed (else the journal stays, for the next command to finish)
+            with suppress(Exception):
+                recover(volume)
+            raise
         return plan
 
 

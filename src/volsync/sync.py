@@ -223,13 +223,14 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
         return SyncResult(plan, False, src_snap, None)
     # announce the live-tree step; DST's live changes are kept before it is touched
     kept = (live_snap.id,) if live_snap else ()
-    dst.commit(state.with_(preserved=state.preserved + kept, journal={"op": JOURNAL_MATERIALIZE}))
-    try:
+    try:  # (an error once the journal may be on disk, even in its commit, undoes the step)
+        dst.commit(state.with_(preserved=state.preserved + kept,
+                               journal={"op": JOURNAL_MATERIALIZE}))
         _send_and_materialize(plan, src, dst, live, progress)
+        _commit_dst(plan, src, dst, live_snap)  # a failed commit, too, leaves the old state
     except BaseException:
         _undo(dst)
         raise
-    _commit_dst(plan, src, dst, live_snap)
     return SyncResult(plan, False, src_snap, live_snap)
 
 

@@ -25,7 +25,8 @@ from .store.crash import crashpoint, fault
 from .store.trees import EMPTY_TREE, EMPTY_TREE_ID, decode_tree, encode_tree
 from .store.volume import META, Volume
 
-RACY_NS = 1_000_000_000  # a file written this close to a scan may be "racy" (see is_racy)
+RACY_NS = 50_000_000  # file timestamps lag the clock by at most one tick (<= 10 ms on Linux)
+RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second (or 2 s) timestamps
 READ_ATTEMPTS = 5
 TMP_NAME = b".volsync-tmp-"  # materialize's temp names; never captured, removed on recovery
 META_NAME = META.encode()
@@ -34,14 +35,19 @@ FILE_KEY, DIR_KEY, LINK_KEY = 1, 2, 3
 Progress = Callable[[int], None]
 
 
-def is_racy(st: os.stat_result, racy_after: int) -> bool:
+def is_racy(st: os.stat_result, scan_start: int) -> bool:
     """Can a later write leave this stat unchanged? A write sets mtime and ctime to the same
-    timestamp tick, so a key whose mtime differs from its ctime (a file restored with its
-    recorded mtime, chmod'ed or renamed since) never matches a later write; a key with
-    mtime == ctime could, if that write falls in the same tick as the one recorded, which is
-    only possible for a file written within a timestamp tick (here, generously, 1 s) of the
-    scan. Such a key is not kept, and the file is read again next time (git's "racy" rule)."""
-    return st.st_mtime_ns == st.st_ctime_ns and st.st_mtime_ns >= racy_after
+    timestamp, so a key whose mtime differs from its ctime (a file restored with its recorded
+    mtime, chmod'ed or renamed since) never matches a later write. A key with mtime == ctime
+    could, but only if the file was written within one timestamp tick of the scan's start:
+    a file stamped earlier than that was last written before the scan began, and any later
+    write gets a newer stamp. Linux stamps files from a clock that lags by at most a tick
+    (<= 10 ms); a whole-second stamp suggests a coarse filesystem, given 2 s. A racy key is not
+    kept, and the file is read again next time (git's "racy" rule)."""
+    if st.st_mtime_ns != st.st_ctime_ns:
+        return False
+    window = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
+    return st.st_mtime_ns >= scan_start - window
 
 
 class Objects:
@@ -122,7 +128,7 @@ class Scanner:
         self.warnings: list[str] = []
         self.bytes_read = 0
         self.progress = progress
-        self.racy_after = time.time_ns() - RACY_NS
+        self.scan_start = time.time_ns()
         self.strays: list[bytes] = []
 
     def run(self) -> ScanResult:
@@ -225,7 +231,7 @@ class Scanner:
             return {}
 
     def file_key(self, st: os.stat_result) -> list | None:
-        if is_racy(st, self.racy_after):
+        if is_racy(st, self.scan_start):
             return None
         return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
                 stat.S_IMODE(st.st_mode)]
@@ -318,7 +324,7 @@ class Materializer:
         self.objects = objects
         self.block_size = block_size
         self.cache = cache
-        self.racy_after = time.time_ns() - RACY_NS
+        self.scan_start = time.time_ns()
         self.progress = progress
         self.bytes_written = 0
 
@@ -462,7 +468,7 @@ class Materializer:
         crashpoint("live-entry-written")
 
     def file_key(self, st: os.stat_result, entry: Entry) -> list | None:
-        if is_racy(st, self.racy_after):
+        if is_racy(st, self.scan_start):
             return None
         return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, entry.mode]
 
