@@ -272,7 +272,8 @@ def _send_and_materialize(plan: TransferPlan, src: Volume, dst: Volume,
     """Copy the planned objects into DST's store while a second thread writes DST's live
     tree (as `scanned` found it) from SRC's store; then make both durable."""
     live, dst_objects = scanned
-    objects = Objects(dst, write=False, source=src)
+    sent = frozenset(block_id for block_id, _ in plan.objects)
+    objects = Objects(dst, write=False, source=src, checked_elsewhere=sent)
     objects.overlay = dst_objects.overlay
     writer = Materializer(objects, dst.config.block_size, live.cache)
     target = plan.src_lineage[-1].root
@@ -308,11 +309,12 @@ def _undo(dst: Volume) -> None:
 def _send(plan: TransferPlan, src: Volume, dst: Volume, progress: Progress | None) -> None:
     """Copy the planned objects, each re-hashed on receipt (a bad one stops the run, exit 6),
     then the snapshot records once the objects are durable."""
-    for block_id, _length in plan.objects:
-        n = dst.packs.put_from(src.packs, block_id)
+    def received(length: int) -> None:
         crashpoint("object-received")
         if progress:
-            progress(n)
+            progress(length)
+
+    dst.packs.put_many_from(src.packs, [block_id for block_id, _ in plan.objects], received)
     for snap in plan.lineages.add:
         dst.write_snapshot(snap)  # flushes the packs first: data before metadata
 

@@ -55,12 +55,15 @@ class Objects:
     change nothing), new trees live in memory and file blocks are hashed only. `source`, if
     given, is another volume read first (a transfer writes DST's live tree from SRC's store)."""
 
-    def __init__(self, volume: Volume, write: bool = True, source: Volume | None = None):
+    def __init__(self, volume: Volume, write: bool = True, source: Volume | None = None,
+                 checked_elsewhere: frozenset[BlockId] = frozenset()):
         self.volume = volume
         self.write = write
         self.overlay: dict[BlockId, bytes] = {}
         self.readers = (source.packs, volume.packs) if source else (volume.packs,)
         self.cancelled = False
+        # blocks a concurrent step verifies (a failure there undoes this one): not re-hashed
+        self.checked_elsewhere = checked_elsewhere
 
     def put_tree(self, entries: list[Entry]) -> BlockId:
         data = encode_tree(entries) if entries else EMPTY_TREE
@@ -94,7 +97,8 @@ class Objects:
         """Write a verified block into a file (at `offset`, or at its position)."""
         if self.cancelled:
             raise Cancelled()
-        return self._reader(block_id).copy_to(block_id, fd, offset)
+        verify = block_id not in self.checked_elsewhere
+        return self._reader(block_id).copy_to(block_id, fd, offset, verify)
 
 
 class Cancelled(Exception):

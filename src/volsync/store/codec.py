@@ -18,8 +18,17 @@ def pack(obj: Any) -> bytes:
 
 
 def unpack(data: bytes, what: str) -> Any:
-    """Decode msgpack; unpackb bounds every declared length by the input size."""
+    """Decode msgpack with memory bounded by the input size. unpackb bounds each declared
+    length by the input size, but preallocates every array or map its header announces, so
+    deep nesting of large claims (1,000 levels each claiming len(input) items) would take
+    thousands of times the input. A first pass skips over the whole value without building
+    anything, so only complete input (every announced item present) is decoded."""
     try:
+        checker = msgpack.Unpacker(max_buffer_size=max(len(data), 1))
+        checker.feed(data)
+        checker.skip()
+        if checker.tell() != len(data):
+            raise ValueError("extra data")
         return msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception as exc:  # noqa: BLE001 - msgpack raises several unrelated types
         raise IntegrityError(f"{what}: undecodable ({type(exc).__name__})") from None

@@ -180,6 +180,8 @@ def read_index(path: Path) -> tuple[str, list[tuple[BlockId, int, int]]]:
         name = body["pack"]
     except (KeyError, TypeError, ValueError):
         raise IntegrityError(f"pack index {path.name}: malformed") from None
+    if not isinstance(ids, bytes):
+        raise IntegrityError(f"pack index {path.name}: malformed")
     count = len(ids) // DIGEST_SIZE
     if len(ids) % DIGEST_SIZE or len(offs) != count or len(lens) != count or name != path.stem:
         raise IntegrityError(f"pack index {path.name}: malformed")
@@ -260,11 +262,12 @@ class PackStore:
                 raise IntegrityError(f"block {block_id.hex()} failed its digest check")
         return self._fd(name), off, length
 
-    def copy_to(self, block_id: BlockId, out_fd: int, out_off: int | None = None) -> int:
-        """Write a verified object into a file without copying it through Python."""
-        loc = self.locate(block_id)
+    def copy_to(self, block_id: BlockId, out_fd: int, out_off: int | None = None,
+                verify: bool = True) -> int:
+        """Write a (verified) object into a file without copying it through Python."""
+        loc = self.locate(block_id, verify)
         if loc is None:
-            data = self.get(block_id, verify=True)
+            data = self.get(block_id, verify=verify)
             if out_off is None:
                 write_all(out_fd, data)
             else:
@@ -273,21 +276,63 @@ class PackStore:
         copy_range(*loc[:2], out_fd, out_off, loc[2])
         return loc[2]
 
-    def put_from(self, other: PackStore, block_id: BlockId) -> int:
-        """Receive an object from another store, checked against its id; returns its size."""
-        if self.has(block_id):
-            return 0
-        loc = other.locate(block_id)
+    def put_many_from(self, other: PackStore, ids, on_object=None) -> None:
+        """Receive objects from another store: each is checked against its id (and its
+        record header) through a read-only mapping, then runs of consecutive records are
+        copied by the kernel in one call. `on_object(length)` is called for each once its
+        run is copied."""
+        run: list[tuple[BlockId, int, int]] = []  # (id, offset, length) in one source pack
+        run_pack = None
+        for block_id in ids:  # unique ids
+            if self.has(block_id):
+                continue
+            if block_id not in other.index():  # only in the other's unsealed writer
+                data = other.get(block_id, verify=True)
+                self.put(block_id, data)
+                if on_object:
+                    on_object(len(data))
+                continue
+            name, off, length = self._checked_location(other, block_id)
+            contiguous = run and run_pack == name and off == run[-1][1] + run[-1][2] + RECORD.size
+            if run and not contiguous:
+                self._copy_run(other, run_pack, run, on_object)
+                run = []
+            run_pack = name
+            run.append((block_id, off, length))
+        if run:
+            self._copy_run(other, run_pack, run, on_object)
+
+    @staticmethod
+    def _checked_location(other: PackStore, block_id: BlockId) -> tuple[str, int, int]:
+        loc = other.index().get(block_id)
         if loc is None:
-            data = other.get(block_id, verify=True)
-            self.put(block_id, data)
-            return len(data)
+            raise IntegrityError(f"missing block {block_id.hex()}")
+        name, off, length = loc
+        view = other._view(name)
+        if off < RECORD.size or off + length > len(view):
+            raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
+        if view[off - RECORD.size : off] != RECORD.pack(block_id, length):
+            raise IntegrityError(f"block {block_id.hex()}: record header in pack {name} is corrupt")
+        if digest_of(view[off : off + length]) != block_id:
+            raise IntegrityError(f"block {block_id.hex()} failed its digest check")
+        return loc
+
+    def _copy_run(self, other: PackStore, name: str, run, on_object) -> None:
         if self._writer is None:
             self._writer = PackWriter(self.dir)
-        self._writer.add_copy(block_id, *loc)
-        if self._writer.size >= PACK_TARGET:
+        w = self._writer
+        w.flush()
+        start = run[0][1] - RECORD.size
+        size = run[-1][1] + run[-1][2] - start
+        copy_range(other._fd(name), start, w.fd, w.flushed, size)
+        for block_id, off, length in run:
+            w.entries[block_id] = (w.flushed + off - start, length)
+        w.flushed += size
+        for _, _, length in run:
+            if on_object:
+                on_object(length)
+        if w.size >= PACK_TARGET:
             self.flush()
-        return loc[2]
 
     def _view(self, name: str) -> memoryview:
         mapped = self._maps.get(name)

@@ -78,8 +78,10 @@ class Volume:
         try:
             self.config = VolumeConfig(cfg["volume_id"], int(cfg["block_size"]), cfg["hash"],
                                        float(cfg["created"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise IntegrityError(f"{root}: config is malformed") from None
+        if not isinstance(self.config.volume_id, str) or isinstance(cfg["block_size"], bool):
+            raise IntegrityError(f"{root}: config is malformed")
         if self.config.hash != HASH_NAME:
             raise IntegrityError(f"{root}: unsupported hash {self.config.hash!r}")
         check_block_size(self.config.block_size)
@@ -150,13 +152,20 @@ class Volume:
             raise IntegrityError(f"{self.root}: cannot read volume state: {exc.strerror}") from None
         body = open_sealed(raw, "state", f"{self.root}: state")
         try:
-            return VolumeState(
+            state = VolumeState(
                 mode=body["mode"], upstream=body["upstream"], upstream_id=body["upstream_id"],
                 lineage=tuple(body["lineage"]), preserved=tuple(body["preserved"]),
                 journal=body["journal"], extra=body.get("extra") or {},
             )
-        except (KeyError, TypeError):
+        except (KeyError, TypeError, AttributeError):
             raise IntegrityError(f"{self.root}: state is malformed") from None
+        if not (state.mode in (READ_WRITE, READ_ONLY)
+                and all(v is None or isinstance(v, str) for v in (state.upstream, state.upstream_id))
+                and all(map(valid_snapshot_id, state.lineage + state.preserved))
+                and (state.journal is None or isinstance(state.journal, dict))
+                and isinstance(state.extra, dict)):
+            raise IntegrityError(f"{self.root}: state is malformed")
+        return state
 
     def commit(self, state: VolumeState) -> None:
         """The one atomic step that changes a volume's lineage, mode or journal."""
@@ -224,9 +233,16 @@ class Volume:
     # --- stat cache (advisory: a lost or bad one only costs re-reading files) ---------------
     def load_statcache(self) -> dict:
         try:
-            return open_sealed((self.meta / "statcache").read_bytes(), "statcache", "statcache")
+            cache = open_sealed((self.meta / "statcache").read_bytes(), "statcache", "statcache")
         except (OSError, IntegrityError):
             return {}
+        # anything but the documented shape is no cache: {dir: [tree id, size, files, keys]}
+        if not isinstance(cache, dict) or not all(
+                isinstance(rel, bytes) and isinstance(v, list) and len(v) == 4
+                and isinstance(v[0], bytes) and len(v[0]) == 16 and type(v[1]) is int
+                and type(v[2]) is int and isinstance(v[3], dict) for rel, v in cache.items()):
+            return {}
+        return cache
 
     def save_statcache(self, cache: dict) -> None:
         atomic_write(self.meta / "statcache", seal("statcache", cache), sync_dir=False)
@@ -247,6 +263,12 @@ def snapshot_body(snap: Snapshot) -> dict:
     }
 
 
+def valid_snapshot_id(snap_id: object) -> bool:
+    """32 lowercase hex characters (ids name files under snapshots/)."""
+    return (isinstance(snap_id, str) and len(snap_id) == 32
+            and all(c in "0123456789abcdef" for c in snap_id))
+
+
 def snapshot_from_body(body: dict, snap_id: str) -> Snapshot:
     try:
         snap = Snapshot(
@@ -254,8 +276,10 @@ def snapshot_from_body(body: dict, snap_id: str) -> Snapshot:
             label=body["label"], root=BlockId(body["root"]), size=int(body["size"]),
             files=int(body["files"]), origin=body["origin"],
         )
-    except (KeyError, TypeError, ValueError):
+    except (KeyError, TypeError, ValueError, OverflowError):
         raise IntegrityError(f"snapshot {snap_id}: malformed record") from None
     if snap.id != snap_id or not isinstance(snap.root, bytes) or len(snap.root) != 16:
         raise IntegrityError(f"snapshot {snap_id}: record does not match its name")
+    if not (isinstance(snap.label, str | None) and isinstance(snap.origin, str)):
+        raise IntegrityError(f"snapshot {snap_id}: malformed record")
     return snap
