@@ -19,7 +19,7 @@ from pathlib import Path
 from .errors import BadArgument, IntegrityError, VolsyncError
 from .model import READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState, digest_of
 from .store.codec import open_sealed
-from .store.fsutil import atomic_write
+from .store.fsutil import atomic_write, read_nofollow
 from .store.trees import EMPTY_TREE_ID
 from .store.volume import DEFAULT_BLOCK, Volume, snapshot_from_body
 from .tree import (
@@ -176,6 +176,9 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
         plan = plan_revert(volume, snap_name)
         if dry_run:
             return plan
+        # every tree of the target is read (and validated) before anything changes: a bad
+        # manifest must be refused now, not after the journal names it as the one to reach
+        check_readable(volume, plan.target.root)
         state = volume.state()
         preserved = [s.id for s in plan.preserve]
         if plan.live_changed:
@@ -198,6 +201,15 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
                 recover(volume)
             raise
         return plan
+
+
+def check_readable(volume: Volume, root: BlockId) -> None:
+    """Every tree under root decodes (names and fields validated) and every block is stored;
+    else an IntegrityError naming the first problem."""
+    for object_id in reachable(lambda t: volume.tree(t), [root]):
+        if object_id != EMPTY_TREE_ID and not volume.packs.has(object_id):
+            raise IntegrityError(f"snapshot tree {root.hex()[:12]}: object "
+                                 f"{object_id.hex()} is missing")
 
 
 def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None = None
@@ -443,7 +455,7 @@ def repair_records(volume: Volume, other: Volume, report: VerifyReport) -> None:
         except IntegrityError:
             pass
         try:
-            raw = (other.meta / "snapshots" / snap_id).read_bytes()
+            raw = read_nofollow(other.meta / "snapshots" / snap_id)
             snapshot_from_body(open_sealed(raw, "snapshot", f"snapshot {snap_id}"), snap_id)
         except (OSError, IntegrityError):
             report.notes.append(f"snapshot record {snap_id}: no good copy in {other.root}")

@@ -79,6 +79,10 @@ class Objects:
             return []
         return decode_tree(self.raw(tree_id), tree_id)
 
+    def has(self, object_id: BlockId) -> bool:
+        return (object_id == EMPTY_TREE_ID or object_id in self.overlay
+                or any(packs.has(object_id) for packs in self.readers))
+
     def raw(self, tree_id: BlockId) -> bytes:
         data = self.overlay.get(tree_id)
         return data if data is not None else self._reader(tree_id).get(tree_id)
@@ -178,7 +182,9 @@ class Scanner:
                 self.warnings.append(f"skipped special file {os.fsdecode(_join(rel, name))}")
                 continue
             stats.append((name, st))
-        if cached and cached[3] == keys and None not in keys.values():
+        # a cached tree the store lost (a repair that found no good copy) is no proof: build
+        if (cached and cached[3] == keys and None not in keys.values()
+                and self.objects.has(BlockId(cached[0]))):
             self.new[rel] = cached
             return BlockId(cached[0]), cached[1], cached[2]
         return self.build_dir(rel, dfd, stats, keys, sub, cached)
@@ -255,6 +261,9 @@ class Scanner:
                     return None, None
                 ids, length = self.hash_blocks(fd)
                 after = os.fstat(fd)
+            except SourceReadError as exc:  # say which file could not be read
+                path = os.path.join(os.fsencode(self.volume.root), _join(rel, name))
+                raise OSError(exc.errno, exc.strerror, os.fsdecode(path)) from None
             finally:
                 os.close(fd)
             same = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
@@ -272,7 +281,10 @@ class Scanner:
         length = 0
         size = self.block_size
         while True:
-            data = _read_block(fd, size)
+            try:
+                data = _read_block(fd, size)
+            except OSError as exc:
+                raise SourceReadError(exc.errno, exc.strerror) from None
             if not data:
                 break
             block_id = digest_of(data)
@@ -285,6 +297,10 @@ class Scanner:
                 break
         self.bytes_read += length
         return ids, length
+
+
+class SourceReadError(OSError):
+    """Reading a live-tree file failed (as opposed to writing the store)."""
 
 
 def _read_block(fd: int, size: int) -> bytes:

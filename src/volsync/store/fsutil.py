@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from .crash import crashpoint, fault
@@ -37,6 +39,18 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
     while view:
         n = os.pwrite(fd, view, offset)
         view, offset = view[n:], offset + n
+
+
+def read_nofollow(path: Path) -> bytes:
+    """A metadata file's bytes, never through a symlink (ELOOP) and only from a regular file."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        with os.fdopen(os.dup(fd), "rb") as f:
+            return f.read()
+    finally:
+        os.close(fd)
 
 
 def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import time
 from pathlib import Path
 
-from ..errors import VolumeLocked
+from ..errors import IntegrityError, VolumeLocked
 
 
 class VolumeLock:
@@ -19,7 +20,12 @@ class VolumeLock:
         self.fd: int | None = None
 
     def acquire(self, wait: float = 0.0) -> None:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise IntegrityError(f"{self.path} is a symlink, not a lock file") from None
         deadline = time.monotonic() + wait
         while True:
             try:
@@ -30,23 +36,27 @@ class VolumeLock:
                     os.close(fd)
                     raise VolumeLocked(self.volume, holder_pid(self.path)) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        # the pid overwrites the last holder's and the file is never emptied (not on release
+        # either): a command refused at any moment finds a pid to name, this holder's or
+        # that of the one it just followed
+        pid = f"{os.getpid()}\n".encode()
+        os.pwrite(fd, pid, 0)
+        os.ftruncate(fd, len(pid))
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
-            os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None
 
 
 def holder_pid(path: Path) -> int | None:
     try:
-        text = path.read_text().strip()
+        words = path.read_text().split()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    # the first line is the pid (a longer previous one may trail it for a moment)
+    return int(words[0]) if words and words[0].isdigit() else None
 
 
 def current_holder(path: Path) -> int | None:

@@ -23,7 +23,7 @@ from ..errors import IntegrityError
 from ..model import DIGEST_SIZE, BlockId, digest_of
 from .codec import open_sealed, seal
 from .crash import crashpoint, fault
-from .fsutil import atomic_write, fsync, pwrite_all, write_all
+from .fsutil import atomic_write, fsync, pwrite_all, read_nofollow, write_all
 
 PACK_HEADER = b"VSPACK\x00\x01"
 RECORD = struct.Struct("<16sI")
@@ -172,7 +172,7 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int | None, leng
 
 def read_index(path: Path) -> tuple[str, list[tuple[BlockId, int, int]]]:
     """Decode one pack index, refusing any that fails its checksum or shape."""
-    body = open_sealed(path.read_bytes(), "index", f"pack index {path.name}")
+    body = open_sealed(read_nofollow(path), "index", f"pack index {path.name}")
     try:
         ids, offs, lens = body["ids"], array("Q"), array("I")
         offs.frombytes(body["offsets"])
@@ -428,6 +428,13 @@ class PackStore:
         for name in list(self._fds):
             self._close_pack(name)
 
+    def __del__(self) -> None:
+        # pack fds are raw descriptors: a store dropped without close() (a command run
+        # in-process, a library caller) must not leak them
+        with suppress(Exception):
+            for name in list(self._fds):
+                self._close_pack(name)
+
     def _close_pack(self, name: str) -> None:
         mapped = self._maps.pop(name, None)
         if mapped is not None:
@@ -443,7 +450,8 @@ class PackStore:
 
     def scan_pack(self, name: str) -> Iterator[tuple[BlockId, int, bytes]]:
         """Every record of a pack as written, for verify (id, offset, data)."""
-        with open(self.dir / f"{name}.pack", "rb") as f:
+        fd = os.open(self.dir / f"{name}.pack", os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as f:
             if f.read(len(PACK_HEADER)) != PACK_HEADER:
                 raise IntegrityError(f"pack {name}: bad header")
             while head := f.read(RECORD.size):

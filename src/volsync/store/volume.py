@@ -25,7 +25,7 @@ from ..model import (
 )
 from .codec import open_sealed, seal
 from .crash import crashpoint
-from .fsutil import atomic_write, fsync_dir, remove_temps
+from .fsutil import atomic_write, fsync_dir, read_nofollow, remove_temps
 from .lock import VolumeLock, current_holder
 from .packs import PackStore
 from .trees import EMPTY_TREE, EMPTY_TREE_ID, decode_tree, encode_tree
@@ -71,7 +71,7 @@ class Volume:
             if sub.is_symlink() or not sub.is_dir():
                 raise IntegrityError(f"{sub} is missing or not a real directory")
         try:
-            raw = (self.meta / "config").read_bytes()
+            raw = read_nofollow(self.meta / "config")
         except OSError as exc:
             raise IntegrityError(f"{root}: cannot read volume config: {exc.strerror}") from None
         cfg = open_sealed(raw, "config", f"{root}: config")
@@ -84,7 +84,10 @@ class Volume:
             raise IntegrityError(f"{root}: config is malformed")
         if self.config.hash != HASH_NAME:
             raise IntegrityError(f"{root}: unsupported hash {self.config.hash!r}")
-        check_block_size(self.config.block_size)
+        try:
+            check_block_size(self.config.block_size)
+        except BadArgument as exc:
+            raise IntegrityError(f"{root}: config: {exc}") from None
         self.packs = PackStore(self.meta / "packs")
         self._lock = VolumeLock(self.meta / "lock", str(root))
         self._snapshots: dict[SnapshotId, Snapshot] = {}
@@ -147,7 +150,7 @@ class Volume:
     # --- state -------------------------------------------------------------------------------
     def state(self) -> VolumeState:
         try:
-            raw = (self.meta / "state").read_bytes()
+            raw = read_nofollow(self.meta / "state")
         except OSError as exc:
             raise IntegrityError(f"{self.root}: cannot read volume state: {exc.strerror}") from None
         body = open_sealed(raw, "state", f"{self.root}: state")
@@ -185,9 +188,12 @@ class Volume:
         if snap is None:
             path = self.meta / "snapshots" / snap_id
             try:
-                raw = path.read_bytes()
+                raw = read_nofollow(path)
             except FileNotFoundError:
                 raise IntegrityError(f"{self.root}: snapshot record {snap_id} is missing") from None
+            except OSError as exc:
+                raise IntegrityError(f"{self.root}: snapshot record {snap_id} is unreadable: "
+                                     f"{exc.strerror}") from None
             body = open_sealed(raw, "snapshot", f"snapshot {snap_id}")
             snap = snapshot_from_body(body, snap_id)
             self._snapshots[snap_id] = snap
@@ -233,7 +239,7 @@ class Volume:
     # --- stat cache (advisory: a lost or bad one only costs re-reading files) ---------------
     def load_statcache(self) -> dict:
         try:
-            cache = open_sealed((self.meta / "statcache").read_bytes(), "statcache", "statcache")
+            cache = open_sealed(read_nofollow(self.meta / "statcache"), "statcache", "statcache")
         except (OSError, IntegrityError):
             return {}
         # anything but the documented shape is no cache: {dir: [tree id, size, files, keys]}
