@@ -371,7 +371,17 @@ class PackStore:
         if not w.entries:
             w.abandon()
             return
-        entries = w.seal()
+        try:
+            entries = w.seal()
+        except BaseException:
+            # not indexed, so not committed: drop it as `discard` would have (on a full disk
+            # this frees the space the run's undo needs); an index already renamed in keeps it
+            if w.path.with_suffix(".idx").exists():
+                with suppress(OSError):
+                    os.close(w.fd)
+            else:
+                w.abandon()
+            raise
         index = self.index()
         for block_id, (off, length) in entries.items():
             index[block_id] = (w.name, off, length)

@@ -3,6 +3,7 @@ the state (mode, upstream, lineage, preserved, journal), snapshot records and pa
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 import shutil
@@ -73,7 +74,7 @@ class Volume:
         try:
             raw = read_nofollow(self.meta / "config")
         except OSError as exc:
-            raise IntegrityError(f"{root}: cannot read volume config: {exc.strerror}") from None
+            raise _damage_or_io(exc, f"{root}: cannot read volume config") from None
         cfg = open_sealed(raw, "config", f"{root}: config")
         try:
             self.config = VolumeConfig(cfg["volume_id"], int(cfg["block_size"]), cfg["hash"],
@@ -152,7 +153,7 @@ class Volume:
         try:
             raw = read_nofollow(self.meta / "state")
         except OSError as exc:
-            raise IntegrityError(f"{self.root}: cannot read volume state: {exc.strerror}") from None
+            raise _damage_or_io(exc, f"{self.root}: cannot read volume state") from None
         body = open_sealed(raw, "state", f"{self.root}: state")
         try:
             state = VolumeState(
@@ -192,8 +193,8 @@ class Volume:
             except FileNotFoundError:
                 raise IntegrityError(f"{self.root}: snapshot record {snap_id} is missing") from None
             except OSError as exc:
-                raise IntegrityError(f"{self.root}: snapshot record {snap_id} is unreadable: "
-                                     f"{exc.strerror}") from None
+                raise _damage_or_io(exc, f"{self.root}: snapshot record {snap_id} is unreadable"
+                                    ) from None
             body = open_sealed(raw, "snapshot", f"snapshot {snap_id}")
             snap = snapshot_from_body(body, snap_id)
             self._snapshots[snap_id] = snap
@@ -252,6 +253,14 @@ class Volume:
 
     def save_statcache(self, cache: dict) -> None:
         atomic_write(self.meta / "statcache", seal("statcache", cache), sync_dir=False)
+
+
+def _damage_or_io(exc: OSError, what: str) -> Exception:
+    """A metadata file that is missing, a symlink or not a regular file is damage (exit 6);
+    any other failure to read it (EIO, EMFILE, ...) is an I/O error (exit 1)."""
+    if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENOTDIR):
+        return IntegrityError(f"{what}: {exc.strerror}")
+    return OSError(exc.errno, f"{what}: {exc.strerror}")
 
 
 def _state_body(state: VolumeState) -> dict:
