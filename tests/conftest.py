@@ -3,70 +3,26 @@ build / read back / compare directory trees described as plain dicts."""
 
 from __future__ import annotations
 
-import json
 import os
 import stat
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-
-from volsync import cli
+from helpers import Result, sub, vs
 
 META = b".volsync"
-
-
-@dataclass
-class Result:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> dict:
-        return json.loads(self.out)
-
-    def __repr__(self) -> str:  # shown by pytest when an assert fails
-        return f"Result(code={self.code}, out={self.out!r}, err={self.err!r})"
-
-
-def _exit_code(exc: SystemExit) -> int:
-    if exc.code is None:
-        return 0
-    return exc.code if isinstance(exc.code, int) else 1
 
 
 @pytest.fixture
 def run(capsys):
     """Call `volsync.cli.main(args)` in-process, as the installed script does, and return
     its exit code and captured stdout/stderr."""
-
-    def _run(*args) -> Result:
-        capsys.readouterr()
-        try:
-            cli.main([os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = _exit_code(exc)
-        out, err = capsys.readouterr()
-        return Result(code, out, err)
-
-    return _run
+    return lambda *args: vs(*args, capsys=capsys)
 
 
 def run_subprocess(*args, env: dict | None = None, timeout: float = 60) -> Result:
     """Run the real program (`python -m volsync`) in a child process."""
-    full_env = dict(os.environ)
-    full_env.pop("VOLSYNC_CRASH_AT", None)
-    full_env.update(env or {})
-    proc = subprocess.run(
-        [sys.executable, "-m", "volsync", *[os.fsdecode(a) if isinstance(a, bytes) else str(a)
-                                            for a in args]],
-        check=False, capture_output=True, text=True, errors="surrogateescape", env=full_env, timeout=timeout,
-    )
-    return Result(proc.returncode, proc.stdout, proc.stderr)
+    return sub(*args, env_extra=env, timeout=timeout)
 
 
 @pytest.fixture

@@ -10,9 +10,7 @@ afterwards, every snapshot restores exactly) and says what it could not repair (
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import random
@@ -23,8 +21,8 @@ from pathlib import Path
 
 import pytest
 from conftest import age_tree, read_tree, spec_to_flat, write_tree
+from helpers import ok, vs
 
-from volsync.cli import main
 from volsync.model import Kind
 from volsync.store.packs import PACK_HEADER, RECORD
 from volsync.store.trees import EMPTY_TREE_ID
@@ -40,37 +38,6 @@ def rnd(n: int, seed: int) -> bytes:
 
 
 # --- running the CLI in-process ---------------------------------------------------------------
-
-@dataclass
-class Res:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> dict:
-        return json.loads(self.out)
-
-
-def vs(*args) -> Res:
-    """volsync ARGS in-process; any exception other than SystemExit (a traceback) propagates
-    and fails the test."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    assert "Traceback" not in err.getvalue()
-    return Res(code, out.getvalue(), err.getvalue())
-
-
-def ok(*args) -> Res:
-    r = vs(*args)
-    assert r.code == 0, (args, r)
-    return r
-
 
 # --- the template: SRC with snapshots 1-4, MIR a mirror holding 1-3 ---------------------------
 

@@ -11,23 +11,23 @@ disk (a small tmpfs)."""
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import hashlib
-import io
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import helpers
 import pytest
+from helpers import Result as Res
+from helpers import ok, opened, vs
 
-from volsync import cli, ops
+from volsync import ops
 from volsync import tree as vtree
 from volsync.store import fsutil
 from volsync.store import packs as vpacks
@@ -40,53 +40,10 @@ OPS = ("write", "fsync", "read")
 
 # --- running volsync ----------------------------------------------------------------------------
 
-@dataclass
-class Res:
-    code: int
-    out: str
-    err: str
-
-
-@contextlib.contextmanager
-def opened(path: Path):
-    """A volume opened in-process, its pack files closed afterwards (a Volume keeps one fd
-    and map per pack it reads; many checks in one process would run out of descriptors)."""
-    vol = Volume.open(path)
-    try:
-        yield vol
-    finally:
-        vol.packs.close()
-
-
-def vs(*args) -> Res:
-    """In-process run (main thread only: stdout/stderr are redirected)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Res(code, out.getvalue(), err.getvalue())
-
-
-def ok(*args) -> Res:
-    r = vs(*args)
-    assert r.code == 0, (args, r)
-    return r
-
-
 def sub(*args, fault: str | None = None, cwd: Path | None = None, timeout: float = 60) -> Res:
     """The real program in a child process, optionally with VOLSYNC_FAULT set."""
-    env = dict(os.environ)
-    for key in ("VOLSYNC_CRASH_AT", "VOLSYNC_CRASH_TRACE", "VOLSYNC_FAULT"):
-        env.pop(key, None)
-    if fault:
-        env["VOLSYNC_FAULT"] = fault
-    p = subprocess.run([sys.executable, "-m", "volsync", *map(str, args)], capture_output=True,
-                       text=True, errors="surrogateescape", env=env, cwd=cwd, timeout=timeout,
-                       check=False)
-    return Res(p.returncode, p.stdout, p.stderr)
+    return helpers.sub(*args, env_extra={"VOLSYNC_FAULT": fault} if fault else None, cwd=cwd,
+                       timeout=timeout)
 
 
 def write_files(root: Path, files: dict[str, bytes | str | None]) -> None:

@@ -5,53 +5,19 @@ clear exit code (6 for a bad manifest), never a traceback."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
-import json
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import msgpack
 import pytest
 from conftest import age_tree, read_tree, write_tree
+from helpers import ok, vs
 
-from volsync.cli import main
 from volsync.model import Snapshot, digest_of
 from volsync.ops import new_snapshot_id
 from volsync.store.volume import Volume
-
-
-@dataclass
-class Res:
-    code: int
-    out: str
-    err: str
-
-    @property
-    def json(self) -> dict:
-        return json.loads(self.out)
-
-
-def vs(*args) -> Res:
-    """volsync ARGS in-process; an uncaught exception (a traceback) fails the test."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main([os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    assert "Traceback" not in err.getvalue()
-    return Res(code, out.getvalue(), err.getvalue())
-
-
-def ok(*args) -> Res:
-    r = vs(*args)
-    assert r.code == 0, (args, r)
-    return r
 
 
 def outside_view(base: Path, skip: set[str]) -> dict:

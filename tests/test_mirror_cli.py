@@ -9,7 +9,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from mirror_helpers import (
+from helpers import (
     content,
     fingerprint,
     lineage,

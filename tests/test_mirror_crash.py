@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from mirror_helpers import content, make_volume, ok, snap, sub, vs, write
+from helpers import content, make_volume, ok, snap, sub, vs, write
 
 from volsync.store.volume import Volume, is_volume
 

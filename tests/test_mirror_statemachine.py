@@ -9,11 +9,11 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from helpers import content as _content
+from helpers import fingerprint, make_volume, okj, vs
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
-from mirror_helpers import content as _content
-from mirror_helpers import fingerprint, make_volume, okj, vs
 
 from volsync.store.volume import Volume, is_volume
 

@@ -7,9 +7,7 @@ while another process keeps rewriting files holds only whole versions of them.""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import itertools
 import os
 import random
@@ -19,10 +17,12 @@ import sys
 import textwrap
 import time
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from volsync import cli, ops
+from helpers import clean_env as _env
+from helpers import ok, opened
+
+from volsync import ops
 from volsync import tree as vtree
 from volsync.store.volume import Volume
 
@@ -64,49 +64,6 @@ WRAPPER = textwrap.dedent("""
     sys.argv[0] = "volsync"
     main()
 """)
-
-
-@dataclass
-class Res:
-    code: int
-    out: str
-    err: str
-
-
-@contextlib.contextmanager
-def opened(path: Path):
-    """A volume opened in-process, its pack files closed afterwards (a Volume keeps one fd
-    and map per pack it reads; many checks in one process would run out of descriptors)."""
-    vol = Volume.open(path)
-    try:
-        yield vol
-    finally:
-        vol.packs.close()
-
-
-def vs(*args) -> Res:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            cli.main([str(a) for a in args])
-            code = 0
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return Res(code, out.getvalue(), err.getvalue())
-
-
-def ok(*args) -> Res:
-    r = vs(*args)
-    assert r.code == 0, (args, r)
-    return r
-
-
-def _env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    for key in ("VOLSYNC_CRASH_AT", "VOLSYNC_CRASH_TRACE", "VOLSYNC_FAULT"):
-        env.pop(key, None)
-    env.update(extra or {})
-    return env
 
 
 def write_files(root: Path, files: dict[str, bytes | str]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 
-from mirror_helpers import content, make_volume, ok, okj, status, sub, verify_clean, write
+from helpers import content, make_volume, ok, okj, status, sub, verify_clean, write
 
 CRASHED = 137
 

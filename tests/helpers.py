@@ -1,5 +1,6 @@
-"""Helpers for the mirroring tests: run the CLI in-process or as a subprocess, build volumes,
-and read a directory's content (the live tree without `.volsync/`) as a comparable value."""
+"""Shared test helpers: run the CLI in-process or as a subprocess, open a volume for a check,
+build volumes, and read a directory's content (the live tree without `.volsync/`) as a
+comparable value."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import stat
 import subprocess
 import sys
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from volsync.cli import main
+from volsync.store.volume import Volume
 
 META = ".volsync"
 
@@ -29,6 +30,13 @@ class Result:
     def json(self) -> dict:
         return json.loads(self.out)
 
+    def __repr__(self) -> str:  # shown by pytest when an assert fails
+        return f"Result(code={self.code}, out={self.out!r}, err={self.err!r})"
+
+
+def argv_of(args) -> list[str]:
+    return [os.fsdecode(a) if isinstance(a, bytes) else str(a) for a in args]
+
 
 def _code(exc: SystemExit) -> int:
     c = exc.code
@@ -38,7 +46,7 @@ def _code(exc: SystemExit) -> int:
 def vs(*args, capsys=None) -> Result:
     """Run `volsync ARGS` in-process (volsync.cli.main raises SystemExit with the exit code).
     With `capsys`, output is captured through pytest's fixture, else through StringIO."""
-    argv = [str(a) for a in args]
+    argv = argv_of(args)
     if capsys is not None:
         capsys.readouterr()
         try:
@@ -70,17 +78,32 @@ def okj(*args, capsys=None) -> dict:
     return ok(*args, "--json", capsys=capsys).json
 
 
-def sub(*args, env_extra: dict | None = None, cwd=None, timeout: float = 60) -> Result:
-    """Run `volsync ARGS` as a real subprocess."""
+def clean_env(extra: dict | None = None) -> dict:
+    """This process's environment without the test-only switches, plus `extra`."""
     env = dict(os.environ)
-    env.pop("VOLSYNC_CRASH_AT", None)
-    env.update(env_extra or {})
-    found = shutil.which("volsync")
-    exe = [found] if found else [sys.executable, "-c", "from volsync.cli import main; main()"]
-    p = subprocess.run(exe + [str(a) for a in args], capture_output=True, text=True, env=env,
-                       check=False,
-                       cwd=cwd, timeout=timeout)
+    for key in ("VOLSYNC_CRASH_AT", "VOLSYNC_CRASH_TRACE", "VOLSYNC_FAULT"):
+        env.pop(key, None)
+    env.update(extra or {})
+    return env
+
+
+def sub(*args, env_extra: dict | None = None, cwd=None, timeout: float = 60) -> Result:
+    """Run `volsync ARGS` as a real subprocess (`python -m volsync` of this interpreter)."""
+    p = subprocess.run([sys.executable, "-m", "volsync", *argv_of(args)], capture_output=True,
+                       text=True, errors="surrogateescape", env=clean_env(env_extra),
+                       check=False, cwd=cwd, timeout=timeout)
     return Result(p.returncode, p.stdout, p.stderr)
+
+
+@contextlib.contextmanager
+def opened(path: Path):
+    """A volume opened in-process, its pack files closed afterwards (a Volume keeps one fd
+    and map per pack it reads; many checks in one process would run out of descriptors)."""
+    vol = Volume.open(path)
+    try:
+        yield vol
+    finally:
+        vol.packs.close()
 
 
 # --- directory content -----------------------------------------------------------------------
