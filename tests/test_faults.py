@@ -25,6 +25,7 @@ from pathlib import Path
 import helpers
 import pytest
 from helpers import Result as Res
+from helpers import content as live
 from helpers import ok, opened, vs
 
 from volsync import ops
@@ -64,25 +65,6 @@ def age(root: Path, when: int) -> None:
             dirnames.remove(META)
         for name in filenames + dirnames:
             os.utime(os.path.join(dirpath, name), (when, when), follow_symlinks=False)
-
-
-def live(root: Path) -> dict[str, tuple]:
-    """The live tree (without .volsync) as {path: value}."""
-    out: dict[str, tuple] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        if rel_dir == ".":
-            dirnames[:] = [d for d in dirnames if d != META]
-        for name in sorted(dirnames + filenames):
-            p = os.path.join(dirpath, name)
-            rel = os.path.normpath(os.path.join(rel_dir, name))
-            if os.path.islink(p):
-                out[rel] = ("l", os.readlink(p))
-            elif os.path.isdir(p):
-                out[rel] = ("d", os.stat(p).st_mode & 0o7777)
-            else:
-                out[rel] = ("f", Path(p).read_bytes(), os.stat(p).st_mode & 0o7777)
-    return out
 
 
 def signature(root: Path) -> dict:
