@@ -322,16 +322,14 @@ def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool, src_snapsho
     return "\n".join(lines)
 
 
-def _mirror_command(fn_name: str):
-    def run(src: str, dst: str, no_snapshot: bool, dry_run: bool, wait: float, out: Output):
-        engine = getattr(sync, fn_name)
-        result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
-                        progress=out.progress(fn_name))
-        snap = result.src_snapshot
-        out.emit(plan_json(result.plan, dry_run, snap),
-                 lambda: plan_text(result.plan, src, dst, dry_run, snap))
-
-    return run
+def _run_mirror(engine, src: str, dst: str, no_snapshot: bool, dry_run: bool, wait: float,
+                out: Output) -> None:
+    """transfer and resync: one engine call, then its plan as JSON or text."""
+    result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
+                    progress=out.progress(engine.__name__))
+    snap = result.src_snapshot
+    out.emit(plan_json(result.plan, dry_run, snap),
+             lambda: plan_text(result.plan, src, dst, dry_run, snap))
 
 
 def mirror_options(fn):
@@ -353,7 +351,7 @@ def transfer(src, dst, no_snapshot, dry_run, wait, out) -> None:
     Creates DST as a mirror if it does not exist or is an empty directory. Refuses (exit 5)
     when DST is read-write, was written to, or has snapshots SRC lacks; exit 4 when they share
     no snapshot. Example: volsync transfer /srv/data /backup/data"""
-    _mirror_command("transfer")(src, dst, no_snapshot, dry_run, wait, out)
+    _run_mirror(sync.transfer, src, dst, no_snapshot, dry_run, wait, out)
 
 
 @cli.command()
@@ -364,7 +362,7 @@ def resync(src, dst, no_snapshot, dry_run, wait, out) -> None:
     DST reverts to the newest common snapshot; its later snapshots and live changes become
     preserved snapshots; SRC's newer snapshots are sent. After 'volsync break B', 'volsync
     resync B A' carries B's writes back to A (reverse resync)."""
-    _mirror_command("resync")(src, dst, no_snapshot, dry_run, wait, out)
+    _run_mirror(sync.resync, src, dst, no_snapshot, dry_run, wait, out)
 
 
 @cli.command(name="break")

@@ -207,9 +207,6 @@ class Volume:
         crashpoint("snapshot-record-written")
         self._snapshots[snap.id] = snap
 
-    def has_snapshot_record(self, snap_id: SnapshotId) -> bool:
-        return (self.meta / "snapshots" / snap_id).is_file()
-
     def remove_snapshot_records(self, keep: set[SnapshotId]) -> int:
         removed = 0
         for path in (self.meta / "snapshots").iterdir():
