@@ -483,34 +483,10 @@ def repair(volume: Volume, other: Volume, report: VerifyReport) -> None:
 
 
 def _missing(volume: Volume) -> set[BlockId]:
-    state = volume.state()
-    missing: set[BlockId] = set()
-    seen: set[BlockId] = set()
-    todo = []
-    for snap_id in state.lineage + state.preserved:
-        try:
-            todo.append(volume.snapshot(snap_id).root)
-        except IntegrityError:
-            continue
-    while todo:
-        tree_id = todo.pop()
-        if tree_id in seen or tree_id == EMPTY_TREE_ID:
-            continue
-        seen.add(tree_id)
-        if not volume.packs.has(tree_id):
-            missing.add(tree_id)
-            continue
-        try:
-            entries = volume.tree(tree_id)
-        except IntegrityError:
-            missing.add(tree_id)
-            continue
-        for entry in entries:
-            if entry.kind is Kind.DIR:
-                todo.append(BlockId(entry.ref))
-            elif entry.kind is Kind.FILE:
-                missing.update(b for b in entry.blocks() if not volume.packs.has(b))
-    return missing
+    """Objects the snapshots refer to that the store lacks (an unreadable tree hides what is
+    under it until it is fetched: repair calls this again after each round)."""
+    has = volume.packs.has
+    return {b for b in needed_blocks(volume) if b != EMPTY_TREE_ID and not has(b)}
 
 
 # --- prune --------------------------------------------------------------------------------------

@@ -50,6 +50,14 @@ def is_racy(st: os.stat_result, scan_start: int) -> bool:
     return st.st_mtime_ns >= scan_start - window
 
 
+def file_key(st: os.stat_result, scan_start: int) -> list | None:
+    """The stat cache's key for a regular file, or None when it cannot be trusted (racy)."""
+    if is_racy(st, scan_start):
+        return None
+    return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
+            stat.S_IMODE(st.st_mode)]
+
+
 class Objects:
     """Trees and blocks for a scan or a materialize. With `write` False (a check that must
     change nothing), new trees live in memory and file blocks are hashed only. `source`, if
@@ -175,7 +183,7 @@ class Scanner:
                 sub[name] = self.scan_subdir(_join(rel, name), dfd, name)
                 keys[name] = [DIR_KEY, stat.S_IMODE(mode), st.st_mtime_ns, sub[name][0]]
             elif stat.S_ISREG(mode):
-                keys[name] = self.file_key(st)
+                keys[name] = file_key(st, self.scan_start)
             elif stat.S_ISLNK(mode):
                 keys[name] = [LINK_KEY, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
             else:
@@ -240,12 +248,6 @@ class Scanner:
         except VolsyncError:
             return {}
 
-    def file_key(self, st: os.stat_result) -> list | None:
-        if is_racy(st, self.scan_start):
-            return None
-        return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino,
-                stat.S_IMODE(st.st_mode)]
-
     def read_file(self, rel: bytes, dfd: int, name: bytes) -> tuple[Entry | None, list | None]:
         """Hash (and store) a file's blocks; a file that changes while read is read again."""
         for _ in range(READ_ATTEMPTS):
@@ -271,7 +273,7 @@ class Scanner:
             if same and length == before.st_size:
                 entry = Entry(name, Kind.FILE, stat.S_IMODE(before.st_mode), before.st_mtime_ns,
                               length, b"".join(ids))
-                return entry, self.file_key(before)
+                return entry, file_key(before, self.scan_start)
         shown = _join(rel, name).decode(errors="replace")
         raise VolsyncError(f"{shown}: file kept changing while being read; try again later")
 
@@ -471,7 +473,7 @@ class Materializer:
             _remove(dfd, entry.name)
         os.rename(tmp, entry.name, src_dir_fd=dfd, dst_dir_fd=dfd)
         # the key is taken after the rename, which changes ctime on some filesystems
-        return self.file_key(os.stat(entry.name, dir_fd=dfd, follow_symlinks=False), entry)
+        return file_key(os.stat(entry.name, dir_fd=dfd, follow_symlinks=False), self.scan_start)
 
     def finish_file(self, fd: int, entry: Entry) -> list | None:
         try:
@@ -479,7 +481,7 @@ class Materializer:
             st = os.fstat(fd)
         finally:
             os.close(fd)
-        return self.file_key(st, entry)
+        return file_key(st, self.scan_start)
 
     @staticmethod
     def set_metadata(fd: int, entry: Entry) -> None:
@@ -487,10 +489,6 @@ class Materializer:
         os.utime(fd, ns=(entry.mtime_ns, entry.mtime_ns))
         crashpoint("live-entry-written")
 
-    def file_key(self, st: os.stat_result, entry: Entry) -> list | None:
-        if is_racy(st, self.scan_start):
-            return None
-        return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, entry.mode]
 
     def count(self, n: int) -> None:
         self.bytes_written += n
