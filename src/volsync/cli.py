@@ -16,7 +16,9 @@ from . import __version__, ops, sync
 from .errors import BadArgument, Diverged, VolsyncError
 from .plan import TransferPlan, lineage_picture
 from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
+from .model import DEFAULT_HASH, HASHES
 from .store.volume import DEFAULT_BLOCK, Volume
+from .tree import NotRestored
 
 EXIT_CODES = """\b
 Exit codes:
@@ -113,16 +115,20 @@ def cli() -> None:
 @click.argument("directory", type=click.Path(file_okay=False))
 @click.option("--block-size", default=None, metavar="SIZE",
               help="Block size, a power of two from 4K to 4M (default 64K).")
+@click.option("--hash", "hash_name", type=click.Choice(sorted(HASHES)), default=DEFAULT_HASH,
+              show_default=True,
+              help="How blocks are named: blake3 (safe against crafted blocks) or xxh3-128 "
+                   "(faster, for trusted data only). Volumes that share snapshots use one.")
 @common_options
-def init(directory: str, block_size: str | None, out: Output) -> None:
+def init(directory: str, block_size: str | None, hash_name: str, out: Output) -> None:
     """Make DIRECTORY a read-write volume in place, keeping its files.
 
     Example: volsync init /srv/data"""
     size = parse_size(block_size) if block_size else DEFAULT_BLOCK
-    vol = ops.init_volume(directory, size)
+    vol = ops.init_volume(directory, size, hash_name)
     out.emit({"path": str(vol.root), "block_size": size, "mode": "read-write",
-              "volume_id": vol.config.volume_id},
-             f"initialized volume {vol.root} (block size {human_bytes(size)})")
+              "volume_id": vol.config.volume_id, "hash": hash_name},
+             f"initialized volume {vol.root} (block size {human_bytes(size)}, {hash_name})")
 
 
 @cli.command()
@@ -218,14 +224,15 @@ def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
 def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> None:
     """Set the live tree and lineage back to SNAP. Later snapshots and unsnapshotted live
     changes become preserved snapshots; nothing is destroyed."""
-    plan = ops.revert(Volume.open(volume), snap, wait, dry_run, out.progress("revert"))
+    plan, skipped = ops.revert(Volume.open(volume), snap, wait, dry_run, out.progress("revert"))
     preserved = [s.number for s in plan.preserve]
     data = {"reverted_to": snap_ref(plan.target), "preserved": preserved,
-            "live_changes_preserved": plan.live_changed, "dry_run": dry_run}
+            "live_changes_preserved": plan.live_changed, "dry_run": dry_run,
+            "not_restored": skipped.as_dict()}
     verb = "would revert" if dry_run else "reverted"
     extra = " + live changes" if plan.live_changed else ""
     kept = f"; preserved: {' '.join(map(str, preserved)) or '-'}{extra}"
-    out.emit(data, f"{verb} to snapshot {plan.target.number}{kept}")
+    out.emit(data, f"{verb} to snapshot {plan.target.number}{kept}{not_restored_text(skipped)}")
 
 
 @cli.command()
@@ -235,9 +242,11 @@ def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> N
 @common_options
 def restore(volume: str, snap: str, directory: str, out: Output) -> None:
     """Write the content of any snapshot (lineage or preserved) to a new directory."""
-    s = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"))
-    out.emit({"snapshot": snap_ref(s), "path": os.path.abspath(directory)},
-             f"restored snapshot {s.number} ({s.id[:12]}) to {directory}")
+    s, skipped = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"))
+    out.emit({"snapshot": snap_ref(s), "path": os.path.abspath(directory),
+              "not_restored": skipped.as_dict()},
+             f"restored snapshot {s.number} ({s.id[:12]}) to {directory}"
+             f"{not_restored_text(skipped)}")
 
 
 @cli.command()
@@ -287,6 +296,14 @@ def prune(volume: str, keep_last: int | None, preserved: bool, dry_run: bool, wa
 
 # --- mirroring ----------------------------------------------------------------------------------
 
+def not_restored_text(skipped: NotRestored) -> str:
+    """What the process may not restore (not an error, as for cp -a), if anything."""
+    if not skipped.total:
+        return ""
+    parts = [f"{n} {what}" for what, n in skipped.as_dict().items() if n]
+    return f"\nnot restored (this process may not): {', '.join(parts)}"
+
+
 def plan_json(plan: TransferPlan, dry_run: bool, src_snapshot=None) -> dict:
     common = plan.lineages.common
     return {
@@ -328,8 +345,10 @@ def _run_mirror(engine, src: str, dst: str, no_snapshot: bool, dry_run: bool, wa
     result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
                     progress=out.progress(engine.__name__))
     snap = result.src_snapshot
-    out.emit(plan_json(result.plan, dry_run, snap),
-             lambda: plan_text(result.plan, src, dst, dry_run, snap))
+    data = plan_json(result.plan, dry_run, snap) | {
+        "not_restored": result.not_restored.as_dict()}
+    out.emit(data, lambda: plan_text(result.plan, src, dst, dry_run, snap)
+             + not_restored_text(result.not_restored))
 
 
 def mirror_options(fn):

@@ -46,3 +46,9 @@ class Diverged(VolsyncError):
 
 class IntegrityError(VolsyncError):
     code = 6
+
+
+class FormatTooOld(VolsyncError):
+    """A volume of an older format: only `volsync upgrade` opens it."""
+
+    code = 1

@@ -17,20 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadArgument, IntegrityError, VolsyncError
-from .model import READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState, digest_of
+from .model import DEFAULT_HASH, READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState
+from .store.blocklist import block_ids
 from .store.codec import open_sealed
-from .store.fsutil import atomic_write, read_nofollow
-from .store.trees import EMPTY_TREE_ID
+from .store.fsutil import atomic_write, fsync_dir, read_nofollow
 from .store.volume import DEFAULT_BLOCK, Volume, snapshot_from_body
+from .store.walk import objects_under
 from .tree import (
     Change,
     Materializer,
+    NotRestored,
     Objects,
     Progress,
     ScanResult,
     diff_trees,
-    materialize,
-    remove_strays,
+    live_differs,
     scan,
 )
 
@@ -59,22 +60,34 @@ def recover(volume: Volume) -> None:
 
 
 def latest_root(volume: Volume, state: VolumeState) -> BlockId:
-    return volume.snapshot(state.lineage[-1]).root if state.lineage else EMPTY_TREE_ID
+    return volume.snapshot(state.lineage[-1]).root if state.lineage else volume.empty_tree
 
 
-def bring_live_tree_to(volume: Volume, target: BlockId, progress: Progress | None = None) -> int:
-    """Rewrite the live tree to `target`, touching only what differs; returns bytes written."""
-    live, objects = scan(volume, write=False)
-    remove_strays(bytes(volume.root), live.strays)
-    m = Materializer(objects, volume.config.block_size, live.cache, progress)
-    cache = m.run(bytes(volume.root), live.root, target)
+def write_live_tree(volume: Volume, objects: Objects, live: ScanResult, target: BlockId,
+                    progress: Progress | None = None) -> Materializer:
+    """Bring the live tree (as `live` found it) to `target`, writing only what differs, with
+    temp files in .volsync/tmp/; the stat cache is saved for what was written."""
+    tmp_fd = os.open(volume.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        m = Materializer(objects, volume.fmt, live.cache, tmp_fd, progress)
+        cache = m.run(bytes(volume.root), live.root, target)
+    finally:
+        os.close(tmp_fd)
     volume.packs.flush()
     volume.save_statcache(cache)
-    return m.bytes_written
+    return m
 
 
-def init_volume(path: str, block_size: int = DEFAULT_BLOCK) -> Volume:
-    return Volume.create(path, block_size)
+def bring_live_tree_to(volume: Volume, target: BlockId, progress: Progress | None = None
+                       ) -> Materializer:
+    """Rewrite the live tree to `target`, touching only what differs."""
+    live, objects = scan(volume, write=False)
+    return write_live_tree(volume, objects, live, target, progress)
+
+
+def init_volume(path: str, block_size: int = DEFAULT_BLOCK, hash_name: str = DEFAULT_HASH
+                ) -> Volume:
+    return Volume.create(path, block_size, hash_name=hash_name)
 
 
 # --- resolving names ----------------------------------------------------------------------------
@@ -143,11 +156,16 @@ def take_snapshot(volume: Volume, label: str | None = None, wait: float = 0.0,
         return snap, warnings
 
 
-def live_changes(volume: Volume, state: VolumeState | None = None) -> tuple[list[Change], BlockId]:
-    """What differs between the latest snapshot and the live tree (hashing, storing nothing)."""
+def live_changes(volume: Volume, state: VolumeState | None = None, trust_cache: bool = True
+                 ) -> tuple[list[Change], BlockId]:
+    """What differs between the latest snapshot and the live tree (hashing, storing nothing).
+    A mirror's live tree is compared as this process could have written it."""
     state = state or volume.state()
-    result, objects = scan(volume, write=False)
-    return list(diff_trees(objects, latest_root(volume, state), result.root)), result.root
+    result, objects = scan(volume, write=False, trust_cache=trust_cache)
+    latest = latest_root(volume, state)
+    if state.mode == READ_ONLY:
+        return live_differs(objects, latest, result.root), result.root
+    return list(diff_trees(objects, latest, result.root)), result.root
 
 
 # --- revert and restore -------------------------------------------------------------------------
@@ -171,11 +189,11 @@ def plan_revert(volume: Volume, snap_name: str) -> RevertPlan:
 
 
 def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = False,
-           progress: Progress | None = None) -> RevertPlan:
+           progress: Progress | None = None) -> tuple[RevertPlan, NotRestored]:
     with writing(volume, wait):
         plan = plan_revert(volume, snap_name)
         if dry_run:
-            return plan
+            return plan, NotRestored()
         # every tree of the target is read (and validated) before anything changes: a bad
         # manifest must be refused now, not after the journal names it as the one to reach
         check_readable(volume, plan.target.root)
@@ -192,7 +210,7 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
                             journal=journal)
         try:
             volume.commit(state)
-            bring_live_tree_to(volume, plan.target.root, progress)
+            written = bring_live_tree_to(volume, plan.target.root, progress)
             volume.commit(state.with_(journal=None))
         except BaseException:
             # if the new lineage is on disk, finish the live tree now should the error have
@@ -200,39 +218,60 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
             with suppress(Exception):
                 recover(volume)
             raise
-        return plan
+        return plan, written.skipped
 
 
 def check_readable(volume: Volume, root: BlockId) -> None:
-    """Every tree under root decodes (names and fields validated) and every block is stored;
-    else an IntegrityError naming the first problem."""
-    for object_id in reachable(lambda t: volume.tree(t), [root]):
-        if object_id != EMPTY_TREE_ID and not volume.packs.has(object_id):
+    """Every tree and block list under root decodes (names and fields validated) and every
+    block is stored; else an IntegrityError naming the first problem."""
+    for object_id, _, _ in objects_under([root], volume.fmt, volume.packs.get):
+        if not volume.packs.has(object_id):
             raise IntegrityError(f"snapshot tree {root.hex()[:12]}: object "
                                  f"{object_id.hex()} is missing")
 
 
+RESTORE_MARK = ".volsync-restore"  # inside restore's temp directory: proof that it is ours
+
+
 def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None = None
-            ) -> Snapshot:
-    """Write a snapshot's content to a new directory, atomically renamed into place."""
+            ) -> tuple[Snapshot, NotRestored]:
+    """Write a snapshot's content to a new directory: built in a temp directory beside it,
+    made durable, renamed into place, and the rename made durable."""
     snap = resolve(volume, snap_name)
     target = Path(dest).absolute()
     if target.is_symlink() or (target.exists() and (not target.is_dir() or any(target.iterdir()))):
         raise BadArgument(f"{dest} exists and is not an empty directory")
     if not target.parent.is_dir():
         raise BadArgument(f"{target.parent}: no such directory")
+    check_readable(volume, snap.root)
+    _remove_restore_leftovers(target)
     tmp = target.with_name(f".{target.name}.volsync-restore-{secrets.token_hex(4)}")
     tmp.mkdir(0o700)
     try:
-        materialize(Objects(volume, write=False), bytes(tmp), None, snap.root, {},
-                    volume.config.block_size, progress)
+        (tmp / RESTORE_MARK).touch()
+        fsync_dir(tmp)
+        fsync_dir(tmp.parent)
+        m = Materializer(Objects(volume, write=False), volume.fmt, {}, None, progress)
+        m.run(bytes(tmp), None, snap.root)  # durable when it returns
+        os.unlink(tmp / RESTORE_MARK)
+        fsync_dir(tmp)
         if target.exists():
             target.rmdir()
         os.rename(tmp, target)
+        fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return snap
+    return snap, m.skipped
+
+
+def _remove_restore_leftovers(target: Path) -> None:
+    """Temp directories of an interrupted restore to the same place (each holds its mark)."""
+    prefix = f".{target.name}.volsync-restore-"
+    for p in target.parent.iterdir():
+        if (p.name.startswith(prefix) and len(p.name) == len(prefix) + 8 and not p.is_symlink()
+                and p.is_dir() and (p / RESTORE_MARK).is_file()):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 # --- diff and status ----------------------------------------------------------------------------
@@ -302,6 +341,7 @@ def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set
     bad: set[BlockId] = set()
     damaged: set[str] = set()
     packs = volume.packs
+    digest = volume.fmt.algo.digest
     index = packs.index()  # loading it is what finds the unreadable indexes
     for name, problem in packs.bad_indexes:
         report.errors.append(f"pack index {name}: {problem}")
@@ -311,7 +351,7 @@ def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set
         try:
             for block_id, off, data in packs.scan_pack(name):
                 report.blocks_checked += 1
-                if digest_of(data) != block_id:
+                if digest(data) != block_id:
                     bad.add(block_id)
                     damaged.add(name)
                     report.errors.append(f"pack {name}: block {block_id.hex()} is corrupt")
@@ -331,7 +371,7 @@ def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set
 def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> None:
     """Walk every snapshot (lineage and preserved) and name each damaged path."""
     state = volume.state()
-    memo: dict[BlockId, list[str]] = {}
+    memo: dict[BlockId, list[tuple[bytes, str]]] = {}
     for snap_id in state.lineage + state.preserved:
         try:
             snap = volume.snapshot(snap_id)
@@ -339,16 +379,8 @@ def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> 
             report.errors.append(f"snapshot {snap_id[:12]}: {exc}")
             continue
         where = f"snapshot {snap.number} ({snap.id[:12]})"
-        for problem in _tree_problems(volume, snap.root, b"", bad, memo):
-            report.errors.append(f"{where}: {problem}")
-
-
-def _tree_problems(volume: Volume, tree_id: BlockId, rel: bytes, bad: set[BlockId],
-                   memo: dict[BlockId, list[tuple[bytes, str]]]) -> list[str]:
-    """Problems under one tree, each named by its path. The memo holds them relative to the
-    tree, so a subtree shared by several snapshots or paths is walked once yet named at each."""
-    return [f"{os.fsdecode(_join_rel(rel, sub)) or '/'}: {problem}"
-            for sub, problem in _subtree_problems(volume, tree_id, bad, memo)]
+        for sub, problem in _subtree_problems(volume, snap.root, bad, memo):
+            report.errors.append(f"{where}: {os.fsdecode(sub) or '/'}: {problem}")
 
 
 def _join_rel(rel: bytes, sub: bytes) -> bytes:
@@ -357,14 +389,17 @@ def _join_rel(rel: bytes, sub: bytes) -> bytes:
 
 def _subtree_problems(volume: Volume, tree_id: BlockId, bad: set[BlockId],
                       memo: dict[BlockId, list[tuple[bytes, str]]]) -> list[tuple[bytes, str]]:
+    """Problems under one tree, each named by its path relative to the tree. The memo holds
+    them per tree, so a subtree shared by several snapshots or paths is walked once yet named
+    at each."""
     if tree_id in memo:
         return memo[tree_id]
     problems: list[tuple[bytes, str]] = []
-    if tree_id in bad or (tree_id != EMPTY_TREE_ID and not volume.packs.has(tree_id)):
+    if tree_id in bad or (tree_id != volume.empty_tree and not volume.packs.has(tree_id)):
         memo[tree_id] = [(b"", "directory listing missing or corrupt")]
         return memo[tree_id]
     try:
-        entries = volume.tree(tree_id)
+        entries = volume.tree(tree_id).entries
     except IntegrityError as exc:
         memo[tree_id] = [(b"", str(exc))]
         return memo[tree_id]
@@ -374,21 +409,33 @@ def _subtree_problems(volume: Volume, tree_id: BlockId, bad: set[BlockId],
                             for sub, problem in _subtree_problems(volume, BlockId(entry.ref),
                                                                   bad, memo))
         elif entry.kind is Kind.FILE:
-            damaged = [b for b in entry.blocks() if b in bad or not volume.packs.has(b)]
-            if damaged:
-                problems.append((entry.name,
-                                 f"{len(damaged)} block(s) missing or corrupt"))
+            problem = _file_problem(volume, entry, bad)
+            if problem:
+                problems.append((entry.name, problem))
     memo[tree_id] = problems
     return problems
 
 
+def _file_problem(volume: Volume, entry, bad: set[BlockId]) -> str | None:
+    hole = volume.fmt.algo.hole
+    try:
+        damaged = [b for b in block_ids(entry.ref, entry.size, volume.fmt, volume.packs.get)
+                   if b != hole and (b in bad or not volume.packs.has(b))]
+    except IntegrityError as exc:
+        return f"block list missing or corrupt ({exc})"
+    return f"{len(damaged)} block(s) missing or corrupt" if damaged else None
+
+
 def verify(volume: Volume, repair_from: Volume | None = None, wait: float = 0.0) -> VerifyReport:
+    """Check under a shared lock (a writer never commits in the middle of a verify), or under
+    the exclusive one when something is to be repaired or finished."""
     report = VerifyReport()
     if repair_from is not None or volume.state().journal:
         with writing(volume, wait):
             _verify(volume, report, repair_from)
     else:
-        _verify(volume, report, None)
+        with volume.shared(wait):
+            _verify(volume, report, None)
     return report
 
 
@@ -404,7 +451,8 @@ def _verify(volume: Volume, report: VerifyReport, repair_from: Volume | None) ->
     check_snapshots(volume, bad, report)
     state = volume.state()
     if state.mode == READ_ONLY and state.lineage and not report.errors:
-        changes, _ = live_changes(volume, state)
+        # every live file is read again: damage that left its inode unchanged shows too
+        changes, _ = live_changes(volume, state, trust_cache=False)
         for change in changes:
             report.errors.append(f"live tree: {change.path} {change.status} since the latest "
                                  "snapshot of this mirror")
@@ -419,29 +467,16 @@ def needed_blocks(volume: Volume) -> set[BlockId]:
             roots.append(volume.snapshot(snap_id).root)
         except IntegrityError:
             continue
-    return reachable(lambda t: volume.tree(t), roots, tolerate=True)
+    return reachable(volume, roots)
 
 
-def reachable(read_tree, roots, tolerate: bool = False) -> set[BlockId]:
-    seen: set[BlockId] = set()
-    todo = [r for r in roots if r != EMPTY_TREE_ID]
-    while todo:
-        tree_id = todo.pop()
-        if tree_id in seen:
-            continue
-        seen.add(tree_id)
-        try:
-            entries = read_tree(tree_id)
-        except IntegrityError:
-            if tolerate:
-                continue
-            raise
-        for entry in entries:
-            if entry.kind is Kind.DIR:
-                todo.append(BlockId(entry.ref))
-            elif entry.kind is Kind.FILE:
-                seen.update(entry.blocks())
-    return seen
+def reachable(volume: Volume, roots: list[BlockId]) -> set[BlockId]:
+    """The ids of every object under the roots, an unreadable tree or list included (what
+    is below it is unknown until it is repaired)."""
+    unreadable: set[BlockId] = set()
+    found = {object_id for object_id, _, _ in objects_under(
+        roots, volume.fmt, volume.packs.get, on_error=lambda oid, _exc: unreadable.add(oid))}
+    return found | unreadable
 
 
 def repair_records(volume: Volume, other: Volume, report: VerifyReport) -> None:
@@ -456,7 +491,8 @@ def repair_records(volume: Volume, other: Volume, report: VerifyReport) -> None:
             pass
         try:
             raw = read_nofollow(other.meta / "snapshots" / snap_id)
-            snapshot_from_body(open_sealed(raw, "snapshot", f"snapshot {snap_id}"), snap_id)
+            snapshot_from_body(open_sealed(raw, "snapshot", f"snapshot {snap_id}"), snap_id,
+                               volume.fmt.algo.size)
         except (OSError, IntegrityError):
             report.notes.append(f"snapshot record {snap_id}: no good copy in {other.root}")
             continue
@@ -486,7 +522,7 @@ def _missing(volume: Volume) -> set[BlockId]:
     """Objects the snapshots refer to that the store lacks (an unreadable tree hides what is
     under it until it is fetched: repair calls this again after each round)."""
     has = volume.packs.has
-    return {b for b in needed_blocks(volume) if b != EMPTY_TREE_ID and not has(b)}
+    return {b for b in needed_blocks(volume) if not has(b)}
 
 
 # --- prune --------------------------------------------------------------------------------------
@@ -526,6 +562,7 @@ def prune(volume: Volume, keep_last: int | None, preserved: bool, wait: float = 
                             preserved=tuple(i for i in state.preserved if i not in gone))
         volume.commit(state)
         volume.remove_snapshot_records(set(state.lineage + state.preserved))
+        fsync_dir(volume.meta / "snapshots")
         live = needed_blocks(volume) | cached_trees(volume)
         freed, freed_bytes = volume.packs.repack(live)
         return PruneResult(plan, freed, freed_bytes)
@@ -534,5 +571,4 @@ def prune(volume: Volume, keep_last: int | None, preserved: bool, wait: float = 
 def cached_trees(volume: Volume) -> set[BlockId]:
     """Trees the stat cache may hand back without reading, kept alive with their blocks."""
     roots = [BlockId(v[0]) for v in volume.load_statcache().values()]
-    roots = [r for r in roots if volume.packs.has(r)]
-    return reachable(lambda t: volume.tree(t), roots, tolerate=True)
+    return reachable(volume, [r for r in roots if volume.packs.has(r)])

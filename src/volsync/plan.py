@@ -8,8 +8,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import Diverged, NoCommonSnapshot
-from .model import BlockId, Kind, Snapshot, newest_common
-from .store.trees import EMPTY_TREE_ID, decode_tree
+from .model import BlockId, Format, Snapshot, newest_common
+from .store.walk import BLOCK, objects_under
 
 TRANSFER, RESYNC = "transfer", "resync"
 
@@ -69,41 +69,18 @@ def _nums(snaps) -> str:
     return " ".join(str(s.number) for s in snaps)
 
 
-def missing_objects(read_tree: Callable[[BlockId], bytes], dst_has: Callable[[BlockId], bool],
-                    roots: list[BlockId], block_size: int) -> tuple[list[tuple[BlockId, int]], int]:
-    """Objects under `roots` that DST lacks, each once, children before the tree naming them.
-    A tree DST already has is skipped whole: its subtree is complete there (stores commit a
-    tree only after everything under it). Returns (objects, count of file blocks)."""
+def missing_objects(read: Callable[[BlockId], bytes], dst_has: Callable[[BlockId], bool],
+                    roots: list[BlockId], fmt: Format) -> tuple[list[tuple[BlockId, int]], int]:
+    """Objects under `roots` that DST lacks, each once, children before the tree or list
+    naming them. A tree or list DST already has is skipped whole: its subtree is complete
+    there (stores commit an object only after everything under it). Returns (objects, count
+    of file blocks)."""
     out: list[tuple[BlockId, int]] = []
-    planned: set[BlockId] = set()
     blocks = 0
-    for root in roots:
-        stack: list[tuple[BlockId, bytes | None]] = [(root, None)]
-        while stack:
-            tree_id, data = stack.pop()
-            if data is not None:  # second visit: children are planned, now the tree itself
-                out.append((tree_id, len(data)))
-                continue
-            if tree_id in planned or tree_id == EMPTY_TREE_ID or dst_has(tree_id):
-                continue
-            planned.add(tree_id)
-            data = read_tree(tree_id)
-            stack.append((tree_id, data))
-            for entry in decode_tree(data, tree_id):
-                if entry.kind is Kind.DIR:
-                    stack.append((BlockId(entry.ref), None))
-                elif entry.kind is Kind.FILE:
-                    for block_id, length in _block_lengths(entry.blocks(), entry.size, block_size):
-                        if block_id not in planned and not dst_has(block_id):
-                            planned.add(block_id)
-                            out.append((block_id, length))
-                            blocks += 1
+    for object_id, length, kind in objects_under(roots, fmt, read, skip=dst_has):
+        out.append((object_id, length))
+        blocks += kind == BLOCK
     return out, blocks
-
-
-def _block_lengths(ids: list[BlockId], size: int, block_size: int):
-    for i, block_id in enumerate(ids):
-        yield block_id, min(block_size, size - i * block_size)
 
 
 def lineage_picture(plan: TransferPlan, src_name: str, dst_name: str) -> str:

@@ -16,7 +16,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadArgument, Diverged, NoCommonSnapshot
@@ -33,9 +33,8 @@ from .ops import (
 from .plan import RESYNC, TRANSFER, TransferPlan, missing_objects, plan_lineages
 from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
-from .store.trees import EMPTY_TREE_ID
 from .store.volume import META, Volume, is_create_leftover, is_volume
-from .tree import Materializer, Objects, Progress, ScanResult, diff_trees, scan
+from .tree import Materializer, NotRestored, Objects, Progress, ScanResult, live_differs, scan
 
 JOURNAL_ROLE_SWAP = "role-swap"
 
@@ -46,6 +45,7 @@ class SyncResult:
     dry_run: bool
     src_snapshot: Snapshot | None  # taken by this run (or, dry run, the one it would take)
     live_preserved: Snapshot | None  # DST's live changes kept as a preserved snapshot
+    not_restored: NotRestored = field(default_factory=NotRestored)  # what DST could not get
 
 
 # --- opening DST ----------------------------------------------------------------------------
@@ -58,7 +58,8 @@ def _dst_is_new(path: Path) -> bool:
         raise BadArgument(f"{path} exists and is not a directory")
     if is_volume(path):
         return False
-    if any(not is_create_leftover(p.name) for p in path.iterdir()):
+    leftover = is_create_leftover(path)
+    if any(p.name != META or not leftover for p in path.iterdir()):
         raise NoCommonSnapshot(f"{path} is not empty and not a volume: no common snapshot")
     return True
 
@@ -66,13 +67,28 @@ def _dst_is_new(path: Path) -> bool:
 def _create_mirror(path: Path, src: Volume) -> Volume:
     state = VolumeState(mode=READ_ONLY, upstream=str(src.root),
                         upstream_id=src.config.volume_id)
-    return Volume.create(path, src.config.block_size, state)
+    return Volume.create(path, src.config.block_size, state, hash_name=src.config.hash)
 
 
 def _refuse_same(a: Path, b: Path) -> None:
-    """One volume named twice (also through a symlink or '..'): a bad argument, not a lock."""
+    """One volume named twice (also through a symlink or '..'), or one inside the other (a
+    mirror inside its source would capture itself, one level deeper each run)."""
     if a == b or (a.exists() and b.exists() and os.path.samefile(a, b)):
         raise BadArgument("SRC and DST are the same volume")
+    ra, rb = _real(a), _real(b)
+    if rb.startswith(ra + os.sep) or ra.startswith(rb + os.sep):
+        inner, outer = (b, a) if rb.startswith(ra + os.sep) else (a, b)
+        raise BadArgument(f"{inner} is inside {outer}: a volume and its mirror cannot nest")
+
+
+def _real(path: Path) -> str:
+    """The real path of `path`, or of its nearest existing parent plus the rest."""
+    rest: list[str] = []
+    p = path
+    while not p.exists() and p != p.parent:
+        rest.insert(0, p.name)
+        p = p.parent
+    return os.path.join(os.path.realpath(p), *rest)
 
 
 @contextmanager
@@ -105,12 +121,15 @@ def build_plan(kind: str, src: Volume, dst: Volume | None, *, src_objects: Objec
     if not src_lineage:
         raise BadArgument(f"{src.root} has no snapshots to send")
     dst_lineage = dst.lineage() if dst else []
+    if dst is not None and dst.config.hash != src.config.hash:
+        raise BadArgument(f"SRC names blocks by {src.config.hash} and DST by {dst.config.hash}: "
+                          "volumes that share snapshots must use the same hash")
     if dst is not None and dst.config.block_size != src.config.block_size:
         raise BadArgument("SRC and DST have different block sizes")
     lineages = plan_lineages(kind, src_lineage, dst_lineage)
     has = dst.packs.has if dst else (lambda _id: False)
     objects, blocks = missing_objects(src_objects.raw, has, [s.root for s in lineages.add],
-                                      src.config.block_size)
+                                      src.fmt)
     return TransferPlan(kind, lineages, tuple(src_lineage), tuple(dst_lineage), tuple(objects),
                         blocks, live_number, extra_src is not None, baseline)
 
@@ -121,14 +140,20 @@ def _virtual_snapshot(src: Volume, result: ScanResult) -> Snapshot:
                     result.size, result.files, src.config.volume_id)
 
 
-def _refuse_unrelated_files(dst: Volume, live: ScanResult) -> None:
-    """A DST with no snapshots is filled from SRC only if its live tree is empty."""
-    if live.root != EMPTY_TREE_ID:
+def _refuse_unrelated_files(dst: Volume, live: ScanResult, objects: Objects,
+                            src: Volume | None = None) -> None:
+    """A DST with no snapshots is filled from SRC only if its live tree is empty, or if it is
+    a mirror of SRC whose baseline was interrupted (its files are volsync's own)."""
+    state = dst.state()
+    if (src is not None and state.mode == READ_ONLY and not state.lineage
+            and state.upstream_id == src.config.volume_id):
+        return
+    if objects.tree(live.root).entries:
         raise NoCommonSnapshot(f"{dst.root} is not empty and shares no snapshot with SRC")
 
 
-def _check_transfer_dst(src_lineage: list[Snapshot], dst: Volume, pending: bool = False
-                        ) -> tuple[ScanResult, Objects] | None:
+def _check_transfer_dst(src: Volume, src_lineage: list[Snapshot], dst: Volume,
+                        pending: bool = False) -> tuple[ScanResult, Objects] | None:
     """Transfer's refusals, before anything changes, in the contract's order: no common
     snapshot with a non-empty DST (exit 4) first; then a read-write DST, a written-to DST
     or one with snapshots SRC lacks (exit 5). Returns the scan of DST's live tree. With
@@ -145,13 +170,13 @@ def _check_transfer_dst(src_lineage: list[Snapshot], dst: Volume, pending: bool 
         return None
     result, objects = scan(dst, write=False)
     if not dst_lineage:
-        _refuse_unrelated_files(dst, result)
+        _refuse_unrelated_files(dst, result, objects, src)
     if state.mode == READ_WRITE:
         raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
                        "diverged, use resync")
     latest = latest_root(dst, state)
-    # as status and verify see it: content, modes, links; an mtime alone is no modification
-    if result.root != latest and any(diff_trees(objects, latest, result.root)):
+    # as status and verify see it: content and every piece of metadata, mtimes included
+    if live_differs(objects, latest, result.root):
         raise Diverged(f"{dst.root}: live tree was modified since its latest snapshot; "
                        "diverged, use resync")
     return result, objects
@@ -190,12 +215,12 @@ def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> S
     live_number = None
     pending = dst is not None and bool(dst.state().journal)
     if dst is not None and kind == TRANSFER:
-        _check_transfer_dst(src.lineage() + ([extra] if extra else []), dst, pending)
+        _check_transfer_dst(src, src.lineage() + ([extra] if extra else []), dst, pending)
     elif dst is not None and not pending:
-        live, _ = scan(dst, write=False)
+        live, live_objects = scan(dst, write=False)
         lineage = dst.lineage()
         if not lineage:
-            _refuse_unrelated_files(dst, live)
+            _refuse_unrelated_files(dst, live, live_objects, src)
         elif live.root != lineage[-1].root:
             live_number = lineage[-1].number + 1
     plan = build_plan(kind, src, dst, src_objects=objects or Objects(src, write=False),
@@ -208,9 +233,9 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     baseline = not dst_state.lineage
     live_snap = None
     if kind == TRANSFER:
-        live = _check_transfer_dst(src.lineage(src_state), dst)
+        live = _check_transfer_dst(src, src.lineage(src_state), dst)
     elif baseline:  # resync must not overwrite files it could not preserve
-        _refuse_unrelated_files(dst, scan(dst, write=False)[0])
+        _refuse_unrelated_files(dst, *scan(dst, write=False), src)
     src_snap = None
     if not no_snapshot and src_state.mode == READ_WRITE:
         src_snap = _snapshot_if_changed(src, progress)
@@ -226,12 +251,12 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     try:  # (an error once the journal may be on disk, even in its commit, undoes the step)
         dst.commit(state.with_(preserved=state.preserved + kept,
                                journal={"op": JOURNAL_MATERIALIZE}))
-        _send_and_materialize(plan, src, dst, live, progress)
+        skipped = _send_and_materialize(plan, src, dst, live, progress)
         _commit_dst(plan, src, dst, live_snap)  # a failed commit, too, leaves the old state
     except BaseException:
         _undo(dst)
         raise
-    return SyncResult(plan, False, src_snap, live_snap)
+    return SyncResult(plan, False, src_snap, live_snap, skipped)
 
 
 def _snapshot_if_changed(src: Volume, progress: Progress | None) -> Snapshot | None:
@@ -253,7 +278,10 @@ def _keep_live_changes(dst: Volume, state: VolumeState, progress: Progress | Non
     (not yet commit) a record of it, to be preserved."""
     live = scan(dst, write=False) if not state.lineage else scan(dst, write=True, progress=progress)
     latest = dst.lineage(state)[-1] if state.lineage else None
-    if latest is None or live[0].root == latest.root:
+    unchanged = latest is not None and (
+        live[0].root == latest.root
+        or (state.mode == READ_ONLY and not live_differs(live[1], latest.root, live[0].root)))
+    if latest is None or unchanged:
         dst.packs.flush()
         return live, None
     return live, record_scan(dst, live[0], latest.number + 1, "live changes before resync")
@@ -268,14 +296,16 @@ def _nothing_to_do(plan: TransferPlan, state: VolumeState, src: Volume,
 
 
 def _send_and_materialize(plan: TransferPlan, src: Volume, dst: Volume,
-                          scanned: tuple[ScanResult, Objects], progress: Progress | None) -> None:
+                          scanned: tuple[ScanResult, Objects], progress: Progress | None
+                          ) -> NotRestored:
     """Copy the planned objects into DST's store while a second thread writes DST's live
     tree (as `scanned` found it) from SRC's store; then make both durable."""
     live, dst_objects = scanned
     sent = frozenset(block_id for block_id, _ in plan.objects)
     objects = Objects(dst, write=False, source=src, checked_elsewhere=sent)
     objects.overlay = dst_objects.overlay
-    writer = Materializer(objects, dst.config.block_size, live.cache)
+    tmp_fd = os.open(dst.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    writer = Materializer(objects, dst.fmt, live.cache, tmp_fd)
     target = plan.src_lineage[-1].root
     outcome: dict = {}
 
@@ -293,9 +323,11 @@ def _send_and_materialize(plan: TransferPlan, src: Volume, dst: Volume,
         if sys.exc_info()[0] is not None:
             objects.cancelled = True
         thread.join()
+        os.close(tmp_fd)
     if "error" in outcome:
         raise outcome["error"]
     dst.save_statcache(outcome["cache"])
+    return writer.skipped
 
 
 def _undo(dst: Volume) -> None:

@@ -10,7 +10,8 @@ import xxhash
 from ..errors import IntegrityError
 
 MAGIC = "volsync"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+FORMAT_1 = 1  # read only by `volsync upgrade`
 
 
 def pack(obj: Any) -> bytes:
@@ -34,19 +35,31 @@ def unpack(data: bytes, what: str) -> Any:
         raise IntegrityError(f"{what}: undecodable ({type(exc).__name__})") from None
 
 
-def seal(kind: str, payload: Any) -> bytes:
+def seal(kind: str, payload: Any, version: int = FORMAT_VERSION) -> bytes:
     """Wrap a value as [magic, version, kind, body, xxh3-64 of body]."""
     body = pack(payload)
-    return pack([MAGIC, FORMAT_VERSION, kind, body, xxhash.xxh3_64_intdigest(body)])
+    return pack([MAGIC, version, kind, body, xxhash.xxh3_64_intdigest(body)])
 
 
-def open_sealed(data: bytes, kind: str, what: str) -> Any:
+def envelope_version(data: bytes) -> int | None:
+    """The format version a sealed file was written with (None if it is not one)."""
+    try:
+        outer = unpack(data, "envelope")
+    except IntegrityError:
+        return None
+    if isinstance(outer, list) and len(outer) == 5 and outer[0] == MAGIC \
+            and isinstance(outer[1], int):
+        return outer[1]
+    return None
+
+
+def open_sealed(data: bytes, kind: str, what: str, version: int = FORMAT_VERSION) -> Any:
     outer = unpack(data, what)
     if not (isinstance(outer, list) and len(outer) == 5 and outer[0] == MAGIC):
         raise IntegrityError(f"{what}: not a volsync {kind} file")
-    _, version, got_kind, body, checksum = outer
-    if version != FORMAT_VERSION:
-        raise IntegrityError(f"{what}: unsupported format version {version!r}")
+    _, got_version, got_kind, body, checksum = outer
+    if got_version != version:
+        raise IntegrityError(f"{what}: unsupported format version {got_version!r}")
     if got_kind != kind or not isinstance(body, bytes):
         raise IntegrityError(f"{what}: expected a {kind} file")
     if xxhash.xxh3_64_intdigest(body) != checksum:

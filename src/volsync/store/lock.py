@@ -19,7 +19,7 @@ class VolumeLock:
         self.volume = volume
         self.fd: int | None = None
 
-    def acquire(self, wait: float = 0.0) -> None:
+    def acquire(self, wait: float = 0.0, shared: bool = False) -> None:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
@@ -29,13 +29,16 @@ class VolumeLock:
         deadline = time.monotonic() + wait
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
                     raise VolumeLocked(self.volume, holder_pid(self.path)) from None
                 time.sleep(0.05)
+        if shared:  # readers leave the pid of the last writer in place
+            self.fd = fd
+            return
         # the pid overwrites the last holder's and the file is never emptied (not on release
         # either): a command refused at any moment finds a pid to name, this holder's or
         # that of the one it just followed

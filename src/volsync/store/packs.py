@@ -20,13 +20,17 @@ from contextlib import suppress
 from pathlib import Path
 
 from ..errors import IntegrityError
-from ..model import DIGEST_SIZE, BlockId, digest_of
+from ..model import BlockId, HashAlgo
 from .codec import open_sealed, seal
 from .crash import crashpoint, fault
-from .fsutil import atomic_write, fsync, pwrite_all, read_nofollow, write_all
+from .fsutil import atomic_write, fsync, fsync_dir, pwrite_all, read_nofollow, write_all
 
-PACK_HEADER = b"VSPACK\x00\x01"
-RECORD = struct.Struct("<16sI")
+PACK_HEADER = b"VSPACK\x00\x02"
+
+
+def record_struct(algo: HashAlgo) -> struct.Struct:
+    """A record header: the object's id, then its length (u32 LE)."""
+    return struct.Struct(f"<{algo.size}sI")
 PACK_TARGET = 128 << 20  # bytes per pack before a new one is started
 BUFFER_LIMIT = 4 << 20
 QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
@@ -40,7 +44,8 @@ class PackWriter:
     SYNC_EVERY bytes, so reading and hashing, copying into the page cache and writeback
     overlap; `seal` waits for it, then fsyncs."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, record: struct.Struct):
+        self.record = record
         self.name = secrets.token_hex(8)
         self.path = directory / f"{self.name}.pack"
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
@@ -56,7 +61,7 @@ class PackWriter:
         return self.flushed + len(self.buffer)
 
     def add(self, block_id: BlockId, data: bytes | memoryview) -> None:
-        self.buffer += RECORD.pack(block_id, len(data))
+        self.buffer += self.record.pack(block_id, len(data))
         self.entries[block_id] = (self.size, len(data))
         if len(data) >= BUFFER_LIMIT // 16:  # large: skip the copy into the buffer
             self.flush()
@@ -69,7 +74,7 @@ class PackWriter:
 
     def add_copy(self, block_id: BlockId, src_fd: int, src_off: int, length: int) -> None:
         """Append a record whose data the kernel copies from another file."""
-        self.buffer += RECORD.pack(block_id, length)
+        self.buffer += self.record.pack(block_id, length)
         self.flush()
         copy_range(src_fd, src_off, self.fd, self.flushed, length)
         self.entries[block_id] = (self.flushed, length)
@@ -167,10 +172,10 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int | None, leng
     if dst_off is None:
         write_all(dst_fd, data)
     else:
-        os.pwrite(dst_fd, data, dst_off + done)
+        pwrite_all(dst_fd, data, dst_off + done)
 
 
-def read_index(path: Path) -> tuple[str, list[tuple[BlockId, int, int]]]:
+def read_index(path: Path, id_size: int) -> tuple[str, list[tuple[BlockId, int, int]]]:
     """Decode one pack index, refusing any that fails its checksum or shape."""
     body = open_sealed(read_nofollow(path), "index", f"pack index {path.name}")
     try:
@@ -182,11 +187,11 @@ def read_index(path: Path) -> tuple[str, list[tuple[BlockId, int, int]]]:
         raise IntegrityError(f"pack index {path.name}: malformed") from None
     if not isinstance(ids, bytes):
         raise IntegrityError(f"pack index {path.name}: malformed")
-    count = len(ids) // DIGEST_SIZE
-    if len(ids) % DIGEST_SIZE or len(offs) != count or len(lens) != count or name != path.stem:
+    count = len(ids) // id_size
+    if len(ids) % id_size or len(offs) != count or len(lens) != count or name != path.stem:
         raise IntegrityError(f"pack index {path.name}: malformed")
     return name, [
-        (BlockId(ids[i * DIGEST_SIZE : (i + 1) * DIGEST_SIZE]), offs[i], lens[i])
+        (BlockId(ids[i * id_size : (i + 1) * id_size]), offs[i], lens[i])
         for i in range(count)
     ]
 
@@ -194,8 +199,11 @@ def read_index(path: Path) -> tuple[str, list[tuple[BlockId, int, int]]]:
 class PackStore:
     """Content-addressed object store over the packs of one volume."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, algo: HashAlgo):
         self.dir = directory
+        self.algo = algo
+        self.digest = algo.digest
+        self.record = record_struct(algo)
         self._index: dict[BlockId, tuple[str, int, int]] | None = None
         self._fds: dict[str, int] = {}
         self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
@@ -208,7 +216,7 @@ class PackStore:
             self._index = {}
             for idx in sorted(self.dir.glob("*.idx")):
                 try:
-                    name, entries = read_index(idx)
+                    name, entries = read_index(idx, self.algo.size)
                 except (IntegrityError, OSError) as exc:
                     self.bad_indexes.append((idx.name, str(exc)))
                     continue
@@ -240,7 +248,7 @@ class PackStore:
                 raise IntegrityError(f"block {block_id.hex()}: unreadable pack {name}: {exc}")
             if len(data) != length:
                 raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
-        if verify and digest_of(data) != block_id:
+        if verify and self.digest(data) != block_id:
             raise IntegrityError(f"block {block_id.hex()} failed its digest check")
         return data
 
@@ -258,7 +266,7 @@ class PackStore:
             view = self._view(name)
             if off + length > len(view):
                 raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
-            if digest_of(view[off : off + length]) != block_id:
+            if self.digest(view[off : off + length]) != block_id:
                 raise IntegrityError(f"block {block_id.hex()} failed its digest check")
         return self._fd(name), off, length
 
@@ -271,7 +279,7 @@ class PackStore:
             if out_off is None:
                 write_all(out_fd, data)
             else:
-                os.pwrite(out_fd, data, out_off)
+                pwrite_all(out_fd, data, out_off)
             return len(data)
         copy_range(*loc[:2], out_fd, out_off, loc[2])
         return loc[2]
@@ -293,7 +301,8 @@ class PackStore:
                     on_object(len(data))
                 continue
             name, off, length = self._checked_location(other, block_id)
-            contiguous = run and run_pack == name and off == run[-1][1] + run[-1][2] + RECORD.size
+            contiguous = (run and run_pack == name
+                          and off == run[-1][1] + run[-1][2] + self.record.size)
             if run and not contiguous:
                 self._copy_run(other, run_pack, run, on_object)
                 run = []
@@ -302,27 +311,26 @@ class PackStore:
         if run:
             self._copy_run(other, run_pack, run, on_object)
 
-    @staticmethod
-    def _checked_location(other: PackStore, block_id: BlockId) -> tuple[str, int, int]:
+    def _checked_location(self, other: PackStore, block_id: BlockId) -> tuple[str, int, int]:
         loc = other.index().get(block_id)
         if loc is None:
             raise IntegrityError(f"missing block {block_id.hex()}")
         name, off, length = loc
         view = other._view(name)
-        if off < RECORD.size or off + length > len(view):
+        if off < self.record.size or off + length > len(view):
             raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
-        if view[off - RECORD.size : off] != RECORD.pack(block_id, length):
+        if view[off - self.record.size : off] != self.record.pack(block_id, length):
             raise IntegrityError(f"block {block_id.hex()}: record header in pack {name} is corrupt")
-        if digest_of(view[off : off + length]) != block_id:
+        if self.digest(view[off : off + length]) != block_id:
             raise IntegrityError(f"block {block_id.hex()} failed its digest check")
         return loc
 
     def _copy_run(self, other: PackStore, name: str, run, on_object) -> None:
         if self._writer is None:
-            self._writer = PackWriter(self.dir)
+            self._writer = PackWriter(self.dir, self.record)
         w = self._writer
         w.flush()
-        start = run[0][1] - RECORD.size
+        start = run[0][1] - self.record.size
         size = run[-1][1] + run[-1][2] - start
         copy_range(other._fd(name), start, w.fd, w.flushed, size)
         for block_id, off, length in run:
@@ -357,7 +365,7 @@ class PackStore:
         if self.has(block_id):
             return False
         if self._writer is None:
-            self._writer = PackWriter(self.dir)
+            self._writer = PackWriter(self.dir, self.record)
         self._writer.add(block_id, data)
         if self._writer.size >= PACK_TARGET:
             self.flush()
@@ -410,7 +418,7 @@ class PackStore:
         end = len(PACK_HEADER)
         try:
             for block_id, off, data in self.scan_pack(pack.stem):
-                if digest_of(data) != block_id:
+                if self.digest(data) != block_id:
                     break
                 writer.entries[block_id] = (off, len(data))
                 end = off + len(data)
@@ -464,10 +472,10 @@ class PackStore:
         with os.fdopen(fd, "rb") as f:
             if f.read(len(PACK_HEADER)) != PACK_HEADER:
                 raise IntegrityError(f"pack {name}: bad header")
-            while head := f.read(RECORD.size):
-                if len(head) < RECORD.size:
+            while head := f.read(self.record.size):
+                if len(head) < self.record.size:
                     raise IntegrityError(f"pack {name}: truncated record")
-                block_id, length = RECORD.unpack(head)
+                block_id, length = self.record.unpack(head)
                 off = f.tell()
                 data = f.read(length)
                 if len(data) != length:
@@ -483,7 +491,7 @@ class PackStore:
         freed = freed_bytes = 0
         for name in self.pack_names():
             try:
-                _, entries = read_index(self.dir / f"{name}.idx")
+                _, entries = read_index(self.dir / f"{name}.idx", self.algo.size)
             except (IntegrityError, OSError):
                 continue  # a damaged pack is verify's business, not prune's
             own = [e for e in entries if index.get(e[0], ("",))[0] == name]
@@ -502,6 +510,8 @@ class PackStore:
         self.flush()
         for name in doomed:
             self._drop_pack(name)
+        if doomed:
+            fsync_dir(self.dir)  # the space is freed for good only once the unlinks are durable
         return freed, freed_bytes
 
     def _drop_pack(self, name: str) -> None:
@@ -522,7 +532,7 @@ class PackStore:
             good = {}
             try:
                 for block_id, _, data in self.scan_pack(name):
-                    if digest_of(data) == block_id:
+                    if self.digest(data) == block_id:
                         good[block_id] = data
             except (IntegrityError, OSError):
                 pass  # keep what was readable before the damage
@@ -540,5 +550,6 @@ class PackStore:
                 kept += self.put(block_id, data)
             self.flush()
             self._drop_pack(name)
+        fsync_dir(self.dir)
         self.bad_indexes = [b for b in self.bad_indexes if b[0][:-4] not in damaged]
         return kept

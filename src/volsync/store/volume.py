@@ -13,26 +13,29 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import BadArgument, IntegrityError, NotAVolume
+from ..errors import BadArgument, FormatTooOld, IntegrityError, NotAVolume
 from ..model import (
+    DEFAULT_HASH,
+    HASHES,
     READ_ONLY,
     READ_WRITE,
     BlockId,
-    Entry,
+    Format,
     Snapshot,
     SnapshotId,
+    Tree,
     VolumeState,
-    digest_of,
 )
-from .codec import open_sealed, seal
+from .codec import FORMAT_VERSION, envelope_version, open_sealed, seal
 from .crash import crashpoint
 from .fsutil import atomic_write, fsync_dir, read_nofollow, remove_temps
 from .lock import VolumeLock, current_holder
 from .packs import PackStore
-from .trees import EMPTY_TREE, EMPTY_TREE_ID, decode_tree, encode_tree
+from .trees import decode_tree, empty_tree_id, encode_tree
 
 META = ".volsync"
-HASH_NAME = "xxh3-128"
+INIT_MARKER = "init-incomplete"  # present while `Volume.create` builds .volsync/
+TMP_DIR = "tmp"  # temp files of live-tree writes: only volsync's own, cleared by the lock holder
 MIN_BLOCK, MAX_BLOCK, DEFAULT_BLOCK = 4 << 10, 4 << 20, 64 << 10
 
 
@@ -50,14 +53,22 @@ def check_block_size(size: int) -> int:
     return size
 
 
+def check_hash(name: str) -> str:
+    if name not in HASHES:
+        raise BadArgument(f"unknown hash {name!r}: use one of {', '.join(sorted(HASHES))}")
+    return name
+
+
 def is_volume(path: Path) -> bool:
-    """A directory with volume metadata (complete or damaged: damage is verify's to report)."""
-    return os.path.lexists(path / META)
+    """A directory with volume metadata (complete or damaged: damage is verify's to report);
+    the leftover of an interrupted `init` is not one."""
+    return os.path.lexists(path / META) and not is_create_leftover(path)
 
 
-def is_create_leftover(name: str) -> bool:
-    """The temp metadata dir of a `Volume.create` that crashed before renaming it in."""
-    return name.startswith(f"{META}.tmp-")
+def is_create_leftover(path: Path) -> bool:
+    """`.volsync/` of a `Volume.create` that was interrupted before its commit."""
+    meta = path / META
+    return meta.is_dir() and not meta.is_symlink() and os.path.lexists(meta / INIT_MARKER)
 
 
 class Volume:
@@ -68,30 +79,42 @@ class Volume:
         self.meta = root / META
         if not os.path.lexists(self.meta):
             raise NotAVolume(f"{root} is not a volsync volume (run 'volsync init')")
+        if is_create_leftover(root):
+            raise NotAVolume(f"{root}: an interrupted 'volsync init' (run it again)")
         for sub in (self.meta, self.meta / "packs", self.meta / "snapshots"):
             if sub.is_symlink() or not sub.is_dir():
                 raise IntegrityError(f"{sub} is missing or not a real directory")
+        self.config = self._read_config()
+        self.fmt = Format(HASHES[self.config.hash], self.config.block_size)
+        self.empty_tree = empty_tree_id(self.fmt.algo)
+        self.packs = PackStore(self.meta / "packs", self.fmt.algo)
+        self._lock = VolumeLock(self.meta / "lock", str(root))
+        self._snapshots: dict[SnapshotId, Snapshot] = {}
+
+    def _read_config(self) -> VolumeConfig:
         try:
             raw = read_nofollow(self.meta / "config")
         except OSError as exc:
-            raise _damage_or_io(exc, f"{root}: cannot read volume config") from None
-        cfg = open_sealed(raw, "config", f"{root}: config")
+            raise _damage_or_io(exc, f"{self.root}: cannot read volume config") from None
+        version = envelope_version(raw)
+        if version is not None and version < FORMAT_VERSION:
+            raise FormatTooOld(f"{self.root} is a format-{version} volume; run "
+                               f"'volsync upgrade {self.root}' to convert it")
+        cfg = open_sealed(raw, "config", f"{self.root}: config")
         try:
-            self.config = VolumeConfig(cfg["volume_id"], int(cfg["block_size"]), cfg["hash"],
-                                       float(cfg["created"]))
+            config = VolumeConfig(cfg["volume_id"], int(cfg["block_size"]), cfg["hash"],
+                                  float(cfg["created"]))
         except (KeyError, TypeError, ValueError, OverflowError):
-            raise IntegrityError(f"{root}: config is malformed") from None
-        if not isinstance(self.config.volume_id, str) or isinstance(cfg["block_size"], bool):
-            raise IntegrityError(f"{root}: config is malformed")
-        if self.config.hash != HASH_NAME:
-            raise IntegrityError(f"{root}: unsupported hash {self.config.hash!r}")
+            raise IntegrityError(f"{self.root}: config is malformed") from None
+        if not isinstance(config.volume_id, str) or isinstance(cfg["block_size"], bool):
+            raise IntegrityError(f"{self.root}: config is malformed")
+        if config.hash not in HASHES:
+            raise IntegrityError(f"{self.root}: unsupported hash {config.hash!r}")
         try:
-            check_block_size(self.config.block_size)
+            check_block_size(config.block_size)
         except BadArgument as exc:
-            raise IntegrityError(f"{root}: config: {exc}") from None
-        self.packs = PackStore(self.meta / "packs")
-        self._lock = VolumeLock(self.meta / "lock", str(root))
-        self._snapshots: dict[SnapshotId, Snapshot] = {}
+            raise IntegrityError(f"{self.root}: config: {exc}") from None
+        return config
 
     # --- creation ----------------------------------------------------------------------------
     @classmethod
@@ -103,47 +126,85 @@ class Volume:
 
     @classmethod
     def create(cls, path: str | Path, block_size: int = DEFAULT_BLOCK,
-               state: VolumeState | None = None) -> Volume:
-        """Make `path` a volume in place: metadata is built in a temp dir and renamed in."""
+               state: VolumeState | None = None, hash_name: str = DEFAULT_HASH) -> Volume:
+        """Make `path` a volume in place. `.volsync/` is built under a marker file whose
+        removal is the commit: an interrupted create is finished by running it again."""
         root = Path(os.path.abspath(path))
         check_block_size(block_size)
-        root.mkdir(parents=True, exist_ok=True)
-        if (root / META).exists():
+        check_hash(hash_name)
+        if not root.is_dir():
+            root.mkdir(parents=True, exist_ok=True)
+            fsync_dir(root.parent)
+        meta = root / META
+        if is_create_leftover(root):
+            shutil.rmtree(meta)
+        elif os.path.lexists(meta):
             raise BadArgument(f"{path} is already a volsync volume")
-        for stale in root.iterdir():
-            if is_create_leftover(stale.name) and not stale.is_symlink():
-                shutil.rmtree(stale, ignore_errors=True)
-        tmp = root / f"{META}.tmp-{secrets.token_hex(4)}"
-        try:
-            (tmp / "packs").mkdir(parents=True)
-            (tmp / "snapshots").mkdir()
-            config = {"volume_id": secrets.token_hex(16), "block_size": block_size,
-                      "hash": HASH_NAME, "created": time.time()}
-            atomic_write(tmp / "config", seal("config", config))
-            atomic_write(tmp / "state", seal("state", _state_body(state or VolumeState())))
-            for sub in ("packs", "snapshots"):
-                fsync_dir(tmp / sub)
-            os.rename(tmp, root / META)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+        meta.mkdir()
+        marker = meta / INIT_MARKER
+        marker.touch()
+        fsync_dir(meta)
         fsync_dir(root)
+        for sub in ("packs", "snapshots", TMP_DIR):
+            (meta / sub).mkdir()
+        config = {"format": FORMAT_VERSION, "volume_id": secrets.token_hex(16),
+                  "block_size": block_size, "hash": hash_name, "created": time.time()}
+        atomic_write(meta / "config", seal("config", config), sync_dir=False)
+        atomic_write(meta / "state", seal("state", _state_body(state or VolumeState())),
+                     sync_dir=False)
+        for sub in ("packs", "snapshots", TMP_DIR):
+            fsync_dir(meta / sub)
+        fsync_dir(meta)
+        crashpoint("volume-created")
+        marker.unlink()
+        fsync_dir(meta)
         return cls(root)
 
     # --- lock --------------------------------------------------------------------------------
     @contextmanager
     def locked(self, wait: float = 0.0) -> Iterator[Volume]:
+        """The exclusive lock of a changing command; its temp leftovers are cleared first."""
         self._lock.acquire(wait)
         try:
             remove_temps(self.meta)
             remove_temps(self.meta / "snapshots")
             remove_temps(self.meta / "packs")
+            self.clear_tmp()
             self.packs.adopt_orphans()
             yield self
             self.packs.flush()
         finally:
             self.packs.discard()
             self._lock.release()
+
+    @contextmanager
+    def shared(self, wait: float = 0.0) -> Iterator[Volume]:
+        """A shared lock: no writer commits while it is held, so a reader (verify) sees one
+        consistent state, pack set and live tree."""
+        self._lock.acquire(wait, shared=True)
+        try:
+            yield self
+        finally:
+            self._lock.release()
+
+    @property
+    def tmp(self) -> Path:
+        return self.meta / TMP_DIR
+
+    def clear_tmp(self) -> None:
+        """Remove what a crashed live-tree write left in .volsync/tmp/ (only ever volsync's)."""
+        tmp = self.tmp
+        if tmp.is_symlink():
+            raise IntegrityError(f"{tmp} is a symlink, not a directory")
+        if not tmp.is_dir():
+            tmp.mkdir(exist_ok=True)
+            fsync_dir(self.meta)
+            return
+        for entry in os.scandir(tmp):
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
 
     def lock_holder(self) -> int | None:
         return current_holder(self.meta / "lock")
@@ -196,7 +257,7 @@ class Volume:
                 raise _damage_or_io(exc, f"{self.root}: snapshot record {snap_id} is unreadable"
                                     ) from None
             body = open_sealed(raw, "snapshot", f"snapshot {snap_id}")
-            snap = snapshot_from_body(body, snap_id)
+            snap = snapshot_from_body(body, snap_id, self.fmt.algo.size)
             self._snapshots[snap_id] = snap
         return snap
 
@@ -223,15 +284,16 @@ class Volume:
         return [self.snapshot(i) for i in (state or self.state()).preserved]
 
     # --- trees -------------------------------------------------------------------------------
-    def tree(self, tree_id: BlockId) -> list[Entry]:
-        if tree_id == EMPTY_TREE_ID:
-            return []
-        return decode_tree(self.packs.get(tree_id), tree_id)
+    def tree(self, tree_id: BlockId) -> Tree:
+        if tree_id == self.empty_tree:
+            return Tree(())
+        return decode_tree(self.packs.get(tree_id), tree_id, self.fmt)
 
-    def put_tree(self, entries: list[Entry]) -> BlockId:
-        data = encode_tree(entries) if entries else EMPTY_TREE
-        tree_id = digest_of(data)
-        self.packs.put(tree_id, data)
+    def put_tree(self, tree: Tree) -> BlockId:
+        data = encode_tree(tree)
+        tree_id = BlockId(self.fmt.algo.digest(data))
+        if tree_id != self.empty_tree:
+            self.packs.put(tree_id, data)
         return tree_id
 
     # --- stat cache (advisory: a lost or bad one only costs re-reading files) ---------------
@@ -243,7 +305,8 @@ class Volume:
         # anything but the documented shape is no cache: {dir: [tree id, size, files, keys]}
         if not isinstance(cache, dict) or not all(
                 isinstance(rel, bytes) and isinstance(v, list) and len(v) == 4
-                and isinstance(v[0], bytes) and len(v[0]) == 16 and type(v[1]) is int
+                and isinstance(v[0], bytes) and len(v[0]) == self.fmt.algo.size
+                and type(v[1]) is int
                 and type(v[2]) is int and isinstance(v[3], dict) for rel, v in cache.items()):
             return {}
         return cache
@@ -281,7 +344,7 @@ def valid_snapshot_id(snap_id: object) -> bool:
             and all(c in "0123456789abcdef" for c in snap_id))
 
 
-def snapshot_from_body(body: dict, snap_id: str) -> Snapshot:
+def snapshot_from_body(body: dict, snap_id: str, id_size: int) -> Snapshot:
     try:
         snap = Snapshot(
             id=SnapshotId(body["id"]), number=int(body["number"]), created=float(body["created"]),
@@ -290,7 +353,7 @@ def snapshot_from_body(body: dict, snap_id: str) -> Snapshot:
         )
     except (KeyError, TypeError, ValueError, OverflowError):
         raise IntegrityError(f"snapshot {snap_id}: malformed record") from None
-    if snap.id != snap_id or not isinstance(snap.root, bytes) or len(snap.root) != 16:
+    if snap.id != snap_id or not isinstance(snap.root, bytes) or len(snap.root) != id_size:
         raise IntegrityError(f"snapshot {snap_id}: record does not match its name")
     if not (isinstance(snap.label, str | None) and isinstance(snap.origin, str)):
         raise IntegrityError(f"snapshot {snap_id}: malformed record")

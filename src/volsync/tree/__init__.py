@@ -1,0 +1,25 @@
+"""The tree layer: scan a live tree into tree objects, write a tree back safely, and compare
+trees. Imports only the store."""
+
+from .diff import Change, diff_trees, live_differs
+from .meta import PRIVILEGED, NotRestored
+from .objects import Cancelled, Objects
+from .scan import (
+    RACY_COARSE_NS,
+    RACY_NS,
+    READ_ATTEMPTS,
+    Progress,
+    Scanner,
+    ScanResult,
+    SourceReadError,
+    file_key,
+    is_racy,
+    scan,
+)
+from .write import Materializer, materialize
+
+__all__ = [
+    "Cancelled", "Change", "Materializer", "NotRestored", "Objects", "PRIVILEGED", "Progress",
+    "RACY_COARSE_NS", "RACY_NS", "READ_ATTEMPTS", "ScanResult", "Scanner", "SourceReadError",
+    "diff_trees", "file_key", "is_racy", "live_differs", "materialize", "scan",
+]

@@ -1,0 +1,81 @@
+"""Where a scan or a live-tree write reads and puts objects."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from ..model import BlockId, Tree
+from ..store.blocklist import block_ids, build_ref
+from ..store.trees import decode_tree, encode_tree
+from ..store.volume import Volume
+
+
+class Cancelled(Exception):
+    """A concurrent step failed; this one stops where it is."""
+
+
+class Objects:
+    """Trees, block lists and blocks for a scan or a live-tree write. With `write` False (a
+    check that must change nothing), new trees and lists live in memory and file blocks are
+    hashed only. `source`, if given, is another volume read first (a transfer writes DST's
+    live tree from SRC's store)."""
+
+    def __init__(self, volume: Volume, write: bool = True, source: Volume | None = None,
+                 checked_elsewhere: frozenset[BlockId] = frozenset()):
+        self.volume = volume
+        self.fmt = volume.fmt
+        self.write = write
+        self.overlay: dict[BlockId, bytes] = {}
+        self.readers = (source.packs, volume.packs) if source else (volume.packs,)
+        self.cancelled = False
+        # blocks a concurrent step verifies (a failure there undoes this one): not re-hashed
+        self.checked_elsewhere = checked_elsewhere
+
+    def put_object(self, object_id: BlockId, data: bytes) -> None:
+        if self.write:
+            self.volume.packs.put(object_id, data)
+        elif not self.volume.packs.has(object_id):
+            self.overlay[object_id] = data
+
+    def put_tree(self, tree: Tree) -> BlockId:
+        data = encode_tree(tree)
+        tree_id = BlockId(self.fmt.algo.digest(data))
+        if tree_id != self.volume.empty_tree:
+            self.put_object(tree_id, data)
+        return tree_id
+
+    def content_ref(self, ids: list[BlockId]) -> bytes:
+        return build_ref(ids, self.fmt, self.put_object)
+
+    def blocks(self, ref: bytes, size: int) -> Iterator[BlockId]:
+        return block_ids(ref, size, self.fmt, self.raw)
+
+    def tree(self, tree_id: BlockId | None) -> Tree:
+        if tree_id is None or tree_id == self.volume.empty_tree:
+            return Tree(())
+        return decode_tree(self.raw(tree_id), tree_id, self.fmt)
+
+    def has(self, object_id: BlockId) -> bool:
+        return (object_id == self.volume.empty_tree or object_id in self.overlay
+                or any(packs.has(object_id) for packs in self.readers))
+
+    def raw(self, object_id: BlockId) -> bytes:
+        data = self.overlay.get(object_id)
+        return data if data is not None else self._reader(object_id).get(object_id)
+
+    def _reader(self, block_id: BlockId):
+        for packs in self.readers:
+            if packs.has(block_id):
+                return packs
+        return self.readers[-1]  # raises the missing-block IntegrityError
+
+    def put_block(self, block_id: BlockId, data: bytes) -> None:
+        if self.write:
+            self.volume.packs.put(block_id, data)
+
+    def copy_block(self, block_id: BlockId, fd: int, offset: int | None) -> int:
+        """Write a verified block into a file (at `offset`, or at its position)."""
+        if self.cancelled:
+            raise Cancelled()
+        verify = block_id not in self.checked_elsewhere
+        return self._reader(block_id).copy_to(block_id, fd, offset, verify)

@@ -1,0 +1,464 @@
+"""Scan a live tree into tree objects, reading only what the stat cache cannot vouch for.
+
+The stat cache keeps, per directory, its tree id, size, file count and a key per name (for
+files: size, mtime, ctime, inode, mode). An entry whose key matches is taken from the cached
+tree without reading its data or its xattrs; a directory whose every key matches returns its
+cached tree id. A metadata-only change (chmod, chown, setfattr, setfacl, touch) changes ctime,
+so it is found without reading data. Everything below the root is reached through directory
+fds opened with O_NOFOLLOW, so a directory swapped for a symlink is never followed.
+
+Hard links: a regular file with more than one link is registered by inode in the order the
+walk meets it (sorted, depth first: the order in which a live-tree write visits entries). A
+group's key is the path of its first member; a group with one member inside the volume (the
+other links are outside) records no link. Since that is known only at the end, directories
+holding linked files are finished last (their trees are built then, children first).
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ..errors import VolsyncError
+from ..model import BlockId, Entry, Kind, Tree
+from ..store.crash import fault
+from ..store.trees import META_NAME
+from ..store.volume import Volume
+from .meta import entry_path, read_xattrs
+from .objects import Objects
+
+RACY_NS = 50_000_000  # file timestamps lag the clock by at most one tick (<= 10 ms on Linux)
+RACY_COARSE_NS = 2_000_000_000  # filesystems with whole-second (or 2 s) timestamps
+READ_ATTEMPTS = 5
+FILE_KEY, DIR_KEY, LINK_KEY, SPECIAL_KEY = 1, 2, 3, 4
+ROOT_KEY_NAME = b""  # the volume root's own key, beside its entries' keys
+SPECIAL_KINDS = {stat.S_IFIFO: Kind.FIFO, stat.S_IFCHR: Kind.CHR, stat.S_IFBLK: Kind.BLK}
+SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
+MAX_EXTENTS = 4096
+
+Progress = Callable[[int], None]
+
+
+def is_racy(st: os.stat_result, scan_start: int) -> bool:
+    """Can a later write leave this stat unchanged? A write sets mtime and ctime to the same
+    timestamp, so a key whose mtime differs from its ctime (a file restored with its recorded
+    mtime, chmod'ed or renamed since) never matches a later write. A key with mtime == ctime
+    could, but only if the file was written within one timestamp tick of the scan's start:
+    a file stamped earlier than that was last written before the scan began, and any later
+    write gets a newer stamp. Linux stamps files from a clock that lags by at most a tick
+    (<= 10 ms); a whole-second stamp suggests a coarse filesystem, given 2 s. A racy key is not
+    kept, and the file is read again next time (git's "racy" rule)."""
+    if st.st_mtime_ns != st.st_ctime_ns:
+        return False
+    window = RACY_COARSE_NS if st.st_mtime_ns % 1_000_000_000 == 0 else RACY_NS
+    return st.st_mtime_ns >= scan_start - window
+
+
+def stat_key(st: os.stat_result, scan_start: int, sub_id: bytes = b"") -> list | None:
+    """The stat cache's key for any entry, or None when it cannot be trusted (racy)."""
+    if is_racy(st, scan_start):
+        return None
+    mode = st.st_mode
+    if stat.S_ISREG(mode):
+        return [FILE_KEY, st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, mode]
+    if stat.S_ISDIR(mode):
+        return [DIR_KEY, mode, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, sub_id]
+    if stat.S_ISLNK(mode):
+        return [LINK_KEY, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+    return [SPECIAL_KEY, mode, st.st_rdev, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
+
+
+def file_key(st: os.stat_result, scan_start: int) -> list | None:
+    return stat_key(st, scan_start)
+
+
+def _same_inode_meta(old: list | None, new: list | None) -> bool:
+    """Two directory keys that differ at most in their subtree id: the directory's own
+    metadata (and so its xattrs) is unchanged."""
+    return old is not None and new is not None and old[:5] == new[:5]
+
+
+@dataclass
+class ScanResult:
+    root: BlockId
+    size: int
+    files: int
+    cache: dict
+    warnings: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+
+
+def _join(rel: bytes, name: bytes) -> bytes:
+    return rel + b"/" + name if rel else name
+
+
+@dataclass
+class _Group:
+    first: bytes
+    count: int = 1
+
+
+@dataclass
+class _Pending:
+    """A directory whose tree waits for the hard-link groups to be known."""
+
+    entries: list[Entry]
+    linked: dict[bytes, int]  # name -> inode of its group
+    keys: dict
+    size: int
+    files: int
+    meta: Entry | None
+
+
+class Scanner:
+    """One pass over a live tree, reading only what the stat cache cannot vouch for. With
+    `trust_cache` False every file is read again (verify of a mirror's live tree)."""
+
+    def __init__(self, volume: Volume, objects: Objects, progress: Progress | None = None,
+                 trust_cache: bool = True):
+        self.volume = volume
+        self.objects = objects
+        self.fmt = volume.fmt
+        self.block_size = volume.fmt.block_size
+        self.zeros = bytes(self.block_size)
+        self.old = volume.load_statcache() if trust_cache else {}
+        self.new: dict = {}
+        self.warnings: list[str] = []
+        self.bytes_read = 0
+        self.progress = progress
+        self.scan_start = time.time_ns()
+        self.groups: dict[int, _Group] = {}
+        self.pending: dict[bytes, _Pending] = {}
+        self.placeholders: dict[bytes, bytes] = {}  # rel -> placeholder id until finished
+        self.root_dev = 0
+
+    def run(self) -> ScanResult:
+        fd = os.open(os.path.realpath(bytes(self.volume.root)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            st = os.fstat(fd)
+            self.root_dev = st.st_dev
+            tree_id, size, files = self.scan_dir(b"", fd, st)
+        finally:
+            os.close(fd)
+        if self.pending:
+            tree_id = self.finish_pending().get(b"", tree_id)
+        return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read)
+
+    # --- directories ---------------------------------------------------------------------
+    def scan_dir(self, rel: bytes, dfd: int, own: os.stat_result) -> tuple[BlockId, int, int]:
+        """Scan the directory open at `dfd` (whose own stat is `own`)."""
+        cached = self.old.get(rel)
+        keys: dict[bytes, list | None] = {}
+        if not rel:
+            keys[ROOT_KEY_NAME] = stat_key(own, self.scan_start)
+        stats: list[tuple[bytes, os.stat_result]] = []
+        sub: dict[bytes, tuple[BlockId, int, int]] = {}
+        linked: dict[bytes, int] = {}
+        try:
+            with os.scandir(dfd) as it:
+                listing = sorted(os.fsencode(e.name) for e in it)
+        except (FileNotFoundError, NotADirectoryError):
+            listing = []
+        for name in listing:
+            if name == META_NAME and (not rel or self.nested_volume(rel, dfd)):
+                continue
+            try:
+                st = os.lstat(name, dir_fd=dfd)
+            except FileNotFoundError:
+                continue
+            mode = st.st_mode
+            if stat.S_ISDIR(mode):
+                sub[name] = self.scan_subdir(_join(rel, name), dfd, name)
+                keys[name] = stat_key(st, self.scan_start, sub[name][0])
+            elif stat.S_ISSOCK(mode):
+                self.warnings.append(f"skipped socket {os.fsdecode(_join(rel, name))}")
+                continue
+            else:
+                keys[name] = stat_key(st, self.scan_start)
+                if stat.S_ISREG(mode) and st.st_nlink > 1 and st.st_dev == self.root_dev:
+                    linked[name] = self.register_link(st.st_ino, _join(rel, name))
+            stats.append((name, st))
+        pending_sub = any(_join(rel, n) in self.placeholders for n in sub)
+        if (cached and not linked and not pending_sub and cached[3] == keys
+                and None not in keys.values() and self.objects.has(BlockId(cached[0]))):
+            self.new[rel] = cached
+            return BlockId(cached[0]), cached[1], cached[2]
+        return self.build_dir(rel, dfd, own, stats, keys, sub, cached, linked, pending_sub)
+
+    def nested_volume(self, rel: bytes, dfd: int) -> bool:
+        """Another volume's metadata below the root is never captured."""
+        try:
+            os.lstat(META_NAME + b"/config", dir_fd=dfd)
+        except OSError:
+            return False
+        self.warnings.append(f"skipped the volume metadata of nested volume "
+                             f"{os.fsdecode(rel)} ({os.fsdecode(_join(rel, META_NAME))})")
+        return True
+
+    def register_link(self, ino: int, path: bytes) -> int:
+        group = self.groups.get(ino)
+        if group is None:
+            self.groups[ino] = _Group(path)
+        else:
+            group.count += 1
+        return ino
+
+    def scan_subdir(self, rel: bytes, dfd: int, name: bytes) -> tuple[BlockId, int, int]:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+                raise
+            # removed or replaced since its lstat: captured as it was then, empty
+            return self.objects.put_tree(Tree(())), 0, 0
+        try:
+            return self.scan_dir(rel, fd, os.fstat(fd))
+        finally:
+            os.close(fd)
+
+    def build_dir(self, rel, dfd, own, stats, keys, sub, cached, linked, pending_sub
+                  ) -> tuple[BlockId, int, int]:
+        old_tree = self.cached_tree(cached)
+        old_entries = {e.name: e for e in old_tree.entries}
+        old_keys = cached[3] if cached else {}
+        entries: list[Entry] = []
+        size = files = 0
+        for name, st in stats:
+            old = old_entries.get(name)
+            same = old is not None and old_keys.get(name) == keys[name] and keys[name] is not None
+            if stat.S_ISDIR(st.st_mode):
+                sub_id, sub_size, sub_files = sub[name]
+                size, files = size + sub_size, files + sub_files
+                xattrs = (old.xattrs if old is not None
+                          and _same_inode_meta(old_keys.get(name), keys[name])
+                          else read_xattrs(entry_path(dfd, name)))
+                entries.append(_entry(name, Kind.DIR, st, 0, sub_id, xattrs))
+                continue
+            if same:
+                entry = old.with_(link=None)
+            else:
+                got = self.read_entry(rel, dfd, name, st)
+                if got is None:
+                    continue
+                entry, keys[name] = got
+            if entry.kind is Kind.FILE:
+                size, files = size + entry.size, files + 1
+            entries.append(entry)
+        meta = self.root_meta(dfd, own, cached, old_tree) if not rel else None
+        keys = {k: v for k, v in keys.items() if k == ROOT_KEY_NAME
+                or k in {e.name for e in entries}}
+        if linked or pending_sub:
+            self.pending[rel] = _Pending(entries, linked, keys, size, files, meta)
+            placeholder = self.placeholder(rel)
+            return BlockId(placeholder), size, files
+        tree_id = self.objects.put_tree(Tree(tuple(entries), meta))
+        self.new[rel] = [tree_id, size, files, keys]
+        return tree_id, size, files
+
+    def placeholder(self, rel: bytes) -> bytes:
+        n = len(self.placeholders) + 1
+        value = b"\xffpending" + n.to_bytes(8, "big")
+        value = value.ljust(self.fmt.algo.size, b"\xff")
+        self.placeholders[rel] = value
+        return value
+
+    def root_meta(self, dfd: int, own: os.stat_result, cached, old_tree: Tree) -> Entry:
+        old_key = cached[3].get(ROOT_KEY_NAME) if cached else None
+        new_key = stat_key(own, self.scan_start)
+        if old_tree.meta is not None and new_key is not None and old_key == new_key:
+            xattrs = old_tree.meta.xattrs
+        else:
+            xattrs = read_xattrs(dfd)
+        return _entry(b"", Kind.DIR, own, 0, b"", xattrs)
+
+    def finish_pending(self) -> dict[bytes, BlockId]:
+        """Build the trees that waited for the hard-link groups, children first."""
+        final: dict[bytes, BlockId] = {}
+        by_placeholder: dict[bytes, BlockId] = {}
+        for rel, p in self.pending.items():  # insertion order: children before parents
+            entries = []
+            for e in p.entries:
+                if e.kind is Kind.FILE and e.name in p.linked:
+                    group = self.groups[p.linked[e.name]]
+                    e = e.with_(link=group.first if group.count > 1 else None)
+                elif e.kind is Kind.DIR and e.ref in by_placeholder:
+                    e = e.with_(ref=by_placeholder[e.ref])
+                entries.append(e)
+            keys = dict(p.keys)
+            for name, key in keys.items():
+                if key and key[0] == DIR_KEY and key[5] in by_placeholder:
+                    keys[name] = key[:5] + [by_placeholder[key[5]]]
+            tree_id = self.objects.put_tree(Tree(tuple(entries), p.meta))
+            by_placeholder[self.placeholders[rel]] = tree_id
+            final[rel] = tree_id
+            self.new[rel] = [tree_id, p.size, p.files, keys]
+        return final
+
+    def cached_tree(self, cached) -> Tree:
+        if not cached:
+            return Tree(())
+        try:
+            return self.objects.tree(BlockId(cached[0]))
+        except VolsyncError:
+            return Tree(())
+
+    # --- entries -------------------------------------------------------------------------
+    def read_entry(self, rel: bytes, dfd: int, name: bytes, st: os.stat_result
+                   ) -> tuple[Entry, list | None] | None:
+        """The entry and its stat key, or None when it vanished since its lstat."""
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            return self.read_file(rel, dfd, name)
+        path = entry_path(dfd, name)
+        try:
+            xattrs = read_xattrs(path)
+            if stat.S_ISLNK(mode):
+                target = os.readlink(name, dir_fd=dfd)
+                return _entry(name, Kind.LINK, st, 0, target, xattrs), stat_key(st, self.scan_start)
+        except FileNotFoundError:
+            return None  # removed since its lstat: not in this snapshot
+        kind = SPECIAL_KINDS[stat.S_IFMT(mode)]
+        entry = _entry(name, kind, st, 0, b"", xattrs,
+                       rdev=st.st_rdev if kind is not Kind.FIFO else 0)
+        return entry, stat_key(st, self.scan_start)
+
+    def read_file(self, rel: bytes, dfd: int, name: bytes) -> tuple[Entry, list | None] | None:
+        """Hash (and store) a file's blocks; a file that changes while read is read again."""
+        for _ in range(READ_ATTEMPTS):
+            try:
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
+            except OSError as exc:
+                if exc.errno in (errno.ENOENT, errno.ELOOP):
+                    return None  # vanished or replaced by a link: not in this snapshot
+                raise
+            try:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    return None
+                ids, length = self.hash_blocks(fd, before.st_size)
+                xattrs = read_xattrs(fd)
+                after = os.fstat(fd)
+            except SourceReadError as exc:  # say which file could not be read
+                path = os.path.join(os.fsencode(self.volume.root), _join(rel, name))
+                raise OSError(exc.errno, exc.strerror, os.fsdecode(path)) from None
+            finally:
+                os.close(fd)
+            same = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
+                after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+            if same and length == before.st_size:
+                ref = self.objects.content_ref(ids)
+                entry = _entry(name, Kind.FILE, before, length, ref, xattrs)
+                return entry, stat_key(before, self.scan_start)
+        shown = _join(rel, name).decode(errors="replace")
+        raise VolsyncError(f"{shown}: file kept changing while being read; try again later")
+
+    def hash_blocks(self, fd: int, size: int) -> tuple[list[BlockId], int]:
+        """Read a file block by block; a block inside a hole is not read, and a block of
+        zeros is a hole too: both become the hole id, nothing stored."""
+        ids: list[BlockId] = []
+        hole = self.fmt.algo.hole
+        digest = self.fmt.algo.digest
+        bs = self.block_size
+        extents = data_extents(fd, size)
+        length = 0
+        offset = 0
+        while True:
+            if extents is not None and not _has_data(extents, offset, offset + bs):
+                if offset >= size:
+                    break
+                n = min(bs, size - offset)
+                ids.append(hole)
+                length += n
+                offset += n
+                continue
+            try:
+                data = _read_block(fd, bs, offset)
+            except OSError as exc:
+                raise SourceReadError(exc.errno, exc.strerror) from None
+            if not data:
+                break
+            if data == self.zeros[: len(data)]:
+                ids.append(hole)
+            else:
+                block_id = BlockId(digest(data))
+                self.objects.put_block(block_id, data)
+                ids.append(block_id)
+            length += len(data)
+            offset += len(data)
+            self.bytes_read += len(data)
+            if self.progress:
+                self.progress(len(data))
+            if len(data) < bs:
+                break
+        return ids, length
+
+
+def _entry(name: bytes, kind: Kind, st: os.stat_result, size: int, ref: bytes,
+           xattrs: tuple, rdev: int = 0) -> Entry:
+    mode = 0o777 if kind is Kind.LINK else stat.S_IMODE(st.st_mode)
+    return Entry(name, kind, mode, st.st_uid, st.st_gid, st.st_mtime_ns, size, ref, xattrs,
+                 None, rdev)
+
+
+def data_extents(fd: int, size: int) -> list[tuple[int, int]] | None:
+    """The file's data ranges by SEEK_DATA/SEEK_HOLE, or None when the filesystem cannot
+    tell (or the file is too fragmented to be worth it): then every block is read."""
+    extents = []
+    offset = 0
+    try:
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, SEEK_DATA)
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    break  # only a hole from here on
+                raise
+            end = os.lseek(fd, start, SEEK_HOLE)
+            extents.append((start, end))
+            if len(extents) > MAX_EXTENTS:
+                return None
+            offset = end
+    except OSError:
+        return None
+    finally:
+        os.lseek(fd, 0, os.SEEK_SET)
+    if extents == [(0, size)] or (len(extents) == 1 and extents[0][0] == 0
+                                  and extents[0][1] >= size):
+        return None  # no holes: read everything
+    return extents
+
+
+def _has_data(extents: list[tuple[int, int]], start: int, end: int) -> bool:
+    for a, b in extents:
+        if a < end and b > start:
+            return True
+        if a >= end:
+            return False
+    return False
+
+
+class SourceReadError(OSError):
+    """Reading a live-tree file failed (as opposed to writing the store)."""
+
+
+def _read_block(fd: int, size: int, offset: int) -> bytes:
+    fault("read")
+    data = os.pread(fd, size, offset)
+    if 0 < len(data) < size:  # a short read before the end: keep reading
+        parts = [data]
+        got = len(data)
+        while got < size and (more := os.pread(fd, size - got, offset + got)):
+            parts.append(more)
+            got += len(more)
+        data = b"".join(parts)
+    return data
+
+
+def scan(volume: Volume, write: bool = True, progress: Progress | None = None,
+         trust_cache: bool = True) -> tuple[ScanResult, Objects]:
+    objects = Objects(volume, write)
+    return Scanner(volume, objects, progress, trust_cache).run(), objects
