@@ -1,5 +1,5 @@
 """`python -m volsync`: the same entry point as the installed `volsync` script."""
 
-from .cli import main
+from . import run
 
-main()
+run()

@@ -133,6 +133,34 @@ def init(directory: str, block_size: str | None, hash_name: str, out: Output) ->
 
 @cli.command()
 @click.argument("volume")
+@click.option("--hash", "hash_name", type=click.Choice(sorted(HASHES)), default=None,
+              help="How the converted volume names blocks (default: blake3, or the hash of "
+                   "an interrupted upgrade being resumed). Upgrade a source and its mirrors "
+                   "with the same one.")
+@wait_option
+@common_options
+def upgrade(volume: str, hash_name: str | None, wait: float, out: Output) -> None:
+    """Convert a volume of an older format in place to the current one, crash-safe.
+
+    Snapshot numbers and ids are kept, so a source and its mirror upgraded on their own still
+    share their newest common snapshot. Killed at any point, the volume is left in the old
+    or the new format; running it again completes it. Example: volsync upgrade /srv/data"""
+    r = ops.upgrade(volume, hash_name, wait, out.progress("upgrade"))
+    data = {"path": r.path, "status": r.status, "format": 2, "hash": r.hash,
+            "snapshots": r.snapshots, "blocks": r.blocks, "holes": r.holes, "trees": r.trees}
+    if r.status == "already":
+        text = f"{r.path} is already a format-2 volume; nothing changed"
+    elif r.status == "finished":
+        text = f"finished the interrupted upgrade of {r.path} to format 2 ({r.hash})"
+    else:
+        text = (f"upgraded {r.path} to format 2 ({r.hash}): {r.snapshots} snapshot(s), "
+                f"{r.blocks} blocks re-hashed ({r.holes} of zeros, now holes), "
+                f"{r.trees} directories")
+    out.emit(data, text)
+
+
+@cli.command()
+@click.argument("volume")
 @click.option("--label", default=None, help="A label to name the snapshot by.")
 @wait_option
 @common_options
@@ -390,9 +418,10 @@ def resync(src, dst, no_snapshot, dry_run, wait, out) -> None:
 @common_options
 def break_(dst: str, wait: float, out: Output) -> None:
     """Failover: mirror DST becomes read-write at once, keeping its snapshots and live tree."""
-    state = sync.break_mirror(dst, wait)
-    out.emit({"mode": state.mode, "former_upstream": state.extra.get("former_upstream")},
-             f"{dst} is now read-write (was a mirror of {state.extra.get('former_upstream')})")
+    state, already = sync.break_mirror(dst, wait)
+    former = state.extra.get("former_upstream")
+    out.emit({"mode": state.mode, "former_upstream": former, "already_done": already},
+             f"{dst} is {'already' if already else 'now'} read-write (was a mirror of {former})")
 
 
 @cli.command(name="role-swap")
@@ -454,7 +483,10 @@ def main(argv: list[str] | None = None) -> None:
             click.echo(json.dumps({"error": exc.format_message(), "code": exc.exit_code}))
         exc.show()
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except click.exceptions.Abort as exc:
+        if isinstance(exc.__context__, KeyboardInterrupt):
+            click.echo("volsync: interrupted", err=True)
+            sys.exit(130)
         click.echo("volsync: aborted", err=True)
         sys.exit(1)
     except KeyboardInterrupt:

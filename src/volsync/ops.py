@@ -254,6 +254,9 @@ def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None
         m = Materializer(Objects(volume, write=False), volume.fmt, {}, None, progress)
         m.run(bytes(tmp), None, snap.root)  # durable when it returns
         os.unlink(tmp / RESTORE_MARK)
+        meta = volume.tree(snap.root).meta
+        if meta is not None:  # the unlink changed the directory's mtime
+            os.utime(tmp, ns=(meta.mtime_ns, meta.mtime_ns))
         fsync_dir(tmp)
         if target.exists():
             target.rmdir()
@@ -572,3 +575,14 @@ def cached_trees(volume: Volume) -> set[BlockId]:
     """Trees the stat cache may hand back without reading, kept alive with their blocks."""
     roots = [BlockId(v[0]) for v in volume.load_statcache().values()]
     return reachable(volume, [r for r in roots if volume.packs.has(r)])
+
+
+# --- upgrade ------------------------------------------------------------------------------------
+
+def upgrade(path: str, hash_name: str | None = None, wait: float = 0.0,
+            progress: Progress | None = None):
+    """Convert a volume of an older format in place to the current one, crash-safe (see
+    store/upgrade.py); an interrupted upgrade is finished, a current volume left unchanged."""
+    from .store.upgrade import upgrade_volume
+
+    return upgrade_volume(path, hash_name, wait, progress)

@@ -370,17 +370,21 @@ def _commit_dst(plan: TransferPlan, src: Volume, dst: Volume, live_snap: Snapsho
 
 # --- break and role-swap ----------------------------------------------------------------------
 
-def break_mirror(path: str, wait: float = 0.0) -> VolumeState:
-    """Failover: the mirror becomes read-write at once, nothing copied."""
+def break_mirror(path: str, wait: float = 0.0) -> tuple[VolumeState, bool]:
+    """Failover: the mirror becomes read-write at once, nothing copied. Returns the new
+    state and whether it was already broken (a rerun after an interrupted but committed
+    break is done, not an error)."""
     vol = Volume.open(path)
     with writing(vol, wait):
         state = vol.state()
         if state.mode != READ_ONLY:
+            if state.extra.get("former_upstream"):
+                return state, True
             raise BadArgument(f"{vol.root} is already read-write (not a mirror)")
         new = state.with_(mode=READ_WRITE, upstream=None, upstream_id=None,
                           extra={**state.extra, "former_upstream": state.upstream})
         vol.commit(new)
-        return new
+        return new, False
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,8 @@ POINTS = (
     "atomic-write-before-rename", "pack-data-durable", "pack-index-committed",
     "pack-index-dropped", "snapshot-record-written", "state-committed", "live-entry-written",
     "object-received", "role-swap-source-demoted", "role-swap-mirror-promoted", "link-flipped",
+    "upgrade-staged", "upgrade-committed", "upgrade-old-removed", "upgrade-moved",
+    "upgrade-config-final",
 )
 
 _FAULT_OP, _FAULT_ERRNO, _FAULT_FROM, _FAULT_STICKY = "", 0, 0, False

@@ -109,6 +109,8 @@ class PackWriter:
                     fault("fsync")
                     os.fdatasync(self.fd)
                     unsynced = 0
+            except OSError as exc:  # re-raised in the caller's thread, naming the pack
+                self.error = OSError(exc.errno, exc.strerror, str(self.path))
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 self.error = exc
 

@@ -36,6 +36,7 @@ from .trees import decode_tree, empty_tree_id, encode_tree
 META = ".volsync"
 INIT_MARKER = "init-incomplete"  # present while `Volume.create` builds .volsync/
 TMP_DIR = "tmp"  # temp files of live-tree writes: only volsync's own, cleared by the lock holder
+UPGRADE_DIR = "upgrade"  # `volsync upgrade`'s staging area (store/upgrade.py)
 MIN_BLOCK, MAX_BLOCK, DEFAULT_BLOCK = 4 << 10, 4 << 20, 64 << 10
 
 
@@ -81,6 +82,10 @@ class Volume:
             raise NotAVolume(f"{root} is not a volsync volume (run 'volsync init')")
         if is_create_leftover(root):
             raise NotAVolume(f"{root}: an interrupted 'volsync init' (run it again)")
+        if os.path.lexists(self.meta / UPGRADE_DIR):  # an upgrade was interrupted: finish it
+            from .upgrade import finish_interrupted  # here: upgrade.py imports this module
+
+            finish_interrupted(root)
         for sub in (self.meta, self.meta / "packs", self.meta / "snapshots"):
             if sub.is_symlink() or not sub.is_dir():
                 raise IntegrityError(f"{sub} is missing or not a real directory")

@@ -111,7 +111,7 @@ class Materializer:
         try:
             self.sync_dir(fd, b"", live, target)
             meta = self.objects.tree(target).meta
-            if meta is not None and meta != self.objects.tree(live).meta:
+            if meta is not None and (live != target or meta != self.objects.tree(live).meta):
                 apply_metadata(fd, meta, False, self.skipped, os.fstat(fd))
             if meta is not None:
                 self.cache[b""][3][ROOT_KEY_NAME] = stat_key(os.fstat(fd), self.scan_start)
@@ -143,25 +143,37 @@ class Materializer:
             keys[ROOT_KEY_NAME] = old_keys[ROOT_KEY_NAME]
         size = files = 0
         for entry in target:
-            old = live.get(entry.name)
-            old_key = old_keys.get(entry.name)
-            if entry.kind is Kind.DIR:
-                sub_size, sub_files, keys[entry.name] = self.sync_subdir(dfd, rel, entry, old)
-                size, files = size + sub_size, files + sub_files
-                changed |= old is None or old.kind is not Kind.DIR
-                continue
-            if old is not None and old == entry and old_key is not None \
-                    and self._unchanged(dfd, entry, old_key):
-                keys[entry.name] = old_key
-            else:
-                keys[entry.name] = self.write_entry(dfd, rel, entry, old)
-                changed = True
-            if entry.kind is Kind.FILE:
-                size, files = size + entry.size, files + 1
+            try:
+                size, files, changed = self.sync_entry(dfd, rel, entry, live.get(entry.name),
+                                                       old_keys.get(entry.name), keys,
+                                                       size, files, changed)
+            except OSError as exc:
+                if exc.filename:
+                    raise
+                where = os.fsdecode(_join(rel, entry.name))
+                raise OSError(exc.errno, exc.strerror, where) from None
         if changed and self.per_file_sync:
             fsync(dfd)
         self.cache[rel] = [target_id, size, files, keys]
         return size, files
+
+    def sync_entry(self, dfd: int, rel: bytes, entry: Entry, old: Entry | None,
+                   old_key: list | None, keys: dict, size: int, files: int, changed: bool
+                   ) -> tuple[int, int, bool]:
+        """One entry of a directory; returns the updated (size, files, changed)."""
+        if entry.kind is Kind.DIR:
+            sub_size, sub_files, keys[entry.name] = self.sync_subdir(dfd, rel, entry, old)
+            changed |= old is None or old.kind is not Kind.DIR
+            return size + sub_size, files + sub_files, changed
+        if old is not None and old == entry and old_key is not None \
+                and self._unchanged(dfd, entry, old_key):
+            keys[entry.name] = old_key
+        else:
+            keys[entry.name] = self.write_entry(dfd, rel, entry, old)
+            changed = True
+        if entry.kind is Kind.FILE:
+            size, files = size + entry.size, files + 1
+        return size, files, changed
 
     def _unchanged(self, dfd: int, entry: Entry, old_key: list) -> bool:
         """The live entry is as the scan saw it (a hard-link member: still the same inode)."""
