@@ -311,7 +311,7 @@ def test_break_makes_mirror_read_write_keeping_snapshots(pair):
     assert lineage(b) == before_lineage and content(b) == before_content
     write(b, {"written-after-failover": "w"})
     assert snap(b)["number"] == 2
-    assert vs("break", b).code == 1  # already read-write
+    assert okj("break", b)["already_done"]  # a rerun: already read-write, exit 0
 
 
 # --- resync ----------------------------------------------------------------------------------------
@@ -579,21 +579,23 @@ def test_corrupt_src_block_stops_transfer_exit_6(pair):
 def test_manifest_with_unsafe_name_refused_exit_6(pair, tmp_path, bad_name):
     """A snapshot whose tree names '..' (or '.', a path, empty) is refused with exit 6 and
     nothing is written outside DST."""
-    from volsync.model import Entry, Kind, Snapshot, digest_of
+    from volsync.model import Entry, Kind, Snapshot, Tree
     from volsync.ops import new_snapshot_id
     from volsync.store.trees import encode_tree
 
     a, b = pair
     vol = Volume.open(a)
+    digest = vol.fmt.algo.digest
     with vol.locked():
         payload = b"escaped!"
-        blk = digest_of(payload)
+        blk = digest(payload)
         vol.packs.put(blk, payload)
-        inner = encode_tree([Entry(b"escape", Kind.FILE, 0o644, 0, len(payload), blk)])
-        inner_id = digest_of(inner)
+        inner = encode_tree(Tree((Entry(b"escape", Kind.FILE, 0o644, 0, 0, 0, len(payload),
+                                        blk),)))
+        inner_id = digest(inner)
         vol.packs.put(inner_id, inner)
-        root = encode_tree([Entry(bad_name, Kind.DIR, 0o755, 0, 0, inner_id)])
-        root_id = digest_of(root)
+        root = encode_tree(Tree((Entry(bad_name, Kind.DIR, 0o755, 0, 0, 0, 0, inner_id),)))
+        root_id = digest(root)
         vol.packs.put(root_id, root)
         state = vol.state()
         s = Snapshot(new_snapshot_id(), 2, 0.0, None, root_id, len(payload), 1,
@@ -743,18 +745,21 @@ def test_preserved_snapshot_back_in_lineage_is_listed_once(pair, tmp_path):
     verify_clean(a)
 
 
-def test_mtime_only_drift_on_mirror_is_not_a_modification(pair):
-    """A mirror whose files were only touched (or a file created and removed again in a
-    subdirectory) shows no changes in status, and transfer agrees: it proceeds (exit 0)."""
+def test_mtime_only_drift_on_mirror_is_a_modification(pair):
+    """A mirror whose files were only touched (or whose directory got a file created and
+    removed again) no longer stands in exactly for its source: status and verify say so,
+    transfer refuses (exit 5), and resync repairs it."""
     a, b = pair
     os.utime(b / "a.txt", ns=(1, 1))
     (b / "dir" / "scratch").write_text("x")
     (b / "dir" / "scratch").unlink()
-    assert status(b)["changed_paths"] == []
-    verify_clean(b)
+    assert status(b)["changed_paths"] == ["a.txt", "dir/"]
+    assert vs("verify", b).code == 6
     write(a, {"a.txt": "next\n"})
-    assert okj("transfer", a, b)["added"] == [2]
+    refuse(5, "transfer", a, b)
+    assert okj("resync", a, b)["added"] == [2]
     assert content(b) == content(a)
+    verify_clean(b)
     write(b, {"a.txt": "real change\n"})
     assert status(b)["changed_paths"] == ["a.txt"]
     refuse(5, "transfer", a, b)

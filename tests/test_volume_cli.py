@@ -15,6 +15,7 @@ from conftest import age_tree, assert_same_tree, read_tree, spec_to_flat, write_
 
 from volsync import tree as vtree
 from volsync.model import Kind
+from volsync.store.blocklist import block_ids
 from volsync.store.volume import Volume
 
 BASE = {
@@ -342,7 +343,7 @@ def test_symlinks_not_followed(run, make_volume, tmp_path):
                      "dangling": ("link", "nowhere/at/all")})
     s = snap(run, v)
     vol = Volume.open(v)
-    entries = {e.name: e for e in vol.tree(vol.snapshot(s["id"]).root)}
+    entries = {e.name: e for e in vol.tree(vol.snapshot(s["id"]).root).entries}
     assert entries[b"pw"].kind is Kind.LINK and entries[b"pw"].ref == b"/etc/passwd"
     assert entries[b"dl"].kind is Kind.LINK
     out = tmp_path / "out"
@@ -386,27 +387,27 @@ def test_empty_files_and_dirs_round_trip(run, make_volume, tmp_path):
     assert read_tree(out) == spec_to_flat(spec)
 
 
-def test_fifo_skipped_with_warning(run, make_volume, tmp_path):
-    """A fifo is left out of the snapshot with a warning on stderr; the rest is captured."""
+def test_fifo_captured_and_restored(run, make_volume, tmp_path):
+    """A fifo is captured (never opened for reading) and restored as a fifo with its mode."""
     v = make_volume({"f": "x"})
-    os.mkfifo(v / "pipe")
+    os.mkfifo(v / "pipe", 0o640)
     r = run("snapshot", v)
     assert r.code == 0, r
-    assert "pipe" in r.err and "warning" in r.err.lower()
     out = tmp_path / "out"
     assert run("restore", v, "1", out).code == 0
-    assert sorted(os.listdir(out)) == ["f"]
+    st = os.lstat(out / "pipe")
+    assert stat.S_ISFIFO(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o640
 
 
-def test_hard_links_become_separate_files(run, make_volume, tmp_path):
-    """Hard-linked names are restored as independent files with the same content."""
+def test_hard_links_are_kept(run, make_volume, tmp_path):
+    """Hard-linked names are restored as one inode with two names."""
     v = make_volume({"a": "shared"})
     os.link(v / "a", v / "b")
     snap(run, v)
     out = tmp_path / "out"
     assert run("restore", v, "1", out).code == 0
     sa, sb = os.stat(out / "a"), os.stat(out / "b")
-    assert sa.st_ino != sb.st_ino and sa.st_nlink == 1 and sb.st_nlink == 1
+    assert sa.st_ino == sb.st_ino and sa.st_nlink == 2
     assert (out / "b").read_text() == "shared"
 
 
@@ -415,7 +416,7 @@ def test_volsync_dir_never_captured(run, make_volume, tmp_path):
     v = make_volume({"sub": {".volsync": {"x": "data"}}, "f": "1"})
     s = snap(run, v)
     vol = Volume.open(v)
-    names = [e.name for e in vol.tree(vol.snapshot(s["id"]).root)]
+    names = [e.name for e in vol.tree(vol.snapshot(s["id"]).root).entries]
     assert b".volsync" not in names
     out = tmp_path / "out"
     assert run("restore", v, "1", out).code == 0
@@ -471,8 +472,8 @@ def test_file_changing_on_every_read_reported(run, make_volume, monkeypatch):
     v = make_volume({"stable": "s", "hot": "h" * 10_000})
     original = vtree.Scanner.hash_blocks
 
-    def changing(self, fd):
-        out = original(self, fd)
+    def changing(self, fd, size):
+        out = original(self, fd, size)
         path = f"/proc/self/fd/{fd}"
         if os.path.realpath(path).endswith("/hot"):
             with open(os.path.realpath(path), "ab") as f:
@@ -496,8 +497,8 @@ def test_file_changing_once_is_reread_consistently(run, make_volume, monkeypatch
     original = vtree.Scanner.hash_blocks
     calls = []
 
-    def changing_once(self, fd):
-        out = original(self, fd)
+    def changing_once(self, fd, size):
+        out = original(self, fd, size)
         if not calls:
             calls.append(1)
             with open(v / "hot", "ab") as f:
@@ -582,9 +583,10 @@ def _block_location(v: Path, snap_id: str, path: bytes):
     tree_id = vol.snapshot(snap_id).root
     *dirs, name = path.split(b"/")
     for d in dirs:
-        tree_id = {e.name: e for e in vol.tree(tree_id)}[d].ref
-    entry = {e.name: e for e in vol.tree(tree_id)}[name]
-    pack, off, length = vol.packs.index()[entry.blocks()[0]]
+        tree_id = {e.name: e for e in vol.tree(tree_id).entries}[d].ref
+    entry = {e.name: e for e in vol.tree(tree_id).entries}[name]
+    first = next(block_ids(entry.ref, entry.size, vol.fmt, vol.packs.get))
+    pack, off, length = vol.packs.index()[first]
     return vol.meta / "packs" / f"{pack}.pack", off, length
 
 
@@ -987,7 +989,7 @@ def test_symlink_removed_during_scan(run, make_volume, monkeypatch, tmp_path):
             os.unlink(v / "l")
         return real_readlink(path, *a, dir_fd=dir_fd, **k)
 
-    monkeypatch.setattr(vtree.os, "readlink", vanishing_readlink)
+    monkeypatch.setattr(os, "readlink", vanishing_readlink)
     r = run("snapshot", v)
     monkeypatch.undo()
     assert r.code == 0, r

@@ -34,11 +34,15 @@ def comparable(entry: Entry | None, unprivileged: bool) -> Entry | None:
                                     if not x[0].startswith(PRIVILEGED_XATTRS)))
 
 
-def entries_differ(x: Entry, y: Entry) -> bool:
+def entries_differ(x: Entry, y: Entry, inside_changed: bool = False) -> bool:
     """Any difference but a subtree's id (compared by walking it); None owners (not
-    recorded by format 1) match any owner."""
+    recorded by format 1) match any owner. A directory whose content changed has a new mtime
+    for that reason alone: its mtime then counts only with the content (not as a change of its
+    own), so adding a file shows the file, not its directory too."""
     if x.kind is Kind.DIR:
         x = x.with_(ref=y.ref)
+        if inside_changed:
+            x = x.with_(mtime_ns=y.mtime_ns)
     if x.uid is None or y.uid is None:
         x = x.with_(uid=y.uid, gid=y.gid)
     return x != y
@@ -53,7 +57,7 @@ def diff_trees(objects: Objects, a: BlockId | None, b: BlockId | None,
     ta, tb = objects.tree(a), objects.tree(b)
     if not rel and ta.meta is not None and tb.meta is not None:
         ma, mb = comparable(ta.meta, unprivileged), comparable(tb.meta, unprivileged)
-        if entries_differ(ma, mb):
+        if entries_differ(ma, mb, ta.entries != tb.entries):
             yield Change("modified", "/", Kind.DIR)
     old = {e.name: comparable(e, unprivileged) for e in ta.entries}
     new = {e.name: comparable(e, unprivileged) for e in tb.entries}
@@ -63,7 +67,7 @@ def diff_trees(objects: Objects, a: BlockId | None, b: BlockId | None,
         shown = os.fsdecode(path)
         if x is not None and y is not None and x.kind == y.kind:
             if x.kind is Kind.DIR:
-                if entries_differ(x, y):
+                if entries_differ(x, y, x.ref != y.ref):
                     yield Change("modified", shown + "/", Kind.DIR)
                 yield from diff_trees(objects, BlockId(x.ref), BlockId(y.ref), path,
                                       unprivileged)

@@ -32,7 +32,7 @@ def read_xattrs(target: int | bytes) -> tuple[tuple[bytes, bytes], ...]:
     try:
         names = os.listxattr(target) if follow else os.listxattr(target, follow_symlinks=False)
     except OSError as exc:
-        if exc.errno in SKIPPED_ERRNOS:
+        if exc.errno in SKIPPED_ERRNOS + (errno.ENOENT,):  # ENOENT: gone since its lstat
             return ()
         raise
     out = []
@@ -41,7 +41,7 @@ def read_xattrs(target: int | bytes) -> tuple[tuple[bytes, bytes], ...]:
             value = (os.getxattr(target, name) if follow
                      else os.getxattr(target, name, follow_symlinks=False))
         except OSError as exc:
-            if exc.errno in SKIPPED_ERRNOS:
+            if exc.errno in SKIPPED_ERRNOS + (errno.ENOENT,):
                 continue
             raise
         out.append((os.fsencode(name), value))
