@@ -23,10 +23,16 @@ import pytest
 from conftest import age_tree, read_tree, spec_to_flat, write_tree
 from helpers import ok, vs
 
-from volsync.model import Kind
-from volsync.store.packs import PACK_HEADER, RECORD
-from volsync.store.trees import EMPTY_TREE_ID
+from volsync.model import BLAKE3, Kind
+from volsync.store.blocklist import DIRECT_MAX, content_objects
+from volsync.store.packs import PACK_HEADER, record_struct
+from volsync.store.trees import empty_tree_id
 from volsync.store.volume import Volume
+
+ALGO = BLAKE3  # the volumes below use the default hash
+RECORD = record_struct(ALGO)
+EMPTY_TREE_ID = empty_tree_id(ALGO)
+BS = 4096
 
 FIXED_MTIME = 1_600_000_000
 SEED = 20240607
@@ -45,6 +51,8 @@ SPEC1 = {
     "a.txt": "alpha\n",
     "empty": "",
     "big.bin": rnd(5 * 4096 + 100, 1),
+    # more than DIRECT_MAX blocks: its block ids live in a list object (a hole among them)
+    "huge.bin": rnd(20 * BS, 10) + bytes(2 * BS) + rnd((DIRECT_MAX - 2) * BS + 77, 11),
     "dir": {"sub": {"x.txt": rnd(3000, 2)}, "link": ("link", "../a.txt"), "e": {}},
     # two identical directories share one tree object: damage to it must name both paths
     "copy1": {"f.bin": rnd(5000, 3)},
@@ -62,30 +70,35 @@ class Template:
     base: Path
     expected: dict[str, dict[int, dict]]  # volume -> snapshot number -> read_tree() content
     refs: dict[str, dict[bytes, set[tuple[int, str]]]]  # volume -> object id -> (number, path)
+    lists: set[bytes]  # block list objects (of huge.bin)
     unique: set[bytes]  # objects only SRC has (snapshot 4)
     unique_records: set[str]  # snapshot record ids only SRC has
 
 
-def _walk_refs(vol: Path) -> tuple[dict, dict]:
+def _walk_refs(vol: Path) -> tuple[dict, dict, set]:
     v = Volume.open(vol)
+    assert v.fmt.algo is ALGO and v.fmt.block_size == BS
     refs: dict[bytes, set] = defaultdict(set)
+    lists: set[bytes] = set()
 
     def walk(tree_id: bytes, rel: str, number: int) -> None:
         refs[tree_id].add((number, rel or "/"))
-        for e in v.tree(tree_id):
+        for e in v.tree(tree_id).entries:
             path = f"{rel}/{os.fsdecode(e.name)}" if rel else os.fsdecode(e.name)
             if e.kind is Kind.DIR:
                 walk(e.ref, path, number)
             elif e.kind is Kind.FILE:
-                for b in e.blocks():
+                for b, _, is_list in content_objects(e.ref, e.size, v.fmt, v.packs.get):
                     refs[b].add((number, path))
+                    if is_list:
+                        lists.add(b)
 
     numbers = {}
     for snap in v.lineage():
         walk(snap.root, "", snap.number)
         numbers[snap.id] = snap.number
     v.packs.close()
-    return dict(refs), numbers
+    return dict(refs), numbers, lists
 
 
 @pytest.fixture(scope="module")
@@ -96,10 +109,13 @@ def template(tmp_path_factory) -> Template:
     ok("init", src, "--block-size", "4K")
     expected = {1: spec_to_flat(SPEC1)}
     _snap(src)
-    # 2: one block of big.bin changes, a file is added
+    # 2: one block of big.bin and one of huge.bin change (a new list object), a file is added
     big = bytearray(SPEC1["big.bin"])
     big[4096:4200] = rnd(104, 4)
     (src / "big.bin").write_bytes(big)
+    huge = bytearray(SPEC1["huge.bin"])
+    huge[3 * BS : 3 * BS + 50] = rnd(50, 12)
+    (src / "huge.bin").write_bytes(huge)
     (src / "dir" / "new.txt").write_bytes(rnd(2000, 5))
     _snap(src)
     # 3: a file removed, another added
@@ -110,6 +126,8 @@ def template(tmp_path_factory) -> Template:
     # 4: only SRC has it
     (src / "only4.bin").write_bytes(rnd(9000, 7))
     (src / "dir" / "sub" / "x.txt").write_bytes(rnd(3100, 8))
+    huge[30 * BS : 30 * BS + 50] = rnd(50, 13)  # a list object only SRC has
+    (src / "huge.bin").write_bytes(huge)
     _snap(src)
     expected_src = {}
     for n in (1, 2, 3, 4):
@@ -119,12 +137,15 @@ def template(tmp_path_factory) -> Template:
         shutil.rmtree(out)
     assert expected_src[1] == expected[1]
     assert read_tree(mir) == expected_src[3]
-    refs_src, rec_src = _walk_refs(src)
-    refs_mir, rec_mir = _walk_refs(mir)
+    refs_src, rec_src, lists_src = _walk_refs(src)
+    refs_mir, rec_mir, lists_mir = _walk_refs(mir)
     unique = set(refs_src) - set(refs_mir)
     assert unique and set(refs_mir) <= set(refs_src)
+    # huge.bin's list objects: one per version, the last only in SRC
+    assert len(lists_src) == 3 and len(lists_mir) == 2 and lists_src - lists_mir <= unique
     return Template(base, {"src": expected_src, "mir": {n: expected_src[n] for n in (1, 2, 3)}},
-                    {"src": refs_src, "mir": refs_mir}, unique, set(rec_src) - set(rec_mir))
+                    {"src": refs_src, "mir": refs_mir}, lists_src, unique,
+                    set(rec_src) - set(rec_mir))
 
 
 # --- damage -----------------------------------------------------------------------------------
@@ -203,6 +224,22 @@ def pack_damages(path: Path, rng: random.Random) -> list[Damage]:
     return cases
 
 
+def list_damages(path: Path, lists: set[bytes], rng: random.Random) -> list[Damage]:
+    """Damage aimed at the block list objects (of huge.bin) a pack holds: their data flipped
+    or zeroed, their record header flipped."""
+    cases = []
+    for block_id, head, data, length in pack_records(path):
+        if block_id not in lists:
+            continue
+        cases += [Damage("flip", data + rng.randrange(length), bit=rng.randrange(8),
+                         region="list"),
+                  Damage("zero", data + rng.randrange(length // 2), length=ALGO.size,
+                         region="list"),
+                  Damage("flip", head + rng.randrange(RECORD.size), bit=rng.randrange(8),
+                         region="list header")]
+    return cases
+
+
 def hit_records(path: Path, d: Damage, data_only: bool = False) -> list[bytes]:
     """Ids of the records whose header or data (or only data) the damage touches (a pack)."""
     if d.kind == "delete" or d.region == "magic":
@@ -233,7 +270,7 @@ def all_cases(template: Template) -> list[tuple[str, str, Damage]]:
             path = meta / rel
             kind = file_kind(rel)
             if kind == "pack":
-                damages = pack_damages(path, rng)
+                damages = pack_damages(path, rng) + list_damages(path, template.lists, rng)
             else:
                 # several records or indexes: fewer flips each, at least FLIPS per kind
                 n = FLIPS if kind in ("config", "state", "statcache") else 8
@@ -378,16 +415,18 @@ def check_case(template: Template, root: Path, vol_name: str, rel: str, d: Damag
 @pytest.fixture
 def no_fsync(monkeypatch):
     """Durability is not under test here: skip the flushes to disk (hundreds of runs)."""
-    import volsync.tree
+    import volsync.tree.write
 
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
-    monkeypatch.setattr(volsync.tree, "_syncfs", lambda fd: None)
+    monkeypatch.setattr(volsync.tree.write, "syncfs", lambda fd: None)
 
 
 def test_every_damage_is_detected_and_repaired(template, tmp_path, no_fsync):
     cases = all_cases(template)
     assert len(cases) >= 300
+    # every list object of both volumes is damaged (3 in SRC, 2 in MIR)
+    assert sum(d.region == "list" and d.kind == "flip" for _, _, d in cases) == 5
     for i, (vol_name, rel, d) in enumerate(cases):
         root = tmp_path / f"c{i}"
         root.mkdir()
@@ -474,3 +513,34 @@ def test_block_only_the_damaged_volume_had_is_reported_unrepaired(template, tmp_
     assert read_tree(tmp_path / "r3") == template.expected["src"][3]
     assert vs("restore", src, 4, tmp_path / "r4").code == 6
     assert not (tmp_path / "r4").exists()
+
+
+def test_damaged_block_list_named_in_every_snapshot_and_repaired(template, tmp_path, no_fsync):
+    # a big file's block list object damaged: verify names the file in every snapshot that
+    # uses that list, transfer refuses to pass it on, and repair fetches a good copy
+    shutil.copytree(template.base, tmp_path / "t", symlinks=True)
+    src, mir = tmp_path / "t" / "src", tmp_path / "t" / "mir"
+    shared = [o for o in template.lists if o in template.refs["mir"]]
+    for obj in shared:
+        pack, off, length = _record_of(src, obj)
+        assert length % ALGO.size == 0 and length // ALGO.size == DIRECT_MAX + 1
+        Damage("flip", off + length // 2, bit=5).apply(pack)
+    r = vs("verify", src, "--json")
+    assert r.code == 6, r
+    errors = r.json["errors"]
+    for obj in shared:
+        for number, path in template.refs["src"][obj]:
+            assert path == "huge.bin" and any(
+                e.startswith(f"snapshot {number} (") and "huge.bin: block list" in e
+                for e in errors), (number, errors)
+    assert not any("snapshot 4 (" in e and "huge.bin" in e for e in errors), errors
+    t = vs("transfer", src, tmp_path / "new")
+    assert t.code == 6, t
+    rep = vs("verify", src, "--repair-from", mir, "--json")
+    assert rep.code == 0, rep
+    assert sorted(rep.json["repaired"]) == sorted(f"block {o.hex()} fetched from {mir}"
+                                                  for o in shared)
+    assert vs("verify", src).code == 0
+    for number in (1, 2, 4):
+        ok("restore", src, number, tmp_path / f"r{number}")
+        assert read_tree(tmp_path / f"r{number}") == template.expected["src"][number]

@@ -19,10 +19,32 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from volsync.errors import IntegrityError
-from volsync.model import READ_ONLY, READ_WRITE, Entry, Kind, Snapshot, VolumeState, digest_of
-from volsync.store.codec import open_sealed, pack, seal, unpack
+import xxhash
+
+from volsync.model import (
+    BLAKE3,
+    HASHES,
+    READ_ONLY,
+    READ_WRITE,
+    Entry,
+    Format,
+    Kind,
+    Snapshot,
+    Tree,
+    VolumeState,
+)
+from volsync.store.blocklist import depth_of
+from volsync.store.codec import FORMAT_VERSION, open_sealed, pack, seal, unpack
 from volsync.store.packs import read_index
-from volsync.store.trees import decode_tree, encode_tree, valid_name
+from volsync.store.trees import (
+    MAX_XATTR_NAME,
+    MAX_XATTR_VALUE,
+    META_NAME,
+    decode_tree,
+    encode_tree,
+    valid_name,
+    valid_path,
+)
 from volsync.store.volume import Volume, snapshot_body, snapshot_from_body
 
 KINDS = ("config", "state", "snapshot", "index", "statcache")
@@ -55,14 +77,24 @@ def bounded(fn, *args):
 # --- valid encodings and their mutations ------------------------------------------------------
 
 SNAP_ID = "0123456789abcdef0123456789abcdef"
+ALGO = BLAKE3
+FMT = Format(ALGO, 4096)
+ID = ALGO.size
+digest_of = ALGO.digest
 ROOT = digest_of(b"root")
-ENTRIES = [
-    Entry(b"a", Kind.FILE, 0o644, 1_600_000_000_000_000_000, 5, digest_of(b"x") + digest_of(b"y")),
-    Entry(b"d", Kind.DIR, 0o755, 1, 0, digest_of(b"sub")),
-    Entry(b"l", Kind.LINK, 0o777, 2, 0, b"../target"),
-]
+ENTRIES = (
+    Entry(b"a", Kind.FILE, 0o644, 1000, 1000, 1_600_000_000_000_000_000, 5000,
+          digest_of(b"x") + digest_of(b"y"), ((b"user.k", b"v"),)),
+    Entry(b"b", Kind.FILE, 0o644, 0, 0, 1, 5000, digest_of(b"x") + ALGO.hole, (), b"a"),
+    Entry(b"big", Kind.FILE, 0o600, 0, 0, 1, 40 * 4096, digest_of(b"list")),
+    Entry(b"d", Kind.DIR, 0o755, None, None, 1, 0, digest_of(b"sub")),
+    Entry(b"dev", Kind.CHR, 0o600, 0, 0, 1, 0, b"", (), None, 259),
+    Entry(b"l", Kind.LINK, 0o777, 0, 0, 2, 0, b"../target"),
+    Entry(b"p", Kind.FIFO, 0o600, 0, 0, 2, 0, b""),
+)
+ROOT_META = Entry(b"", Kind.DIR, 0o755, 0, 0, 3, 0, b"", ((b"user.root", b""),))
 VALID_BODIES = {
-    "config": {"volume_id": "ab" * 16, "block_size": 65536, "hash": "xxh3-128",
+    "config": {"volume_id": "ab" * 16, "block_size": 65536, "hash": "blake3",
                "created": 1.5e9},
     "state": {"mode": "read-only", "upstream": "/srv/a", "upstream_id": "cd" * 16,
               "lineage": [SNAP_ID, "f" * 32], "preserved": ["e" * 32],
@@ -74,7 +106,7 @@ VALID_BODIES = {
                   b"d": [ROOT, 0, 0, {}]},
 }
 VALID = {k: seal(k, v) for k, v in VALID_BODIES.items()}
-VALID_TREE = encode_tree(ENTRIES)
+VALID_TREE = encode_tree(Tree(ENTRIES, ROOT_META))
 
 
 def huge_headers() -> list[bytes]:
@@ -126,7 +158,7 @@ def any_bytes(base: bytes):
 scalars = st.one_of(
     st.none(), st.booleans(), st.integers(-(2**63), 2**64 - 1), st.floats(allow_nan=True),
     st.text(max_size=40), st.binary(max_size=40),
-    st.sampled_from([SNAP_ID, "read-only", "read-write", "xxh3-128", ROOT, b"", "", 0, -1,
+    st.sampled_from([SNAP_ID, "read-only", "read-write", "xxh3-128", "blake3", ROOT, b"", "", 0, -1,
                      float("inf"), 10**19, 65536, "../../etc", "a/b", "x" * 32]),
 )
 values = st.recursive(
@@ -190,48 +222,96 @@ def test_memory_bomb_shapes_are_refused_cheaply():
             result = bounded(open_sealed, bomb, kind, "fuzz")
             assert isinstance(result, IntegrityError)
         # sealed with a valid checksum: the body itself is the bomb
-        assert isinstance(bounded(open_sealed, pack(["volsync", 1, "state", bomb, 0]),
-                                  "state", "fuzz"), IntegrityError)
+        sealed = pack(["volsync", FORMAT_VERSION, "state", bomb, xxhash.xxh3_64_intdigest(bomb)])
+        assert isinstance(bounded(open_sealed, sealed, "state", "fuzz"), IntegrityError)
 
 
 # --- tree objects -----------------------------------------------------------------------------
 
+def _check_xattrs(xattrs) -> None:
+    assert isinstance(xattrs, tuple)
+    names = [k for k, _ in xattrs]
+    assert names == sorted(set(names))
+    for k, v in xattrs:
+        assert isinstance(k, bytes) and isinstance(v, bytes)
+        assert 0 < len(k) <= MAX_XATTR_NAME and b"\0" not in k and len(v) <= MAX_XATTR_VALUE
+
+
+def _owner(v) -> bool:
+    return v is None or (type(v) is int and 0 <= v < 1 << 32)
+
+
 def check_tree(data: bytes) -> None:
     for tree_id in (None, digest_of(data)):
-        result = bounded(decode_tree, data, tree_id)
+        result = bounded(decode_tree, data, tree_id, FMT)
         if isinstance(result, IntegrityError):
             continue
+        assert isinstance(result, Tree)
         previous = b""
-        for e in result:
+        for e in result.entries:
             assert isinstance(e, Entry) and valid_name(e.name) and e.name > previous
             previous = e.name
-            assert e.kind in (Kind.FILE, Kind.DIR, Kind.LINK)
+            assert e.kind in tuple(Kind)
             assert isinstance(e.ref, bytes) and 0 <= e.mode <= 0o7777 and e.size >= 0
-            assert all(type(v) is int for v in (e.mode, e.mtime_ns, e.size))
+            assert all(type(v) is int for v in (e.mode, e.mtime_ns, e.size, e.rdev))
+            assert _owner(e.uid) and _owner(e.gid)
+            _check_xattrs(e.xattrs)
+            assert e.link is None or (e.kind is Kind.FILE and valid_path(e.link))
+            assert e.rdev == 0 or e.kind in (Kind.CHR, Kind.BLK)
             if e.kind is Kind.DIR:
-                assert len(e.ref) == 16
+                assert len(e.ref) == ID and e.size == 0
             if e.kind is Kind.FILE:
-                assert len(e.ref) % 16 == 0
+                blocks = FMT.blocks_of(e.size)
+                assert len(e.ref) == (ID if depth_of(blocks) else blocks * ID)
             if e.kind is Kind.LINK:
-                assert e.ref and b"\0" not in e.ref
-    assert isinstance(bounded(decode_tree, data, digest_of(data + b"x")), IntegrityError)
+                assert e.ref and b"\0" not in e.ref and len(e.ref) <= 4096
+            if e.kind in (Kind.FIFO, Kind.CHR, Kind.BLK):
+                assert e.ref == b"" and e.size == 0
+        if result.meta is not None:
+            m = result.meta
+            assert m.name == b"" and m.kind is Kind.DIR and 0 <= m.mode <= 0o7777
+            assert _owner(m.uid) and _owner(m.gid) and type(m.mtime_ns) is int
+            _check_xattrs(m.xattrs)
+            assert META_NAME not in {e.name for e in result.entries}
+    assert isinstance(bounded(decode_tree, data, digest_of(data + b"x"), FMT), IntegrityError)
 
 
+names = st.one_of(st.binary(max_size=6),
+                  st.sampled_from([b".", b"..", b"a/b", b"/", b"a\0", b"", b"ok", META_NAME]))
+xattr_lists = st.one_of(
+    st.lists(st.tuples(st.one_of(st.binary(max_size=8), st.sampled_from([b"user.a\0", b""])),
+                       st.one_of(st.binary(max_size=8), values)).map(list), max_size=3),
+    values)
 raw_entries = st.lists(st.one_of(
-    st.tuples(st.one_of(st.binary(max_size=6),
-                        st.sampled_from([b".", b"..", b"a/b", b"/", b"a\0", b"", b"ok"])),
-              st.one_of(st.integers(-1, 4), values), st.one_of(st.integers(-1, 0o10000), values),
-              values, st.one_of(st.integers(-1, 10), values),
-              st.one_of(st.binary(max_size=48), values)).map(list),
+    st.tuples(names,
+              st.one_of(st.integers(-1, 7), values), st.one_of(st.integers(-1, 0o10000), values),
+              st.one_of(st.integers(-1, 2**32), values), st.one_of(st.integers(-1, 2**32), values),
+              values, st.one_of(st.integers(-1, 200_000), values),
+              st.one_of(st.binary(max_size=3 * ID), st.sampled_from([ROOT, ROOT * 2, ALGO.hole]),
+                        values),
+              xattr_lists,
+              st.one_of(st.none(), st.sampled_from([b"a", b"../a", b"/a", b"a/b", b"a//b", b""]),
+                        values),
+              st.one_of(st.integers(-1, 300), values)).map(list),
     values), max_size=6)
+root_metas = st.one_of(
+    st.none(), values,
+    st.tuples(st.one_of(st.integers(-1, 0o10000), values), values, values, values,
+              xattr_lists).map(list))
 
 
 @FUZZ
 @given(data=st.one_of(any_bytes(VALID_TREE),
+                      st.tuples(raw_entries, root_metas).map(lambda t: pack(["T2", *t])),
                       raw_entries.map(lambda es: pack(["T1", es])),
-                      st.tuples(values, values).map(lambda t: pack(list(t)))))
+                      st.tuples(values, values, values).map(lambda t: pack(list(t)))))
 def test_decode_tree(data):
     check_tree(data)
+
+
+def test_valid_tree_decodes():
+    """The base every tree mutation starts from is itself a valid tree (with every kind)."""
+    assert decode_tree(VALID_TREE, digest_of(VALID_TREE), FMT) == Tree(ENTRIES, ROOT_META)
 
 
 # --- pack indexes -----------------------------------------------------------------------------
@@ -243,13 +323,13 @@ def test_read_index(tmp_path):
     @given(data=inputs("index"))
     def check(data):
         path.write_bytes(data)
-        result = bounded(read_index, path)
+        result = bounded(read_index, path, ID)
         if isinstance(result, IntegrityError):
             return
         name, entries = result
         assert name == path.stem
         for block_id, off, length in entries:
-            assert isinstance(block_id, bytes) and len(block_id) == 16
+            assert isinstance(block_id, bytes) and len(block_id) == ID
             assert type(off) is int and type(length) is int and off >= 0 and length >= 0
 
     check()
@@ -258,7 +338,7 @@ def test_read_index(tmp_path):
 # --- snapshot records -------------------------------------------------------------------------
 
 def open_snapshot(data: bytes) -> Snapshot:
-    return snapshot_from_body(open_sealed(data, "snapshot", "fuzz"), SNAP_ID)
+    return snapshot_from_body(open_sealed(data, "snapshot", "fuzz"), SNAP_ID, ID)
 
 
 @FUZZ
@@ -271,7 +351,7 @@ def test_snapshot_record(data):
     assert type(snap.number) is int and type(snap.size) is int and type(snap.files) is int
     assert isinstance(snap.created, float)
     assert snap.label is None or isinstance(snap.label, str)
-    assert isinstance(snap.root, bytes) and len(snap.root) == 16
+    assert isinstance(snap.root, bytes) and len(snap.root) == ID
     assert isinstance(snap.origin, str)
 
 
@@ -320,7 +400,8 @@ def test_config(volume):
         if isinstance(vol, IntegrityError):
             return
         c = vol.config
-        assert isinstance(c.volume_id, str) and c.hash == "xxh3-128"
+        assert isinstance(c.volume_id, str) and c.hash in HASHES
+        assert vol.fmt.algo is HASHES[c.hash]
         assert type(c.block_size) is int and 4096 <= c.block_size <= 4 << 20
         assert isinstance(c.created, float)
 
@@ -346,7 +427,7 @@ def test_statcache(volume):
         assert isinstance(cache, dict)
         for rel, value in cache.items():
             assert isinstance(rel, bytes) and isinstance(value, list) and len(value) == 4
-            assert isinstance(value[0], bytes) and len(value[0]) == 16
+            assert isinstance(value[0], bytes) and len(value[0]) == volume.fmt.algo.size
             assert isinstance(value[3], dict)
         result = scan(volume, write=False)[0]
         assert result.root == expected

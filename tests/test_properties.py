@@ -125,7 +125,7 @@ def test_snapshots_restore_and_revert(ops_list, revert_pick, final_edits):
         # revert to a lineage snapshot
         lineage = list(state.lineage)
         target = lineage[revert_pick % len(lineage)]
-        plan = ops.revert(vol, target)
+        plan, _ = ops.revert(vol, target)
         assert read_tree(root, mtimes=True) == captured[target]
         after = vol.state()
         keep = lineage[: lineage.index(target) + 1]

@@ -15,19 +15,18 @@ def crash(point: str, *args) -> None:
     assert r.code == CRASHED, r
 
 
-def test_temp_leftover_is_hidden_then_removed(tmp_path):
-    # a materialize killed mid-write leaves a .volsync-tmp-* file: status does not list it and
-    # the next command removes it
+def test_temp_leftover_stays_in_volsync_tmp_then_is_removed(tmp_path):
+    # a live-tree write killed between writing a temp file and renaming it leaves the temp in
+    # .volsync/tmp/ only (never in the live tree); the next command empties it
     a = make_volume(tmp_path / "A", {"f": "one", "big": os.urandom(300_000)})
     ok("transfer", a, tmp_path / "B")
     write(a, {"g": "new file", "big": os.urandom(300_000)})
-    crash("live-entry-written:1", "transfer", a, tmp_path / "B")
+    crash("live-temp-written:1", "transfer", a, tmp_path / "B")
     b = tmp_path / "B"
-    strays = [p for p in b.rglob(".volsync-tmp-*")]
-    assert strays, "the crash point is inside a temp-file write"
-    assert all(".volsync-tmp-" not in p for p in status(b)["changed_paths"])
+    assert os.listdir(b / ".volsync" / "tmp"), "the crash point is after a temp-file write"
+    assert all("tmp" not in p for p in status(b)["changed_paths"])
     ok("transfer", a, b)
-    assert not list(b.rglob(".volsync-tmp-*"))
+    assert not os.listdir(b / ".volsync" / "tmp")
     assert content(b) == content(a)
     verify_clean(b)
 

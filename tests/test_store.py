@@ -12,12 +12,23 @@ import pytest
 import xxhash
 
 from volsync.errors import IntegrityError, VolumeLocked
-from volsync.model import Entry, Kind, digest_of
+from volsync.model import BLAKE3, XXH3, Entry, Format, Kind, Tree
 from volsync.store import fsutil
-from volsync.store.codec import open_sealed, pack, seal
+from volsync.store.blocklist import DIRECT_MAX, FANOUT, build_ref
+from volsync.store.codec import FORMAT_VERSION, open_sealed, pack, seal
 from volsync.store.lock import VolumeLock, current_holder
-from volsync.store.packs import PackStore, PackWriter
-from volsync.store.trees import EMPTY_TREE, decode_tree, encode_tree
+from volsync.store.packs import PACK_HEADER, PackStore, PackWriter, read_index, record_struct
+from volsync.store.trees import (
+    EMPTY_TREE,
+    MAX_XATTR_VALUE,
+    decode_tree,
+    empty_tree_id,
+    encode_tree,
+)
+
+ALGO = BLAKE3  # the default hash; XXH3 volumes are covered where ids' size matters
+digest_of = ALGO.digest
+RECORD = record_struct(ALGO)
 
 # --- packs ----------------------------------------------------------------------------------
 
@@ -44,7 +55,7 @@ def put_all(store: PackStore, datas: list[bytes]) -> list[bytes]:
 
 def test_put_get_has_before_and_after_flush_and_reopen(packdir):
     """Objects are readable before flush (from the writer), after flush, and after reopen."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     datas = [blob(i) for i in range(5)]
     ids = put_all(s, datas)
     assert all(s.has(i) for i in ids)
@@ -54,7 +65,7 @@ def test_put_get_has_before_and_after_flush_and_reopen(packdir):
     assert len(list(packdir.glob("*.idx"))) == 1
     assert [s.get(i, verify=True) for i in ids] == datas
     s.close()
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     assert all(s2.has(i) for i in ids)
     assert [s2.get(i, verify=True) for i in ids] == datas
     assert s2.length(ids[0]) == len(datas[0])
@@ -66,7 +77,7 @@ def test_put_get_has_before_and_after_flush_and_reopen(packdir):
 
 def test_put_is_idempotent(packdir):
     """Putting an object already stored writes nothing and returns False."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     d = blob(1)
     assert s.put(digest_of(d), d) is True
     assert s.put(digest_of(d), d) is False
@@ -79,18 +90,18 @@ def test_put_is_idempotent(packdir):
 
 def test_unflushed_objects_discarded(packdir):
     """discard (an aborted run) drops unflushed objects and their pack file."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     ids = put_all(s, [blob(1)])
     s.discard()
     assert not s.has(ids[0])
     assert not list(packdir.glob("*.pack"))
     s.close()
-    assert not PackStore(packdir).has(ids[0])
+    assert not PackStore(packdir, ALGO).has(ids[0])
 
 
 def test_empty_flush_leaves_nothing(packdir):
     """flush with nothing put creates no pack."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     s.flush()
     assert list(packdir.iterdir()) == []
 
@@ -105,14 +116,14 @@ def _flip(path, offset: int) -> None:
 
 def test_verify_detects_corruption(packdir):
     """get(verify=True) refuses data that no longer matches its id; other objects still read."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     datas = [blob(i) for i in range(3)]
     ids = put_all(s, datas)
     s.flush()
     name, off, _ = s.index()[ids[1]]
     s.close()
     _flip(packdir / f"{name}.pack", off + 5)
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     assert s2.get(ids[1]) != datas[1]  # unverified read returns the bad bytes
     with pytest.raises(IntegrityError):
         s2.get(ids[1], verify=True)
@@ -122,19 +133,19 @@ def test_verify_detects_corruption(packdir):
 
 def test_truncated_pack_read_is_integrity_error(packdir):
     """Reading an object past the end of a truncated pack is an IntegrityError."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     ids = put_all(s, [blob(i) for i in range(3)])
     s.flush()
     name, off, _ = s.index()[ids[2]]
     s.close()
     os.truncate(packdir / f"{name}.pack", off + 3)
     with pytest.raises(IntegrityError):
-        PackStore(packdir).get(ids[2])
+        PackStore(packdir, ALGO).get(ids[2])
 
 
 def test_bad_index_recorded_not_fatal(packdir):
     """A corrupt pack index is reported in bad_indexes; other packs stay readable."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     a = put_all(s, [blob(1)])
     s.flush()
     b = put_all(s, [blob(2)])
@@ -142,7 +153,7 @@ def test_bad_index_recorded_not_fatal(packdir):
     bad_name = s.index()[b[0]][0]
     s.close()
     _flip(packdir / f"{bad_name}.idx", 20)
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     assert s2.get(a[0], verify=True) == blob(1)
     assert not s2.has(b[0])
     assert [n for n, _ in s2.bad_indexes] == [f"{bad_name}.idx"]
@@ -151,10 +162,10 @@ def test_bad_index_recorded_not_fatal(packdir):
 def test_orphan_pack_adopted(packdir):
     """A pack without an index (crashed writer) is indexed: its intact records are kept, a
     torn tail is cut off, and indexed packs are untouched."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     ids = put_all(s, [blob(1)])
     s.flush()
-    w = PackWriter(packdir)
+    w = PackWriter(packdir, RECORD)
     w.add(digest_of(blob(9)), blob(9))
     w.add(digest_of(blob(8)), blob(8))
     w.flush()
@@ -163,41 +174,41 @@ def test_orphan_pack_adopted(packdir):
     orphan = w.path
     with open(orphan, "r+b") as f:  # tear the last record, as a crash mid-write would
         f.truncate(orphan.stat().st_size - 100)
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     assert s2.adopt_orphans() == 1
     assert orphan.with_suffix(".idx").exists()
     assert s2.get(ids[0], verify=True) == blob(1)
     assert s2.get(digest_of(blob(9)), verify=True) == blob(9)
     assert not s2.has(digest_of(blob(8)))
-    assert PackStore(packdir).get(digest_of(blob(9)), verify=True) == blob(9)
+    assert PackStore(packdir, ALGO).get(digest_of(blob(9)), verify=True) == blob(9)
 
 
 def test_orphan_pack_with_nothing_intact_removed(packdir):
     """An orphan whose first record is already torn holds nothing: it is deleted."""
-    w = PackWriter(packdir)
+    w = PackWriter(packdir, RECORD)
     w.add(digest_of(blob(9)), blob(9))
     w.drain()
     os.close(w.fd)
     with open(w.path, "r+b") as f:
         f.truncate(30)
-    assert PackStore(packdir).adopt_orphans() == 0
+    assert PackStore(packdir, ALGO).adopt_orphans() == 0
     assert not w.path.exists()
 
 
 def test_adopt_orphans_spares_own_writer(packdir):
     """adopt_orphans leaves alone the pack this store is currently writing."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     ids = put_all(s, [blob(1)])
     s.adopt_orphans()
     s.flush()
-    assert PackStore(packdir).get(ids[0], verify=True) == blob(1)
+    assert PackStore(packdir, ALGO).get(ids[0], verify=True) == blob(1)
     assert len(list(packdir.glob("*.idx"))) == 1
 
 
 def test_repack_frees_garbage_keeps_live(packdir):
     """repack drops objects not in the live set, keeps the live ones readable across reopen,
     and removes the old packs."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     datas = [blob(i, 2000 + i) for i in range(6)]
     ids = put_all(s, datas)
     s.flush()
@@ -209,7 +220,7 @@ def test_repack_frees_garbage_keeps_live(packdir):
     assert freed == 3
     assert freed_bytes == sum(len(datas[i]) for i in (1, 3, 5))
     s.close()
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     for i in (0, 2, 4):
         assert s2.get(ids[i], verify=True) == datas[i]
     for i in (1, 3, 5):
@@ -223,7 +234,7 @@ def test_repack_frees_garbage_keeps_live(packdir):
 
 def test_repack_everything_dead(packdir):
     """repack with an empty live set leaves no packs."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     put_all(s, [blob(i) for i in range(3)])
     s.flush()
     assert s.repack(set())[0] == 3
@@ -232,18 +243,18 @@ def test_repack_everything_dead(packdir):
 
 def test_salvage_keeps_good_records(packdir):
     """salvage rewrites a damaged pack keeping only records that still match their ids."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     datas = [blob(i) for i in range(4)]
     ids = put_all(s, datas)
     s.flush()
     name, off, _ = s.index()[ids[1]]
     s.close()
     _flip(packdir / f"{name}.pack", off + 1)
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     assert s2.salvage({name}) == 3
     s2.close()
     assert not (packdir / f"{name}.pack").exists()
-    s3 = PackStore(packdir)
+    s3 = PackStore(packdir, ALGO)
     for i in (0, 2, 3):
         assert s3.get(ids[i], verify=True) == datas[i]
     assert not s3.has(ids[1])
@@ -251,24 +262,24 @@ def test_salvage_keeps_good_records(packdir):
 
 def test_salvage_truncated_pack(packdir):
     """salvage of a truncated pack keeps the records before the cut."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     datas = [blob(i) for i in range(4)]
     ids = put_all(s, datas)
     s.flush()
     name, off, _ = s.index()[ids[2]]
     s.close()
     os.truncate(packdir / f"{name}.pack", off + 10)
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     assert s2.salvage({name}) == 2
     s2.close()
-    s3 = PackStore(packdir)
+    s3 = PackStore(packdir, ALGO)
     assert [s3.has(i) for i in ids] == [True, True, False, False]
     assert s3.get(ids[1], verify=True) == datas[1]
 
 
 def test_scan_pack_reports_records(packdir):
     """scan_pack yields every record with its data; a bad header is an IntegrityError."""
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     datas = [blob(i) for i in range(3)]
     ids = put_all(s, datas)
     s.flush()
@@ -277,6 +288,31 @@ def test_scan_pack_reports_records(packdir):
     _flip(packdir / f"{name}.pack", 0)
     with pytest.raises(IntegrityError):
         list(s.scan_pack(name))
+
+
+def test_pack_records_and_index_follow_the_volume_hash(tmp_path):
+    """An XXH3 store writes 16-byte ids in its record headers and index; a BLAKE3 store 32;
+    each reads back only its own."""
+    for algo in (BLAKE3, XXH3):
+        d = tmp_path / algo.name
+        d.mkdir()
+        s = PackStore(d, algo)
+        datas = [blob(i) for i in range(3)]
+        ids = [algo.digest(x) for x in datas]
+        for i, x in zip(ids, datas):
+            s.put(i, x)
+        s.flush()
+        name = s.pack_names()[0]
+        raw = (d / f"{name}.pack").read_bytes()
+        assert raw.startswith(PACK_HEADER)
+        rec = record_struct(algo)
+        assert rec.unpack_from(raw, len(PACK_HEADER)) == (ids[0], len(datas[0]))
+        assert [e[0] for e in read_index(d / f"{name}.idx", algo.size)[1]] == ids
+        assert [(i, x) for i, _, x in s.scan_pack(name)] == list(zip(ids, datas))
+        s.close()
+        other = XXH3 if algo is BLAKE3 else BLAKE3
+        with pytest.raises(IntegrityError):
+            read_index(d / f"{name}.idx", other.size + 1)
 
 
 # --- codec ----------------------------------------------------------------------------------
@@ -337,7 +373,7 @@ def test_open_sealed_rejects_garbage(garbage):
 def test_open_sealed_rejects_undecodable_body():
     """A body with a valid checksum but undecodable content is refused."""
     body = b"\xc1\xc1"
-    bad = msgpack.packb(["volsync", 1, "state", body, xxhash.xxh3_64_intdigest(body)],
+    bad = msgpack.packb(["volsync", FORMAT_VERSION, "state", body, xxhash.xxh3_64_intdigest(body)],
                         use_bin_type=True)
     with pytest.raises(IntegrityError):
         open_sealed(bad, "state", "t")
@@ -345,65 +381,213 @@ def test_open_sealed_rejects_undecodable_body():
 
 # --- tree objects ---------------------------------------------------------------------------
 
-D = b"\x11" * 16
+BS = 4096
+FMT = Format(ALGO, BS)
+D = b"\x11" * ALGO.size
 
 
-def raw_entry(name=b"f", kind=1, mode=0o644, mtime=1, size=3, ref=D):
-    return [name, kind, mode, mtime, size, ref]
+def entry(name: bytes, kind: Kind, mode: int = 0o644, size: int = 0, ref: bytes = b"",
+          uid: int | None = 0, gid: int | None = 0, mtime: int = 1, xattrs=(), link=None,
+          rdev: int = 0) -> Entry:
+    return Entry(name, kind, mode, uid, gid, mtime, size, ref, tuple(xattrs), link, rdev)
 
 
-def tree_bytes(entries, tag="T1") -> bytes:
-    return pack([tag, entries])
+def raw_entry(name=b"f", kind=1, mode=0o644, uid=0, gid=0, mtime=1, size=3, ref=D, xattrs=(),
+              link=None, rdev=0):
+    return [name, kind, mode, uid, gid, mtime, size, ref, [list(x) for x in xattrs], link, rdev]
+
+
+def tree_bytes(entries, tag="T2", root=None) -> bytes:
+    return pack([tag, entries, root])
+
+
+def decode(data: bytes, tree_id=None, fmt: Format = FMT) -> Tree:
+    return decode_tree(data, tree_id, fmt)
+
+
+ROOT_META = entry(b"", Kind.DIR, 0o755, uid=5, gid=6, mtime=9, xattrs=[(b"user.r", b"v")])
 
 
 def test_tree_round_trip():
-    """encode_tree/decode_tree round-trip files, dirs and links; the id is checked."""
-    entries = [Entry(b"a", Kind.FILE, 0o644, 5, 3, D + D), Entry(b"b", Kind.DIR, 0o755, 6, 0, D),
-               Entry(b"c", Kind.LINK, 0o777, 7, 0, b"/etc/passwd")]
-    data = encode_tree(entries)
-    assert decode_tree(data, digest_of(data)) == entries
-    assert decode_tree(EMPTY_TREE) == []
+    """encode_tree/decode_tree round-trip every kind and field (owners, xattrs, hard-link
+    groups, devices, direct and listed block refs, the root's metadata); the id is checked."""
+    big = (DIRECT_MAX + 1) * BS  # a listed file: its ref is one list id
+    entries = (
+        entry(b"a", Kind.FILE, size=BS + 1, ref=D + D, uid=1000, gid=1001,
+              xattrs=[(b"system.posix_acl_access", b"\x02\x00"), (b"user.k", b"")]),
+        entry(b"a-link", Kind.FILE, size=BS + 1, ref=D + D, link=b"a"),
+        entry(b"b", Kind.DIR, 0o1777, ref=D, uid=None, gid=None),
+        entry(b"big", Kind.FILE, 0o4755, size=big, ref=D),
+        entry(b"c", Kind.LINK, 0o777, ref=b"/etc/passwd", mtime=-123_456_789_012),
+        entry(b"dev", Kind.CHR, 0o600, rdev=os.makedev(1, 3)),
+        entry(b"disk", Kind.BLK, 0o600, rdev=os.makedev(8, 0)),
+        entry(b"empty", Kind.FILE, size=0, ref=b""),
+        entry(b"fifo", Kind.FIFO, 0o600),
+        entry(b"hole", Kind.FILE, size=BS, ref=ALGO.hole, mtime=2**62),
+    )
+    for tree in (Tree(entries), Tree(entries, ROOT_META), Tree((), ROOT_META)):
+        data = encode_tree(tree)
+        assert decode(data, ALGO.digest(data)) == tree
+        with pytest.raises(IntegrityError):
+            decode(data, digest_of(b"other"))
+    assert decode(EMPTY_TREE) == Tree(())
+    assert empty_tree_id(ALGO) == ALGO.digest(EMPTY_TREE)
+
+
+def test_tree_ids_follow_the_volume_hash():
+    """An XXH3 volume's trees hold 16-byte ids; a BLAKE3 id (32 bytes) is refused there."""
+    fmt16 = Format(XXH3, BS)
+    d16 = b"\x22" * XXH3.size
+    tree = Tree((entry(b"d", Kind.DIR, 0o755, ref=d16), entry(b"f", Kind.FILE, size=5, ref=d16)))
+    data = encode_tree(tree)
+    assert decode(data, XXH3.digest(data), fmt16) == tree
     with pytest.raises(IntegrityError):
-        decode_tree(data, digest_of(b"other"))
+        decode(data, None, FMT)  # 16-byte ids in a 32-byte format
+    with pytest.raises(IntegrityError):
+        decode(tree_bytes([raw_entry(ref=D)]), None, fmt16)
+    with pytest.raises(IntegrityError):
+        decode(data, ALGO.digest(data), fmt16)  # named by the other hash
 
 
-@pytest.mark.parametrize("name", [b"..", b".", b"", b"a/b", b"/", b"/abs", b"a\0b", "str", 5])
+@pytest.mark.parametrize("name", [b"..", b".", b"", b"a/b", b"/", b"/abs", b"a\0b", "str", 5,
+                                  b"x" * 4097, None])
 def test_decode_tree_rejects_bad_names(name):
-    """Unsafe or malformed names ('..', '/', NUL, empty, not bytes) are refused."""
+    """Unsafe or malformed names ('..', '/', NUL, empty, too long, not bytes) are refused."""
     with pytest.raises(IntegrityError):
-        decode_tree(tree_bytes([raw_entry(name=name)]))
+        decode(tree_bytes([raw_entry(name=name)]))
 
 
 def test_decode_tree_rejects_unsorted_and_duplicates():
     """Entries must be strictly sorted by name."""
     with pytest.raises(IntegrityError):
-        decode_tree(tree_bytes([raw_entry(name=b"b"), raw_entry(name=b"a")]))
+        decode(tree_bytes([raw_entry(name=b"b"), raw_entry(name=b"a")]))
     with pytest.raises(IntegrityError):
-        decode_tree(tree_bytes([raw_entry(name=b"a"), raw_entry(name=b"a")]))
-    assert len(decode_tree(tree_bytes([raw_entry(name=b"a"), raw_entry(name=b"b")]))) == 2
+        decode(tree_bytes([raw_entry(name=b"a"), raw_entry(name=b"a")]))
+    assert len(decode(tree_bytes([raw_entry(name=b"a"), raw_entry(name=b"b")])).entries) == 2
+
+
+def test_top_level_tree_naming_volsync_refused():
+    """A snapshot's top directory (the tree with root metadata) may not name .volsync; a
+    subdirectory's may (a user directory of that name below the top is data)."""
+    root = [0o755, 0, 0, 1, []]
+    with pytest.raises(IntegrityError):
+        decode(tree_bytes([raw_entry(name=b".volsync", kind=2, ref=D, size=0)], root=root))
+    with pytest.raises(IntegrityError):
+        decode(tree_bytes([raw_entry(name=b".volsync")], root=root))
+    assert decode(tree_bytes([raw_entry(name=b".volsync", kind=2, ref=D, size=0)])).entries
+
+
+BIG = (DIRECT_MAX + 1) * BS
 
 
 @pytest.mark.parametrize("entry", [
-    raw_entry(kind=0), raw_entry(kind=4), raw_entry(kind="1"), raw_entry(kind=True),
-    raw_entry(mode=-1), raw_entry(mode=0o10000), raw_entry(mode="644"),
-    raw_entry(size=-1), raw_entry(mtime=1.5), raw_entry(ref="text"),
-    raw_entry(ref=b"\x00" * 15),                      # file block list not a multiple of 16
-    raw_entry(kind=2, ref=D + D), raw_entry(kind=2, ref=b""),  # dir ref must be one id
-    raw_entry(kind=3, ref=b""), raw_entry(kind=3, ref=b"a\0b"),  # bad link targets
-    [b"f", 1, 0o644, 1, 3], "notalist", None,
+    raw_entry(kind=0), raw_entry(kind=7), raw_entry(kind="1"), raw_entry(kind=True),
+    raw_entry(kind=None),
+    raw_entry(mode=-1), raw_entry(mode=0o10000), raw_entry(mode="644"), raw_entry(mode=1.0),
+    raw_entry(size=-1), raw_entry(size=2**63), raw_entry(mtime=1.5), raw_entry(mtime=2**63),
+    raw_entry(mtime=2**64 - 1), raw_entry(ref="text"), raw_entry(ref=None),
+    # owners: 32-bit unsigned ints (or nil)
+    raw_entry(uid=-1), raw_entry(gid=2**32), raw_entry(uid="0"), raw_entry(gid=1.5),
+    raw_entry(uid=True),
+    # file refs: one id per block when direct, one list id when listed
+    raw_entry(ref=b"\x00" * (ALGO.size - 1)), raw_entry(ref=D + D),
+    raw_entry(size=BS + 1, ref=D), raw_entry(size=0, ref=D),
+    raw_entry(size=BIG, ref=D + D), raw_entry(size=BIG, ref=D * (DIRECT_MAX + 1)),
+    raw_entry(size=DIRECT_MAX * BS, ref=D),
+    # dirs: one id, no size
+    raw_entry(kind=2, ref=D + D), raw_entry(kind=2, ref=b""), raw_entry(kind=2, ref=D, size=1),
+    # symlinks: a target without NUL, at most 4096 bytes
+    raw_entry(kind=3, ref=b"", size=0), raw_entry(kind=3, ref=b"a\0b", size=0),
+    raw_entry(kind=3, ref=b"x" * 4097, size=0),
+    # fifos and devices carry no content; only devices a device number
+    raw_entry(kind=4, ref=D, size=0), raw_entry(kind=4, ref=b"", size=3),
+    raw_entry(kind=5, ref=D, size=0, rdev=259), raw_entry(kind=6, ref=b"", size=4096, rdev=1),
+    raw_entry(kind=4, ref=b"", size=0, rdev=1), raw_entry(rdev=1),
+    raw_entry(kind=3, ref=b"t", size=0, rdev=1),
+    raw_entry(kind=5, ref=b"", size=0, rdev=-1), raw_entry(kind=5, ref=b"", size=0, rdev="1"),
+    # hard-link groups: a relative path inside the volume, on regular files only
+    raw_entry(link=b"../outside"), raw_entry(link=b"a/../../b"), raw_entry(link=b"/etc/passwd"),
+    raw_entry(link=b""), raw_entry(link=b"a//b"), raw_entry(link=b"a/./b"),
+    raw_entry(link=b"a\0b"), raw_entry(link="a"), raw_entry(link=5),
+    raw_entry(link=b"x" * (64 << 10) + b"/y"),
+    raw_entry(kind=2, ref=D, size=0, link=b"a"), raw_entry(kind=3, ref=b"t", size=0, link=b"a"),
+    # xattrs: sorted unique (name, value) pairs, names without NUL, bounded sizes
+    raw_entry(xattrs=[(b"user.a\0b", b"v")]), raw_entry(xattrs=[(b"", b"v")]),
+    raw_entry(xattrs=[(b"user.big", b"v" * (MAX_XATTR_VALUE + 1))]),
+    raw_entry(xattrs=[(b"u" * 256, b"v")]),
+    raw_entry(xattrs=[(b"user.b", b"1"), (b"user.a", b"2")]),
+    raw_entry(xattrs=[(b"user.a", b"1"), (b"user.a", b"2")]),
+    raw_entry(xattrs=[("user.a", b"1")]), raw_entry(xattrs=[(b"user.a", "1")]),
+    raw_entry(xattrs=[(b"user.a",)]), raw_entry(xattrs=[(b"user.a", b"1", b"2")]),
+    raw_entry(xattrs=[(b"user.%d" % i, b"") for i in range(1025)]),
+    raw_entry()[:10] + [0, 1], raw_entry()[:10], raw_entry()[:6], raw_entry()[:7] + [{}],
+    [b"f", 1, 0o644, 1, 3], "notalist", None, {b"f": 1},
 ])
 def test_decode_tree_rejects_bad_entries(entry):
-    """Bad kinds, types, modes, sizes and refs are refused."""
+    """Bad kinds, types, modes, sizes, owners, refs, xattrs, hard-link groups and device
+    numbers are refused."""
     with pytest.raises(IntegrityError):
-        decode_tree(tree_bytes([entry]))
+        decode(tree_bytes([entry]))
 
 
-@pytest.mark.parametrize("data", [pack(["T2", []]), pack(["T1"]), pack(["T1", {}]),
-                                  pack({"T1": []}), b"\xc1", b""])
+def test_raw_entry_base_is_valid():
+    """The entry every refused case varies is itself accepted (else the cases prove nothing)."""
+    assert decode(tree_bytes([raw_entry()])).entries[0] == entry(b"f", Kind.FILE, size=3, ref=D)
+    assert decode(tree_bytes([raw_entry(kind=5, ref=b"", size=0, rdev=259)])).entries
+    assert decode(tree_bytes([raw_entry(size=BIG, ref=D, link=b"a/b",
+                                        xattrs=[(b"user.a", b"1"), (b"user.b", b"")])]))
+
+
+@pytest.mark.parametrize("root", [[0o755, 0, 0, 1], [0o755, 0, 0, 1, [], 0], [0o10000, 0, 0, 1, []],
+                                  [0o755, -1, 0, 1, []], [0o755, 0, 0, 1.5, []],
+                                  [0o755, 0, 0, 1, [[b"a\0", b""]]], "root", 0, {}, []])
+def test_decode_tree_rejects_bad_root_metadata(root):
+    """A snapshot top directory's own metadata is validated like an entry's."""
+    with pytest.raises(IntegrityError):
+        decode(tree_bytes([raw_entry()], root=root))
+
+
+@pytest.mark.parametrize("data", [pack(["T1", []]), pack(["T1", [], None]), pack(["T2", []]),
+                                  pack(["T2"]), pack(["T2", {}, None]), pack(["T2", [], None, 1]),
+                                  pack({"T2": []}), pack(["T2", "x", None]), b"\xc1", b"",
+                                  EMPTY_TREE + b"\x00"])
 def test_decode_tree_rejects_bad_shape(data):
-    """Wrong tag, shape or undecodable bytes are refused."""
+    """Wrong tag (format 1's T1 included), shape or undecodable bytes are refused."""
     with pytest.raises(IntegrityError):
-        decode_tree(data)
+        decode(data)
+
+
+# --- block lists ----------------------------------------------------------------------------
+
+def test_block_refs_split_into_list_objects_past_direct_max():
+    """Up to DIRECT_MAX blocks are listed in the entry; more go to list objects of FANOUT ids
+    (children stored first), and lists of only holes are not stored."""
+    from volsync.store.blocklist import block_ids, content_objects
+
+    stored: dict[bytes, bytes] = {}
+
+    def put(i, data):
+        assert all(len(c) == ALGO.size and (c in stored or c.startswith(b"b")) for c in
+                   (data[k : k + ALGO.size] for k in range(0, len(data), ALGO.size))
+                   if c != ALGO.hole)
+        stored[i] = data
+
+    ids = [bytes([98]) + i.to_bytes(ALGO.size - 1, "big") for i in range(DIRECT_MAX)]
+    assert build_ref(ids, FMT, put) == b"".join(ids) and not stored
+    ids = [bytes([98]) + i.to_bytes(ALGO.size - 1, "big") for i in range(FANOUT * 2 + 5)]
+    ids[FANOUT : 2 * FANOUT] = [ALGO.hole] * FANOUT
+    ref = build_ref(ids, FMT, put)
+    assert len(ref) == ALGO.size and len(stored) == 3  # two lists of blocks, one of lists
+    size = len(ids) * BS - 7
+    assert list(block_ids(ref, size, FMT, stored.__getitem__)) == ids
+    objs = list(content_objects(ref, size, FMT, stored.__getitem__))
+    assert [o for o, _, is_list in objs if is_list][-1] == ref
+    assert {o for o, _, is_list in objs if is_list} == set(stored)
+    with pytest.raises(IntegrityError):  # a list object that is not what its id says
+        bad = dict(stored)
+        first = next(k for k in bad if k != ref)
+        bad[first] = bad[first][: -ALGO.size]
+        list(block_ids(ref, size, FMT, bad.__getitem__))
 
 
 # --- atomic_write ---------------------------------------------------------------------------
@@ -539,19 +723,19 @@ def test_repack_frees_copies_left_by_crashed_repack(packdir, monkeypatch, names)
         return next(chosen) * 4 if n == 8 else real(n)
 
     monkeypatch.setattr(packs_mod.secrets, "token_hex", pack_names)
-    s = PackStore(packdir)
+    s = PackStore(packdir, ALGO)
     a, b = blob(1, 30_000), blob(2, 30_000)
     put_all(s, [a, b])
     s.flush()
-    w = PackWriter(packdir)  # the crashed repack's new pack: only the live object
+    w = PackWriter(packdir, RECORD)  # the crashed repack's new pack: only the live object
     w.add(digest_of(a), a)
     w.seal()
     s.close()
     chosen = iter(["9999"])
-    s2 = PackStore(packdir)
+    s2 = PackStore(packdir, ALGO)
     s2.repack({digest_of(a)})
     s2.close()
-    s3 = PackStore(packdir)
+    s3 = PackStore(packdir, ALGO)
     assert s3.get(digest_of(a), verify=True) == a and not s3.has(digest_of(b))
     total = sum(p.stat().st_size for p in packdir.glob("*.pack"))
     assert total < 40_000  # one copy of `a`, no copy of `b`

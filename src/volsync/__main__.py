@@ -1,5 +1,18 @@
-"""`python -m volsync`: the same entry point as the installed `volsync` script."""
+"""The `volsync` program: `python -m volsync` and the installed script both run `run`."""
 
-from . import run
+import os
+import signal
 
-run()
+
+def run() -> None:
+    """A Ctrl-C while the modules load (nothing started yet) exits 130 at once, without a
+    traceback; from then on it is handled like any interruption (journal kept, exit 130)."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    from .cli import main
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    main()
+
+
+if __name__ == "__main__":
+    run()

@@ -55,14 +55,19 @@ def plan_lineages(kind: str, src: list[Snapshot], dst: list[Snapshot]) -> Lineag
     if common is None and dst:
         raise NoCommonSnapshot(
             f"no common snapshot: DST's {len(dst)} snapshot(s) share no id with SRC's lineage")
-    src_after = tuple(src[src.index(common) + 1 :]) if common else tuple(src)
-    dst_after = tuple(dst[dst.index(common) + 1 :]) if common else ()
+    src_after = tuple(src[_position(src, common) + 1 :]) if common else tuple(src)
+    dst_after = tuple(dst[_position(dst, common) + 1 :]) if common else ()
     if kind == TRANSFER and dst_after:
         raise Diverged(
             f"diverged, use resync: DST has snapshot(s) {_nums(dst_after)} after the common "
             f"snapshot {common.number} that SRC lacks",
             common.number, tuple(s.number for s in src_after), tuple(s.number for s in dst_after))
     return LineagePlan(common, src_after, dst_after)
+
+
+def _position(lineage: list[Snapshot], snap: Snapshot) -> int:
+    """Where a snapshot (by id: each volume holds its own copy of the record) is."""
+    return next(i for i, s in enumerate(lineage) if s.id == snap.id)
 
 
 def _nums(snaps) -> str:

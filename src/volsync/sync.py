@@ -113,6 +113,15 @@ def _src_snapshot_needed(src: Volume, no_snapshot: bool
     return result.root != latest, result, objects
 
 
+def check_compatible(src: Volume, dst: Volume) -> None:
+    """Volumes that share snapshots name blocks by one hash and cut them at one size."""
+    if dst.config.hash != src.config.hash:
+        raise BadArgument(f"SRC names blocks by {src.config.hash} and DST by {dst.config.hash}: "
+                          "volumes that share snapshots must use the same hash")
+    if dst.config.block_size != src.config.block_size:
+        raise BadArgument("SRC and DST have different block sizes")
+
+
 def build_plan(kind: str, src: Volume, dst: Volume | None, *, src_objects: Objects,
                extra_src: Snapshot | None = None, live_number: int | None = None,
                baseline: bool = False) -> TransferPlan:
@@ -121,11 +130,8 @@ def build_plan(kind: str, src: Volume, dst: Volume | None, *, src_objects: Objec
     if not src_lineage:
         raise BadArgument(f"{src.root} has no snapshots to send")
     dst_lineage = dst.lineage() if dst else []
-    if dst is not None and dst.config.hash != src.config.hash:
-        raise BadArgument(f"SRC names blocks by {src.config.hash} and DST by {dst.config.hash}: "
-                          "volumes that share snapshots must use the same hash")
-    if dst is not None and dst.config.block_size != src.config.block_size:
-        raise BadArgument("SRC and DST have different block sizes")
+    if dst is not None:
+        check_compatible(src, dst)
     lineages = plan_lineages(kind, src_lineage, dst_lineage)
     has = dst.packs.has if dst else (lambda _id: False)
     objects, blocks = missing_objects(src_objects.raw, has, [s.root for s in lineages.add],
@@ -199,6 +205,8 @@ def _sync(kind, src_path, dst_path, no_snapshot, dry_run, wait, progress) -> Syn
     dst_root = Path(os.path.abspath(dst_path))
     _refuse_same(src.root, dst_root)
     new = _dst_is_new(dst_root)
+    if not new:
+        check_compatible(src, Volume.open(dst_root))
     if dry_run:
         dst = None if new else Volume.open(dst_root)
         return _dry_run(kind, src, dst, no_snapshot)

@@ -24,16 +24,26 @@ import errno
 import os
 import shutil
 import struct
-from collections.abc import Callable
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import xxhash
 
 from ..errors import BadArgument, IntegrityError, NotAVolume
-from ..model import DEFAULT_HASH, HASHES, BlockId, Entry, Format, Kind, Snapshot, SnapshotId, \
-    Tree, VolumeState
+from ..model import (
+    DEFAULT_HASH,
+    HASHES,
+    BlockId,
+    Entry,
+    Format,
+    Kind,
+    Snapshot,
+    SnapshotId,
+    Tree,
+    VolumeState,
+)
 from .blocklist import build_ref
 from .codec import FORMAT_1, FORMAT_VERSION, envelope_version, open_sealed, pack, seal, unpack
 from .crash import crashpoint
@@ -433,19 +443,23 @@ def _stage(root: Path, hash_name: str | None, progress: ProgressFn | None) -> Up
         if not os.path.lexists(up):
             up.mkdir()
             fsync_dir(meta)
+        algo = HASHES[hash_name]
+        if staged == config and not _staged_packs_intact(up / "packs", algo):
+            _remove(up / "packs")  # resumed only if every staged object checks out
         for sub in ("packs", "snapshots"):
-            if os.path.lexists(up / sub) and sub == "snapshots":
-                _remove(up / sub)  # records are rewritten from the current format-1 state
-            (up / sub).mkdir(exist_ok=True)
-            remove_temps(up / sub)
+            path = up / sub
+            if os.path.lexists(path) and (sub == "snapshots" or path.is_symlink()
+                                          or not path.is_dir()):
+                _remove(path)  # records are rewritten from the current format-1 state
+            path.mkdir(exist_ok=True)
+            remove_temps(path)
         remove_temps(up)
         if staged != config:
             atomic_write(up / "config", seal("config", config))
-        algo = HASHES[hash_name]
         fmt = Format(algo, reader.block_size)
         packs = PackStore(up / "packs", algo)
         try:
-            packs.adopt_orphans()
+            packs.adopt_orphans()  # records of a killed writer that match their ids
             conv = Converter(reader, fmt, packs, progress)
             state = reader.state
             ids = list(dict.fromkeys(state.lineage + state.preserved))
@@ -468,6 +482,29 @@ def _stage(root: Path, hash_name: str | None, progress: ProgressFn | None) -> Up
                              conv.holes, len(conv.trees))
     finally:
         reader.close()
+
+
+def _staged_packs_intact(directory: Path, algo) -> bool:
+    """Every indexed object of an interrupted run's staged packs re-hashed: kept objects are
+    never written again, so one damaged since would otherwise go into the new volume."""
+    if directory.is_symlink() or not directory.is_dir():
+        return False
+    packs = PackStore(directory, algo)
+    try:
+        index = packs.index()
+        if packs.bad_indexes:
+            return False
+        seen = set()
+        for name in packs.pack_names():
+            for block_id, off, data in packs.scan_pack(name):
+                if algo.digest(data) != block_id:
+                    return False
+                seen.add((block_id, name, off))
+        return all((block_id, name, off) in seen for block_id, (name, off, _) in index.items())
+    except (IntegrityError, OSError):
+        return False
+    finally:
+        packs.close()
 
 
 def _remove(path: Path) -> None:

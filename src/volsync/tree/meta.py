@@ -15,7 +15,7 @@ import stat
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..model import Entry
+from ..model import Entry, Kind
 
 SKIPPED_ERRNOS = (errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENODATA, errno.EPERM, errno.EACCES,
                   errno.E2BIG, errno.ERANGE)
@@ -73,20 +73,41 @@ def apply_metadata(target: int | bytes, entry: Entry, is_link: bool, skipped: No
     was restored."""
     follow = isinstance(target, int)
     owner_ok = _chown(target, entry, current, follow, skipped)
+    if not is_link and not PRIVILEGED and not current.st_mode & stat.S_IWUSR:
+        _chmod(target, stat.S_IMODE(current.st_mode) | stat.S_IWUSR, follow)  # for setxattr
     _set_xattrs(target, entry.xattrs, follow, skipped)
     if not is_link:
         mode = entry.mode
-        if not owner_ok:
+        if not owner_ok:  # as cp -a: no set-id bits, and no sticky bit on a non-directory
             mode &= ~(stat.S_ISUID | stat.S_ISGID)
-        if follow:
-            os.fchmod(target, mode)
-        else:
-            os.chmod(target, mode, follow_symlinks=False)
+            if entry.kind is not Kind.DIR:
+                mode &= ~stat.S_ISVTX
+        _chmod(target, mode, follow)
     times = (entry.mtime_ns, entry.mtime_ns)
     if follow:
         os.utime(target, ns=times)
     else:
         os.utime(target, ns=times, follow_symlinks=False)
+
+
+def _chmod(target, mode: int, follow: bool) -> None:
+    if follow:
+        os.fchmod(target, mode)
+    else:
+        os.chmod(target, mode, follow_symlinks=False)
+
+
+def loosen_for_writing(dfd: int) -> bool:
+    """A directory the process owns but may not write (mode 0o5xx): its owner may add the
+    write bit, which the final metadata of the directory takes away again. Root needs none.
+    Returns True when the mode was changed."""
+    if PRIVILEGED:
+        return False
+    st = os.fstat(dfd)
+    if st.st_uid != os.geteuid() or st.st_mode & 0o300 == 0o300:
+        return False
+    os.fchmod(dfd, stat.S_IMODE(st.st_mode) | 0o300)
+    return True
 
 
 def _chown(target, entry: Entry, current: os.stat_result, follow: bool,
@@ -121,7 +142,9 @@ def _set_xattrs(target, wanted: tuple[tuple[bytes, bytes], ...], follow: bool,
             if exc.errno not in SKIPPED_ERRNOS:
                 raise
             skipped.add("xattrs")
-    for name, value in wanted:
+    # POSIX ACLs last: setting one rewrites the mode's permission bits (and may take away
+    # the write permission the other attributes need)
+    for name, value in sorted(wanted, key=lambda kv: kv[0].startswith(b"system.posix_acl")):
         if have.get(name) == value:
             continue
         try:

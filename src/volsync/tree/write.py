@@ -32,7 +32,7 @@ from collections.abc import Callable
 from ..model import BlockId, Entry, Format, Kind, Tree
 from ..store.crash import crashpoint, fault
 from ..store.fsutil import fsync
-from .meta import PRIVILEGED, NotRestored, apply_metadata, entry_path
+from .meta import PRIVILEGED, NotRestored, apply_metadata, entry_path, loosen_for_writing
 from .objects import Objects
 from .scan import DIR_KEY, FILE_KEY, ROOT_KEY_NAME, _join, stat_key
 
@@ -101,6 +101,7 @@ class Materializer:
         self.per_file_sync = False
         self.root_fd = -1
         self.link_paths: dict[bytes, tuple[int, int]] = {}  # group key -> (dev, ino) written
+        self.loosened: set[bytes] = set()  # directories given u+w for the write
 
     def run(self, root: bytes, live: BlockId | None, target: BlockId) -> dict:
         # the path the user named may be a symlink to the volume; below it nothing is followed
@@ -111,7 +112,8 @@ class Materializer:
         try:
             self.sync_dir(fd, b"", live, target)
             meta = self.objects.tree(target).meta
-            if meta is not None and (live != target or meta != self.objects.tree(live).meta):
+            if meta is not None and (live != target or b"" in self.loosened
+                                     or meta != self.objects.tree(live).meta):
                 apply_metadata(fd, meta, False, self.skipped, os.fstat(fd))
             if meta is not None:
                 self.cache[b""][3][ROOT_KEY_NAME] = stat_key(os.fstat(fd), self.scan_start)
@@ -132,7 +134,9 @@ class Materializer:
         live = {e.name: e for e in self.objects.tree(live_id).entries}
         target = self.objects.tree(target_id).entries
         wanted = {e.name for e in target}
-        changed = False
+        changed = loosen_for_writing(dfd)
+        if changed:  # the directory's own metadata is set again after its entries
+            self.loosened.add(rel)
         for name in live:
             if name not in wanted:
                 _remove(dfd, name)
@@ -205,7 +209,8 @@ class Materializer:
             sub_size, sub_files = self.sync_dir(sub, _join(rel, name),
                                                 BlockId(live_sub) if live_sub else None,
                                                 BlockId(entry.ref))
-            if old is None or old.with_(ref=entry.ref) != entry or live_sub != entry.ref:
+            if (old is None or old.with_(ref=entry.ref) != entry or live_sub != entry.ref
+                    or _join(rel, name) in self.loosened):
                 apply_metadata(sub, entry, False, self.skipped, os.fstat(sub))
                 if self.per_file_sync:
                     fsync(sub)
@@ -310,6 +315,7 @@ class Materializer:
             tmp = b"w-" + secrets.token_hex(8).encode()
             if not self.create(self.tmp_fd, tmp, entry):
                 return None
+            crashpoint("live-temp-written")
             if old is not None and old.kind is Kind.DIR:
                 _remove(dfd, entry.name)
             os.rename(tmp, entry.name, src_dir_fd=self.tmp_fd, dst_dir_fd=dfd)
