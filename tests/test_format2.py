@@ -411,3 +411,19 @@ def test_volumes_of_different_hashes_do_not_mix(tmp_path):
     r = vs("resync", a, b)
     assert r.code == 1 and "hash" in r.err
     assert okj("snapshots", b)["snapshots"] == []
+
+
+def test_a_killed_baseline_resends_only_what_the_mirror_lacks(tmp_path):
+    # bug 10: a baseline killed half-way resumes: what was received stays (adopted), the live
+    # tree written so far is kept, and the rerun sends only the rest
+    a = make_volume(tmp_path / "a", {f"f{i:02}": os.urandom(1 << 20) for i in range(40)},
+                    block_size="64K")
+    snap(a)
+    total = okj("transfer", a, tmp_path / "plan", "--dry-run")["bytes_sent"]
+    b = tmp_path / "b"
+    r = sub("transfer", a, b, env_extra={"VOLSYNC_CRASH_AT": "object-received:400"})
+    assert r.code == 137, r
+    again = okj("transfer", a, b)
+    assert again["bytes_sent"] <= total - 399 * (64 << 10)
+    assert content(b) == content(a)
+    verify_clean(b)

@@ -41,11 +41,20 @@ JOURNAL_MATERIALIZE = "materialize"
 # --- opening and locking ------------------------------------------------------------------------
 
 @contextmanager
-def writing(volume: Volume, wait: float = 0.0) -> Iterator[Volume]:
-    """Hold the volume's lock, finishing first whatever a crashed run left in the journal."""
+def writing(volume: Volume, wait: float = 0.0, resume: bool = False) -> Iterator[Volume]:
+    """Hold the volume's lock, finishing first whatever a crashed run left in the journal.
+    With `resume` an interrupted live-tree write of a mirror is left pending: the transfer
+    about to run brings that live tree to its target anyway, keeping what was written."""
     with volume.locked(wait):
-        recover(volume)
+        if not (resume and resumable(volume.state())):
+            recover(volume)
         yield volume
+
+
+def resumable(state: VolumeState) -> bool:
+    """A mirror whose live-tree write was interrupted: its live tree is volsync's own."""
+    return (state.mode == READ_ONLY and bool(state.journal)
+            and state.journal.get("op") == JOURNAL_MATERIALIZE)
 
 
 def recover(volume: Volume) -> None:

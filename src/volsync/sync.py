@@ -24,6 +24,7 @@ from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState
 from .ops import (
     JOURNAL_MATERIALIZE,
     latest_root,
+    resumable,
     new_snapshot_id,
     next_number,
     record_scan,
@@ -92,12 +93,14 @@ def _real(path: Path) -> str:
 
 
 @contextmanager
-def _locked_pair(a: Volume, b: Volume, wait: float) -> Iterator[None]:
-    """Lock two volumes in one fixed order (by path) so opposite runs cannot deadlock."""
+def _locked_pair(a: Volume, b: Volume, wait: float, resume: Volume | None = None
+                 ) -> Iterator[None]:
+    """Lock two volumes in one fixed order (by path) so opposite runs cannot deadlock.
+    `resume` names a mirror whose interrupted write the coming transfer picks up."""
     _refuse_same(a.root, b.root)
     with ExitStack() as stack:
         for vol in sorted((a, b), key=lambda v: str(v.root)):
-            stack.enter_context(writing(vol, wait))
+            stack.enter_context(writing(vol, wait, resume=vol is resume))
         yield
 
 
@@ -163,8 +166,8 @@ def _check_transfer_dst(src: Volume, src_lineage: list[Snapshot], dst: Volume,
     """Transfer's refusals, before anything changes, in the contract's order: no common
     snapshot with a non-empty DST (exit 4) first; then a read-write DST, a written-to DST
     or one with snapshots SRC lacks (exit 5). Returns the scan of DST's live tree. With
-    `pending` (a dry run over an interrupted step that the real run finishes first), the
-    live tree is taken to be the lineage's latest, as it will be."""
+    `pending` (an interrupted live-tree write of this mirror, which the run picks up), the
+    live tree is volsync's own work in progress: no modification to refuse."""
     state = dst.state()
     dst_lineage = dst.lineage(state)
     if dst_lineage:
@@ -173,7 +176,7 @@ def _check_transfer_dst(src: Volume, src_lineage: list[Snapshot], dst: Volume,
         if state.mode == READ_WRITE:
             raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
                            "diverged, use resync")
-        return None
+        return scan(dst, write=False)
     result, objects = scan(dst, write=False)
     if not dst_lineage:
         _refuse_unrelated_files(dst, result, objects, src)
@@ -213,7 +216,7 @@ def _sync(kind, src_path, dst_path, no_snapshot, dry_run, wait, progress) -> Syn
     if new and not src.state().lineage and (no_snapshot or src.state().mode != READ_WRITE):
         raise BadArgument(f"{src.root} has no snapshots to send")  # before DST is created
     dst = _create_mirror(dst_root, src) if new and not is_volume(dst_root) else Volume.open(dst_root)
-    with _locked_pair(src, dst, wait):
+    with _locked_pair(src, dst, wait, resume=dst if kind == TRANSFER else None):
         return _apply_sync(kind, src, dst, no_snapshot, progress)
 
 
@@ -241,7 +244,7 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
     baseline = not dst_state.lineage
     live_snap = None
     if kind == TRANSFER:
-        live = _check_transfer_dst(src, src.lineage(src_state), dst)
+        live = _check_transfer_dst(src, src.lineage(src_state), dst, resumable(dst_state))
     elif baseline:  # resync must not overwrite files it could not preserve
         _refuse_unrelated_files(dst, *scan(dst, write=False), src)
     src_snap = None
@@ -261,6 +264,12 @@ def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
                                journal={"op": JOURNAL_MATERIALIZE}))
         skipped = _send_and_materialize(plan, src, dst, live, progress)
         _commit_dst(plan, src, dst, live_snap)  # a failed commit, too, leaves the old state
+    except KeyboardInterrupt:
+        # Ctrl-C: keep what was received (sealed) and the journal; a rerun resumes the
+        # transfer from there (and any other command undoes the step)
+        with suppress(Exception):
+            dst.packs.flush()
+        raise
     except BaseException:
         _undo(dst)
         raise

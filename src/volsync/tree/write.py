@@ -170,7 +170,7 @@ class Materializer:
             changed |= old is None or old.kind is not Kind.DIR
             return size + sub_size, files + sub_files, changed
         if old is not None and old == entry and old_key is not None \
-                and self._unchanged(dfd, entry, old_key):
+                and self._unchanged(dfd, rel, entry, old_key):
             keys[entry.name] = old_key
         else:
             keys[entry.name] = self.write_entry(dfd, rel, entry, old)
@@ -179,15 +179,35 @@ class Materializer:
             size, files = size + entry.size, files + 1
         return size, files, changed
 
-    def _unchanged(self, dfd: int, entry: Entry, old_key: list) -> bool:
-        """The live entry is as the scan saw it (a hard-link member: still the same inode)."""
+    def _unchanged(self, dfd: int, rel: bytes, entry: Entry, old_key: list) -> bool:
+        """The live entry is as the scan saw it; a hard-link member also still shares the
+        inode its group's first member has now (which this run may have replaced)."""
         if entry.link is None:
             return True
         try:
             st = os.lstat(entry.name, dir_fd=dfd)
         except FileNotFoundError:
             return False
-        return old_key[0] == FILE_KEY and st.st_ino == old_key[4]
+        if old_key[0] != FILE_KEY or st.st_ino != old_key[4]:
+            return False
+        if entry.link == _join(rel, entry.name):
+            self.link_paths[entry.link] = (st.st_dev, st.st_ino)
+            return True
+        return self.first_inode(entry.link) == (st.st_dev, st.st_ino)
+
+    def first_inode(self, link: bytes) -> tuple[int, int] | None:
+        """(dev, ino) of a hard-link group's first member, as written or found this run."""
+        known = self.link_paths.get(link)
+        if known is None:
+            parent, name = self.open_parent(link)
+            try:
+                st = os.lstat(name, dir_fd=parent)
+            except FileNotFoundError:
+                return None
+            finally:
+                os.close(parent)
+            known = self.link_paths[link] = (st.st_dev, st.st_ino)
+        return known
 
     def sync_subdir(self, dfd: int, rel: bytes, entry: Entry, old: Entry | None):
         name = entry.name
