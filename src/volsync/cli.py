@@ -14,9 +14,9 @@ import click
 
 from . import __version__, ops, sync
 from .errors import BadArgument, Diverged, VolsyncError
+from .model import DEFAULT_HASH, HASHES
 from .plan import TransferPlan, lineage_picture
 from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
-from .model import DEFAULT_HASH, HASHES
 from .store.volume import DEFAULT_BLOCK, Volume
 from .tree import NotRestored
 

@@ -24,11 +24,11 @@ from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState
 from .ops import (
     JOURNAL_MATERIALIZE,
     latest_root,
-    resumable,
     new_snapshot_id,
     next_number,
     record_scan,
     recover,
+    resumable,
     writing,
 )
 from .plan import RESYNC, TRANSFER, TransferPlan, missing_objects, plan_lineages

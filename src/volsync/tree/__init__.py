@@ -19,7 +19,23 @@ from .scan import (
 from .write import Materializer, materialize
 
 __all__ = [
-    "Cancelled", "Change", "Materializer", "NotRestored", "Objects", "PRIVILEGED", "Progress",
-    "RACY_COARSE_NS", "RACY_NS", "READ_ATTEMPTS", "ScanResult", "Scanner", "SourceReadError",
-    "diff_trees", "file_key", "is_racy", "live_differs", "materialize", "scan",
+    "PRIVILEGED",
+    "RACY_COARSE_NS",
+    "RACY_NS",
+    "READ_ATTEMPTS",
+    "Cancelled",
+    "Change",
+    "Materializer",
+    "NotRestored",
+    "Objects",
+    "Progress",
+    "ScanResult",
+    "Scanner",
+    "SourceReadError",
+    "diff_trees",
+    "file_key",
+    "is_racy",
+    "live_differs",
+    "materialize",
+    "scan",
 ]

@@ -29,10 +29,10 @@ import stat
 import time
 from collections.abc import Callable
 
-from ..model import BlockId, Entry, Format, Kind, Tree
+from ..model import BlockId, Entry, Format, Kind
 from ..store.crash import crashpoint, fault
 from ..store.fsutil import fsync
-from .meta import PRIVILEGED, NotRestored, apply_metadata, entry_path, loosen_for_writing
+from .meta import NotRestored, apply_metadata, entry_path, loosen_for_writing
 from .objects import Objects
 from .scan import DIR_KEY, FILE_KEY, ROOT_KEY_NAME, _join, stat_key
 
@@ -475,5 +475,3 @@ def materialize(objects: Objects, root: bytes, live: BlockId | None, target: Blo
     m.cache = m.run(root, live, target)
     return m
 
-
-__all__ = ["Materializer", "materialize", "PRIVILEGED", "Tree"]
