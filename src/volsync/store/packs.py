@@ -334,7 +334,10 @@ class PackStore:
         w.flush()
         start = run[0][1] - self.record.size
         size = run[-1][1] + run[-1][2] - start
-        copy_range(other._fd(name), start, w.fd, w.flushed, size)
+        try:
+            copy_range(other._fd(name), start, w.fd, w.flushed, size)
+        except OSError as exc:  # ENOSPC, EIO: name the pack being written
+            raise OSError(exc.errno, exc.strerror, str(w.path)) from None
         for block_id, off, length in run:
             w.entries[block_id] = (w.flushed + off - start, length)
         w.flushed += size
