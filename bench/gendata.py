@@ -12,6 +12,7 @@ flatter a tool.
     python bench/gendata.py mutate ROOT --seed 2 [--fraction 0.006]
     python bench/gendata.py digest ROOT
     python bench/gendata.py blocks ROOT [--block-size 65536]
+    python bench/gendata.py sparse FILE [--seed 1]     # 1 GiB sparse image holding 4 MiB
 
 Stdlib only. Paths named ``.volsync`` at the top of ROOT (a volume's metadata) are never
 touched, counted or digested.
@@ -66,6 +67,12 @@ EXTENSIONS = (".dat", ".bin", ".txt", ".jpg", ".log", ".db", ".pdf")
 # Generated files get this fixed, old mtime (2020-01-01) so that any later change, even in the
 # same second, is visible to tools comparing whole-second mtimes (rsync's default quick check).
 MTIME = 1_577_836_800
+# The sparse image: 1 GiB long, 4 MiB of data in a few scattered extents, the rest holes.
+SPARSE_SIZE = 1024 * MIB
+SPARSE_DATA = 4 * MIB
+SPARSE_EXTENTS = 4
+SPARSE_NAME = "sparse.img"
+FS_BLOCK = 4 * KIB  # extents start and end on 4 KiB boundaries, as a filesystem allocates
 SMALL_PER_DIR = 100  # small-file trees: 100 files per leaf dir, 50 leaf dirs per top dir
 SMALL_DIRS_PER_TOP = 50
 
@@ -145,6 +152,44 @@ def generate(root: str, seed: int = 1, scale: float = 1.0, small_files: int = 0)
         files += 1
         total += size
     return {"root": root, "files": files, "bytes": total}
+
+
+def sparse_image(
+    path: str,
+    seed: int = 1,
+    size: int = SPARSE_SIZE,
+    data: int = SPARSE_DATA,
+    extents: int = SPARSE_EXTENTS,
+) -> dict:
+    """Create ``path``: ``size`` bytes of holes holding ``data`` random bytes in ``extents``.
+
+    Deterministic for a seed: extent lengths (4 KiB multiples, summing to ``data``) and
+    offsets (4 KiB-aligned, one extent at a random place in each of ``extents`` equal
+    segments, so they never touch) come from the seed; the file is made with ftruncate, so
+    nothing else is allocated. Returns the extents and the bytes of the 64 KiB blocks they touch.
+    """
+    rng = random.Random(f"volsync-bench:{seed}:sparse")
+    units = data // FS_BLOCK
+    cuts = sorted(rng.sample(range(1, units), extents - 1))
+    lengths = [(b - a) * FS_BLOCK for a, b in zip([0, *cuts], [*cuts, units])]
+    segment = size // extents // FS_BLOCK * FS_BLOCK
+    if max(lengths) > segment:
+        raise ValueError("sparse_image: data does not fit its segments")
+    with open(path, "wb") as f:
+        f.truncate(size)
+    placed = []
+    for k, length in enumerate(lengths):
+        off = k * segment + rng.randrange(0, (segment - length) // FS_BLOCK + 1) * FS_BLOCK
+        write_random(path, content_rng(seed, f"sparse:{k}"), length, off)
+        placed.append((off, length))
+    os.utime(path, (MTIME, MTIME))
+    return {
+        "path": path,
+        "size": size,
+        "data": sum(lengths),
+        "extents": placed,
+        "data_64k_blocks": sum(_touched_blocks(o, n, size) for o, n in placed),
+    }
 
 
 def list_files(root: str) -> list[tuple[str, int]]:
@@ -307,6 +352,9 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("blocks", help="count duplicate aligned blocks (expect 0)")
     b.add_argument("root")
     b.add_argument("--block-size", default="64K")
+    sp = sub.add_parser("sparse", help="create a 1 GiB sparse image holding 4 MiB of data")
+    sp.add_argument("path")
+    sp.add_argument("--seed", type=int, default=1)
     args = p.parse_args(argv)
 
     t0 = time.perf_counter()
@@ -318,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(info))
     elif args.cmd == "mutate":
         print(json.dumps(asdict(mutate(args.root, args.seed, args.fraction))))
+    elif args.cmd == "sparse":
+        if os.path.exists(args.path):
+            raise SystemExit(f"gendata: {args.path} exists")
+        print(json.dumps(sparse_image(args.path, args.seed)))
     elif args.cmd == "digest":
         print(digest(args.root))
     else:

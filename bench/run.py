@@ -5,6 +5,7 @@ cp -a, rsync and (when on PATH) restic, on the same generated data, side by side
     python bench/run.py                          # full: 1 GiB set, 100,000 small files, 3 repeats
     python bench/run.py --scale 0.05 --repeat 1  # smoke run, well under a minute
     python bench/run.py --out results.md         # also write the markdown report to a file
+    python bench/run.py --skip-volumes --skip-mirror --skip-small-files  # only the sparse rows
 
 Prints a markdown report: machine facts, the exact command line, then one table of medians
 with ratios and PASS/MISS against the project's targets. See bench/README.md for each row.
@@ -78,6 +79,9 @@ class Bench:
         self.restic = shutil.which("restic")
         self.master = os.path.join(work, "data")
         self.small = os.path.join(work, "small")
+        self.sparse = os.path.join(work, "sparse")  # its own source dir: one sparse image
+        self.sparse_info: dict = {}
+        self.hash = None  # the block hash volumes get from `init` (its --json "hash")
         self.data_files = self.data_bytes = 0
         if args.skip_small_files:
             self.small_files = 0
@@ -186,11 +190,20 @@ class Bench:
     # -- the benchmarks -----------------------------------------------------------------
 
     def setup(self) -> None:
-        t0 = time.perf_counter()
-        info = gendata.generate(self.master, self.args.seed, self.args.scale)
-        self.data_files, self.data_bytes = info["files"], info["bytes"]
-        self.notes.append(f"generated the data set in {time.perf_counter() - t0:.1f} s")
-        if self.small_files:
+        a = self.args
+        if not (a.skip_volumes and a.skip_mirror):
+            t0 = time.perf_counter()
+            info = gendata.generate(self.master, self.args.seed, self.args.scale)
+            self.data_files, self.data_bytes = info["files"], info["bytes"]
+            self.notes.append(f"generated the data set in {time.perf_counter() - t0:.1f} s")
+        if not a.skip_sparse:
+            os.makedirs(self.sparse)
+            self.sparse_info = gendata.sparse_image(
+                os.path.join(self.sparse, gendata.SPARSE_NAME), self.args.seed
+            )
+            os.utime(self.sparse, (gendata.MTIME, gendata.MTIME))
+            self.samples["sp_data"].append(self.sparse_info["data"])
+        if self.small_files and not a.skip_volumes:
             t0 = time.perf_counter()
             info = gendata.generate(self.small, self.args.seed, small_files=self.small_files)
             self.small_bytes = info["bytes"]
@@ -201,7 +214,8 @@ class Bench:
         self.run(["rsync", "-a", "data/", "vol/"], key="rsync_nochange")
         if not self.have_volsync:
             return
-        _, t_init = self.vs("init", "vol", key="v_init")
+        out, t_init = self.vs("init", "vol", key="v_init")
+        self.hash = out.get("hash", self.hash)
         _, t_snap = self.vs("snapshot", "vol", key="v_snap1")
         self.samples["v_first"].append(t_init + t_snap)
         self.vs("snapshot", "vol", key="v_snap_nochange")
@@ -245,7 +259,8 @@ class Bench:
 
     def volsync_mirror(self, rep: int) -> None:
         self.run(["cp", "-a", "data", "src"])
-        self.vs("init", "src", key="m_init")
+        out, _ = self.vs("init", "src", key="m_init")
+        self.hash = out.get("hash", self.hash)
         self.vs("transfer", "src", "dst", key="m_full")
         self.check_same("src", "dst", "baseline transfer")
         self.check_mode("dst", "read-only", "baseline transfer")
@@ -268,6 +283,57 @@ class Bench:
         self.check_mode("dst", "read-only", "resync")
         self.check_preserved("dst", "resync")
 
+    def du_kib(self, name: str, live_only: bool = False) -> int:
+        """`du -sk` of a work-dir path in KiB; live_only leaves out its top .volsync/."""
+        argv = ["du", "-sk", *(["--exclude=" + gendata.METADATA_DIR] if live_only else []), name]
+        return int(self.run(argv).stdout.split()[0])
+
+    def sparse_mirror(self, rep: int) -> None:
+        """S1-S3: one 1 GiB sparse image holding 4 MiB, baseline transfer vs rsync -aS / -a."""
+        data = self.sparse_info["data"]
+        self.run(["cp", "-a", "sparse", "spsrc"])  # cp keeps holes (--sparse=auto)
+        subprocess.run(["sync"], check=True)
+        src_du = self.du_kib("spsrc") * 1024
+        if rep == 0:
+            self.samples["sp_src_du"].append(src_du)
+        if src_du > 2 * data:
+            raise CommandFailed(
+                f"`cp -a` of the sparse image uses {human(src_du)} on disk for {human(data)} of "
+                "data: this filesystem (or cp) does not keep holes, the S rows mean nothing here"
+            )
+        self.run(["rsync", "-aS", "spsrc/", "sprsync/"], key="sp_rsync_S")
+        self.run(["rsync", "-a", "spsrc/", "spplain/"], key="sp_rsync_plain")
+        subprocess.run(["sync"], check=True)  # settle delayed allocation before counting
+        self.samples["sp_rsync_S_du"].append(self.du_kib("sprsync") * 1024)
+        self.samples["sp_rsync_plain_du"].append(self.du_kib("spplain") * 1024)
+        self.rm("spplain")  # 1 GiB of written zeros: free it at once
+        if not self.have_volsync:
+            return
+        out, _ = self.vs("init", "spsrc")  # untimed, as in M1; the transfer snapshots SRC
+        self.hash = out.get("hash", self.hash)
+        out, _ = self.vs("transfer", "spsrc", "spdst", key="sp_transfer")
+        self.samples["sp_sent"].append(need(out, "bytes_sent", "transfer"))
+        subprocess.run(["sync"], check=True)
+        self.samples["sp_live_du"].append(self.du_kib("spdst", live_only=True) * 1024)
+        self.samples["sp_all_du"].append(self.du_kib("spdst") * 1024)
+        self.check_same("spsrc", "spdst", "sparse baseline transfer")
+        self.check_mode("spdst", "read-only", "sparse baseline transfer")
+        self.check_sparse("spdst", data, "sparse baseline transfer")
+
+    def check_sparse(self, vol: str, data: int, what: str) -> None:
+        """Fail unless the mirror's image kept its holes: allocated below half of its length
+        and below twice the data (whether it meets ~1.1x is S2's target, not a check)."""
+        if self.args.no_check:
+            return
+        path = os.path.join(self.path(vol), gendata.SPARSE_NAME)
+        st = os.stat(path)
+        allocated = st.st_blocks * 512
+        if allocated >= min(st.st_size // 2, 2 * data):
+            raise CommandFailed(
+                f"after {what}: {vol}/{gendata.SPARSE_NAME} is not sparse: {allocated:,} bytes "
+                f"allocated for {st.st_size:,} bytes holding {data:,} bytes of data"
+            )
+
     def run_all(self) -> None:
         self.setup()
         if not self.have_volsync:
@@ -286,6 +352,13 @@ class Bench:
                 self.phase("restic", self.restic_backup, ("rsrc", "restic-repo", "restic-cache"))
             if self.have_volsync:
                 self.phase("volsync mirror", self.volsync_mirror, ("src", "dst"))
+        self.rm("data")  # not needed any more: keep the sparse phase's peak low
+        if not self.args.skip_sparse:
+            self.phase(
+                "sparse image",
+                self.sparse_mirror,
+                ("spsrc", "spdst", "sprsync", "spplain"),
+            )
 
     # -- the report ---------------------------------------------------------------------
 
@@ -351,7 +424,7 @@ class Bench:
         else:
             row(
                 "V1",
-                f"`init` + first `snapshot`, {size}",
+                f"`init` + first `snapshot` ({self.hash or 'default hash'}), {size}",
                 "v_first",
                 "`cp -a`",
                 "cp",
@@ -397,7 +470,67 @@ class Bench:
             )
         if a.skip_mirror:
             skipped("M1–M7", "mirror benchmarks", "--skip-mirror")
-            return rows
+        else:
+            self.mirror_rows(row, skipped, size, speed)
+        if a.skip_sparse:
+            skipped("S1–S3", "sparse image", "--skip-sparse")
+        else:
+            self.sparse_rows(row)
+        return rows
+
+    def sparse_rows(self, row) -> None:
+        info = self.sparse_info
+        data, ideal = info["data"], info["data_64k_blocks"]
+        image = (
+            f"{human(info['size'])} sparse image, {human(data)} of data in "
+            f"{len(info['extents'])} extents"
+        )
+        row(
+            "S1",
+            f"baseline `transfer SRC DST` (incl. first snapshot), {image}",
+            "sp_transfer",
+            "`rsync -aS` into empty dir",
+            "sp_rsync_S",
+            "≤ 1× rsync -aS",
+            lambda v, r: r <= 1.0,
+        )
+        row(
+            "S1a",
+            "  `transfer` bytes_sent",
+            "sp_sent",
+            "data",
+            "sp_data",
+            v_text=human,
+            c_text=lambda c: f"{human(c)} (in whole 64 KiB blocks: {human(ideal)})",
+        )
+        plain = human(self.med("sp_rsync_plain_du"))
+        rsync_s = human(self.med("sp_rsync_S_du"))
+        src = human(self.med("sp_src_du"))
+        row(
+            "S2",
+            "  mirror's live tree on disk (`du -sk`, without .volsync/)",
+            "sp_live_du",
+            "data",
+            "sp_data",
+            "≤ 1.1× data",
+            lambda v, r: r <= 1.1,
+            v_text=human,
+            c_text=lambda c: (
+                f"{human(c)} (in whole 64 KiB blocks: {human(ideal)}; `rsync -aS` copy: "
+                f"{rsync_s}; `rsync -a` copy: {plain}; SRC (`cp -a`): {src})"
+            ),
+        )
+        row(
+            "S3",
+            "  whole mirror directory on disk (`du -sk`, with .volsync/)",
+            "sp_all_du",
+            "data",
+            "sp_data",
+            v_text=human,
+            c_text=human,
+        )
+
+    def mirror_rows(self, row, skipped, size, speed) -> None:
         row(
             "M1",
             f"baseline `transfer SRC DST` (incl. first snapshot), {size}",
@@ -468,7 +601,6 @@ class Bench:
             )
         else:
             skipped("M6–M7", "restic backup initial / incremental", "`restic` not on PATH")
-        return rows
 
     def table(self) -> list[str]:
         header = [
@@ -498,16 +630,23 @@ class Bench:
             f"cp: {first_line(['cp', '--version'])}; "
             f"restic: {first_line([self.restic, 'version']) if self.restic else 'not on PATH (skipped)'}"
         )
-        out.append(
-            f"- data (seed {a.seed}, scale {a.scale:g}): {self.data_files:,} files, "
-            f"{human(self.data_bytes)} (of which `disk.img` "
+        data = (
+            f"{self.data_files:,} files, {human(self.data_bytes)} (of which `disk.img` "
             f"{human(round(gendata.IMAGE_SIZE * a.scale) // 4096 * 4096)})"
-            + (
-                f"; small-file tree {self.small_files:,} files, {human(self.small_bytes)}"
-                if self.small_files
-                else ""
-            )
+            if self.data_files
+            else "data set not generated (--skip-volumes and --skip-mirror)"
         )
+        if self.small_files and not a.skip_volumes:
+            data += f"; small-file tree {self.small_files:,} files, {human(self.small_bytes)}"
+        if self.sparse_info:
+            extents = ", ".join(f"{human(n)} at {off:,}" for off, n in self.sparse_info["extents"])
+            data += (
+                f"; sparse image (not scaled) {human(self.sparse_info['size'])} holding "
+                f"{human(self.sparse_info['data'])}: {extents}"
+            )
+        out.append(f"- data (seed {a.seed}, scale {a.scale:g}): {data}")
+        if self.hash:
+            out.append(f"- volumes made by `volsync init` name blocks with {self.hash}")
         out.append(
             "- every tool reads the same generated bytes (copied with `cp -a`); the page "
             "cache is warm for all tools alike (nothing is dropped); times "
@@ -639,6 +778,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-small-files", action="store_true", help="skip the small-file tree")
     p.add_argument("--skip-volumes", action="store_true", help="skip the volume benchmarks")
     p.add_argument("--skip-mirror", action="store_true", help="skip the mirror benchmarks")
+    p.add_argument("--skip-sparse", action="store_true", help="skip the sparse-image rows (S1-S3)")
     p.add_argument(
         "--volsync",
         default="volsync",
@@ -664,8 +804,12 @@ def main(argv: list[str] | None = None) -> int:
 
     work = tempfile.mkdtemp(prefix="volsync-bench-", dir=args.tmp)
     bench = Bench(args, work)
-    # peak: the source data + two volumes (live tree + block store each), + the small tree
-    need = 5.2 * GIB * args.scale + bench.small_files * 4096 * 1.2
+    # peak: the source data + two volumes (live tree + block store each), + the small tree;
+    # the sparse phase runs after the data set is gone: its peak is `rsync -a`'s 1 GiB of zeros
+    need = max(
+        5.2 * GIB * args.scale + bench.small_files * 4096 * 1.2,
+        0 if args.skip_sparse else gendata.SPARSE_SIZE * 1.1,
+    )
     free = shutil.disk_usage(work).free
     if free < need:
         bench.notes.append(f"WARNING: {human(free)} free in {work}, the run may need {human(need)}")
