@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import importlib
 import os
 import shutil
 import subprocess
@@ -32,7 +33,12 @@ from volsync import ops
 from volsync import tree as vtree
 from volsync.store import fsutil
 from volsync.store import packs as vpacks
-from volsync.store.volume import Volume
+from volsync.store.volume import Volume, is_volume
+
+# the scanner's and the live-tree writer's modules (volsync.tree.scan the attribute is the
+# scan function, so the module is looked up by name)
+vscan = importlib.import_module("volsync.tree.scan")
+vwrite = importlib.import_module("volsync.tree.write")
 
 META = ".volsync"
 WORKERS = max(2, min(6, (os.cpu_count() or 2) + 1))
@@ -220,14 +226,14 @@ class Reference:
 
 
 def _volumes(base: Path) -> list[str]:
-    return sorted(p.name for p in base.iterdir() if (p / META).exists())
+    return sorted(p.name for p in base.iterdir() if is_volume(p))
 
 
 def _patch_counting(monkeypatch, counts: dict[str, int]) -> None:
     def counting(op: str) -> None:
         counts[op] += 1
 
-    for module in (vtree, fsutil, vpacks):
+    for module in (vscan, vwrite, fsutil, vpacks):
         monkeypatch.setattr(module, "fault", counting)
 
 
@@ -328,7 +334,7 @@ def run_case(template: Path, ref: Reference, case_dir: Path, spec: str, errname:
     # each volume: the old state or the new one, its live tree to match, and it verifies
     for v in ref.volumes:
         path = case_dir / v
-        if not (path / META).exists():
+        if not is_volume(path):  # (a `.volsync/` an interrupted create left is not a volume)
             if v in ref.before:
                 problems.append(f"{v} lost its metadata")
             continue  # a mirror the failed transfer could not create
@@ -354,7 +360,7 @@ def run_case(template: Path, ref: Reference, case_dir: Path, spec: str, errname:
             problems.append(f"{v}: verify: {errs[:3]}")
     # the fault gone, a rerun gives the reference result (a snapshot the failed run had
     # committed before its error makes the rerun's snapshot one more of the same tree)
-    committed = all((case_dir / v / META).exists() and signature(case_dir / v) == ref.after[v]
+    committed = all(is_volume(case_dir / v) and signature(case_dir / v) == ref.after[v]
                     for v in ref.volumes)
     r2 = sub(*ref.argv, cwd=case_dir)
     if r2.code != 0:
@@ -412,25 +418,25 @@ def test_io_faults(name, tmp_path, monkeypatch):
 
 # --- files that change while a snapshot reads them ----------------------------------------------
 
-_REAL_READ_BLOCK = vtree._read_block
+_REAL_READ_BLOCK = vscan._read_block
 
 
 def _interfere_on_read(monkeypatch, target: Path, action, times: int) -> list[int]:
     """Make `action()` happen right after the first block of `target` is read, on the first
     `times` reads of it; returns a list counting the reads interfered with."""
-    real = vtree._read_block
+    real = vscan._read_block
     ino = target.stat().st_ino
     done: list[int] = []
 
-    def read_block(fd: int, size: int) -> bytes:
-        data = real(fd, size)
+    def read_block(fd: int, size: int, offset: int) -> bytes:
+        data = real(fd, size, offset)
         st = os.fstat(fd)
-        if st.st_ino == ino and len(done) < times and os.lseek(fd, 0, os.SEEK_CUR) == len(data):
+        if st.st_ino == ino and len(done) < times and offset == 0:
             done.append(1)
             action()
         return data
 
-    monkeypatch.setattr(vtree, "_read_block", read_block)
+    monkeypatch.setattr(vscan, "_read_block", read_block)
     return done
 
 
@@ -500,7 +506,7 @@ def test_file_that_keeps_changing_is_reported_not_torn(tmp_path, monkeypatch, ch
     assert "Traceback" not in r.err
     assert signature(vol) == before
     assert verify_ok(vol) == []
-    monkeypatch.setattr(vtree, "_read_block", _REAL_READ_BLOCK)
+    monkeypatch.setattr(vscan, "_read_block", _REAL_READ_BLOCK)
     r = vs("snapshot", vol)
     assert r.code == 0, r
     assert _restored(vol, "latest", tmp_path / "r")["busy.db"][1] == target.read_bytes()
@@ -645,7 +651,7 @@ def test_full_disk_transfer(small_disk, tmp_path, blob):
     done = 0
     for i in range(20):
         write_files(src, {f"d{i}/blob.bin": os.urandom(blob)})
-        before = signature(dst) if (dst / META).exists() else None
+        before = signature(dst) if is_volume(dst) else None
         before_live = live(dst) if before else {}
         r = sub("transfer", src, dst)
         if r.code != 0:

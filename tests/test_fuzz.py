@@ -15,12 +15,11 @@ import time
 import tracemalloc
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from volsync.errors import IntegrityError
-import xxhash
-
 from volsync.model import (
     BLAKE3,
     HASHES,

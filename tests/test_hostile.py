@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -18,9 +17,9 @@ from conftest import age_tree, read_tree, write_tree
 from helpers import ok, sub, vs
 
 from volsync.model import BLAKE3, Kind, Snapshot
+from volsync.ops import new_snapshot_id
 from volsync.store.blocklist import DIRECT_MAX
 from volsync.store.trees import MAX_XATTR_VALUE
-from volsync.ops import new_snapshot_id
 from volsync.store.volume import Volume
 
 

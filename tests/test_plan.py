@@ -9,7 +9,17 @@ import re
 import pytest
 
 from volsync.errors import Diverged, NoCommonSnapshot
-from volsync.model import BlockId, Entry, Kind, Snapshot, SnapshotId, digest_of, newest_common
+from volsync.model import (
+    BLAKE3,
+    BlockId,
+    Entry,
+    Format,
+    Kind,
+    Snapshot,
+    SnapshotId,
+    Tree,
+    newest_common,
+)
 from volsync.plan import (
     RESYNC,
     TRANSFER,
@@ -19,7 +29,11 @@ from volsync.plan import (
     missing_objects,
     plan_lineages,
 )
-from volsync.store.trees import EMPTY_TREE_ID, encode_tree
+from volsync.store.blocklist import DIRECT_MAX, FANOUT, build_ref, content_objects
+from volsync.store.trees import decode_tree, empty_tree_id, encode_tree
+
+ALGO = BLAKE3
+EMPTY_TREE_ID = empty_tree_id(ALGO)
 
 # --- notation -----------------------------------------------------------------------------------
 
@@ -146,62 +160,89 @@ def test_lineage_plan_keeps_snapshot_objects():
 # --- missing_objects ----------------------------------------------------------------------------
 
 BS = 4096
+FMT = Format(ALGO, BS)
+HOLE = ALGO.hole
 
 
 def bid(tag: str) -> BlockId:
-    """A fake 16-byte block id (file blocks are never re-hashed by the planner)."""
-    return BlockId(tag.encode().ljust(16, b"."))
+    """A fake block id of the format's size (file blocks are never re-hashed by the planner);
+    "-" is the hole."""
+    return HOLE if tag == "-" else BlockId(tag.encode().ljust(ALGO.size, b"."))
 
 
 class Store:
-    """Trees by id, counting reads."""
+    """Trees and block list objects by id, counting reads."""
 
     def __init__(self):
         self.trees: dict[BlockId, bytes] = {}
+        self.lists: dict[BlockId, bytes] = {}
         self.reads: list[BlockId] = []
 
     def tree(self, *entries: Entry) -> BlockId:
-        data = encode_tree(sorted(entries, key=lambda e: e.name))
-        tid = digest_of(data)
+        data = encode_tree(Tree(tuple(sorted(entries, key=lambda e: e.name))))
+        tid = BlockId(ALGO.digest(data))
         self.trees[tid] = data
         return tid
 
-    def read(self, tid: BlockId) -> bytes:
-        self.reads.append(tid)
-        return self.trees[tid]
+    def ref(self, blocks: list[str]) -> bytes:
+        """A file's content reference; past DIRECT_MAX blocks its list objects are stored."""
+        return build_ref([bid(b) for b in blocks], FMT, self.lists.__setitem__)
+
+    def read(self, oid: BlockId) -> bytes:
+        self.reads.append(oid)
+        return self.trees[oid] if oid in self.trees else self.lists[oid]
 
 
-def f(name: str, size: int, *blocks: str) -> Entry:
-    return Entry(name.encode(), Kind.FILE, 0o644, 0, size, b"".join(bid(b) for b in blocks))
+def entry(name: str, kind: Kind, mode: int, size: int, ref: bytes) -> Entry:
+    return Entry(name.encode(), kind, mode, 0, 0, 0, size, ref)
+
+
+def f(name: str, size: int, *blocks: str, store: Store | None = None) -> Entry:
+    ref = store.ref(list(blocks)) if store else b"".join(bid(b) for b in blocks)
+    return entry(name, Kind.FILE, 0o644, size, ref)
 
 
 def d(name: str, tree: BlockId) -> Entry:
-    return Entry(name.encode(), Kind.DIR, 0o755, 0, 0, tree)
+    return entry(name, Kind.DIR, 0o755, 0, tree)
 
 
 def link(name: str, target: str) -> Entry:
-    return Entry(name.encode(), Kind.LINK, 0o777, 0, 0, target.encode())
+    return entry(name, Kind.LINK, 0o777, 0, target.encode())
 
 
 def run_missing(store: Store, have: set, roots: list[BlockId]):
-    return missing_objects(store.read, lambda i: i in have, roots, BS)
+    return missing_objects(store.read, lambda i: i in have, roots, FMT)
+
+
+def children(store: Store, oid: BlockId) -> list[BlockId]:
+    """The objects a tree or list object names directly (holes are not objects)."""
+    if oid in store.lists:
+        data = store.lists[oid]
+        return [k for k in (BlockId(data[i : i + ALGO.size])
+                            for i in range(0, len(data), ALGO.size)) if k != HOLE]
+    kids = []
+    for e in decode_tree(store.trees[oid], oid, FMT).entries:
+        if e.kind is Kind.DIR:
+            kids.append(BlockId(e.ref))
+        elif e.kind is Kind.FILE:
+            if FMT.blocks_of(e.size) > DIRECT_MAX:
+                kids += [] if e.ref == HOLE else [BlockId(e.ref)]
+            else:
+                kids += [k for k, _, _ in content_objects(e.ref, e.size, FMT, store.read)]
+    return kids
 
 
 def check_children_first(store: Store, out: list[tuple[BlockId, int]], have: set) -> None:
-    """Every tree in the send list comes after every object under it that is also sent."""
+    """Every tree or list in the send list comes after every object it names that is also
+    sent; every object it names is sent or held by DST."""
     pos = {oid: i for i, (oid, _) in enumerate(out)}
-    from volsync.store.trees import decode_tree
-
     for oid, i in pos.items():
-        if oid in store.trees:
-            for e in decode_tree(store.trees[oid]):
-                kids = [BlockId(e.ref)] if e.kind is Kind.DIR else (
-                    e.blocks() if e.kind is Kind.FILE else [])
-                for k in kids:
-                    if k in pos:
-                        assert pos[k] < i, "a child is sent after its parent"
-                    else:
-                        assert k in have or k == EMPTY_TREE_ID, "a needed child is not sent"
+        if oid in store.trees or oid in store.lists:
+            for k in children(store, oid):
+                if k in pos:
+                    assert pos[k] < i, "a child is sent after its parent"
+                else:
+                    assert k in have or k == EMPTY_TREE_ID, "a needed child is not sent"
 
 
 def test_missing_objects_sends_everything_children_first_with_lengths():
@@ -286,6 +327,63 @@ def test_missing_objects_deep_nesting_order():
     ids = [oid for oid, _ in out]
     assert [ids.index(c) for c in chain] == sorted(ids.index(c) for c in chain)
     assert blocks == 7
+    check_children_first(s, out, set())
+
+
+def test_missing_objects_sends_block_lists_after_their_blocks():
+    """A file of more than DIRECT_MAX blocks: its blocks, then its list object (length one id
+    per block), then the tree; lists are not counted as file blocks; holes are never sent."""
+    s = Store()
+    n = DIRECT_MAX + 8
+    blocks = [f"L{i}" for i in range(n)]
+    blocks[3] = "-"
+    size = (n - 1) * BS + 100
+    root = s.tree(f("big", size, *blocks, store=s), f("small", 5, "s1"))
+    (list_id,) = s.lists
+    out, count = run_missing(s, set(), [root])
+    lengths = dict(out)
+    assert lengths[list_id] == n * ALGO.size
+    assert lengths[bid(f"L{n - 1}")] == 100 and lengths[bid("L0")] == BS
+    assert HOLE not in lengths
+    assert count == n - 1 + 1  # every block but the hole, and s1
+    assert len(out) == count + 2  # plus the list and the tree
+    assert out[-1][0] == root
+    check_children_first(s, out, set())
+
+
+def test_missing_objects_skips_lists_dst_has_unread():
+    """A list object DST holds is skipped whole: not read, none of its blocks sent; a changed
+    block of the file sends only the new list and the new block."""
+    s = Store()
+    n = DIRECT_MAX + 1
+    old = [f"o{i}" for i in range(n)]
+    new = old[:5] + ["CHANGED"] + old[6:]
+    t1 = s.tree(f("big", n * BS, *old, store=s))
+    (old_list,) = s.lists
+    t2 = s.tree(f("big", n * BS, *new, store=s))
+    (new_list,) = set(s.lists) - {old_list}
+    have = {t1, old_list} | {bid(b) for b in old}
+    out, count = run_missing(s, have, [t1, t2])
+    assert [oid for oid, _ in out] == [bid("CHANGED"), new_list, t2]
+    assert count == 1
+    assert old_list not in s.reads and t1 not in s.reads
+    s.reads.clear()
+    assert run_missing(s, have | {new_list}, [t2]) == ([(t2, len(s.trees[t2]))], 0)
+    assert new_list not in s.reads
+
+
+def test_missing_objects_two_level_lists_and_all_hole_lists():
+    """A file past FANOUT blocks has lists of lists (children first at every level); a list
+    covering only holes is not stored, so not sent."""
+    s = Store()
+    n = FANOUT * 2 + 3
+    blocks = ["-"] * FANOUT + [f"b{i}" for i in range(n - FANOUT)]
+    root = s.tree(f("huge", n * BS, *blocks, store=s))
+    assert len(s.lists) == 3  # two lists of blocks (the all-hole one is not stored), one above
+    out, count = run_missing(s, set(), [root])
+    ids = [oid for oid, _ in out]
+    assert set(s.lists) <= set(ids) and HOLE not in ids
+    assert count == n - FANOUT
     check_children_first(s, out, set())
 
 

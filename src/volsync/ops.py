@@ -18,8 +18,9 @@ from pathlib import Path
 
 from .errors import BadArgument, IntegrityError, VolsyncError
 from .model import DEFAULT_HASH, READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState
-from .store.blocklist import block_ids
+from .store.blocklist import content_objects
 from .store.codec import open_sealed
+from .store.trees import META_NAME, decode_tree
 from .store.fsutil import atomic_write, fsync_dir, read_nofollow
 from .store.volume import DEFAULT_BLOCK, Volume, snapshot_from_body
 from .store.walk import objects_under
@@ -391,6 +392,13 @@ def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> 
             report.errors.append(f"snapshot {snap_id[:12]}: {exc}")
             continue
         where = f"snapshot {snap.number} ({snap.id[:12]})"
+        if snap.root != volume.empty_tree and snap.root not in bad \
+                and volume.packs.has(snap.root):
+            try:
+                decode_tree(volume.packs.get(snap.root), snap.root, volume.fmt, top=True)
+            except IntegrityError as exc:  # (other damage is named by the walk below)
+                if META_NAME in exc.args[0].encode():
+                    report.errors.append(f"{where}: {exc}")
         for sub, problem in _subtree_problems(volume, snap.root, bad, memo):
             report.errors.append(f"{where}: {os.fsdecode(sub) or '/'}: {problem}")
 
@@ -429,13 +437,14 @@ def _subtree_problems(volume: Volume, tree_id: BlockId, bad: set[BlockId],
 
 
 def _file_problem(volume: Volume, entry, bad: set[BlockId]) -> str | None:
-    hole = volume.fmt.algo.hole
+    """A file's blocks and block lists that are bad or missing, named for the file."""
     try:
-        damaged = [b for b in block_ids(entry.ref, entry.size, volume.fmt, volume.packs.get)
-                   if b != hole and (b in bad or not volume.packs.has(b))]
+        damaged = [oid for oid, _, _ in content_objects(entry.ref, entry.size, volume.fmt,
+                                                        volume.packs.get)
+                   if oid in bad or not volume.packs.has(oid)]
     except IntegrityError as exc:
         return f"block list missing or corrupt ({exc})"
-    return f"{len(damaged)} block(s) missing or corrupt" if damaged else None
+    return f"{len(damaged)} block(s) or block list(s) missing or corrupt" if damaged else None
 
 
 def verify(volume: Volume, repair_from: Volume | None = None, wait: float = 0.0) -> VerifyReport:

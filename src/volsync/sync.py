@@ -351,6 +351,8 @@ def _undo(dst: Volume) -> None:
     """After a failed run, put DST's live tree back to its latest snapshot now (the next
     command would do the same from the journal)."""
     dst.packs.discard()
+    with suppress(Exception):  # a full disk: the temp files' space first
+        dst.clear_tmp()
     with suppress(Exception):  # if this fails too, the journal stays for the next command
         recover(dst)
 

@@ -90,27 +90,56 @@ def _children(node: BlockId, depth: int, count: int, fmt: Format, read: Reader
             for i, child in enumerate(split_ids(data, fmt.algo.size))]
 
 
-def block_ids(ref: bytes, size: int, fmt: Format, read: Reader) -> Iterator[BlockId]:
-    """Every block id of a file in order, holes included as the hole id."""
+def block_runs(ref: bytes, size: int, fmt: Format, read: Reader
+               ) -> Iterator[tuple[int, BlockId, int]]:
+    """A file's blocks in order as (first index, id, count): a run of holes (a hole list
+    covers many blocks) is one item, so a huge sparse file costs its data, not its size."""
     count = fmt.blocks_of(size)
     depth = depth_of(count)
     if depth == 0:
-        yield from split_ids(ref, fmt.algo.size)
+        for i, block_id in enumerate(split_ids(ref, fmt.algo.size)):
+            yield i, block_id, 1
         return
-    yield from _expand(BlockId(ref), depth, count, fmt, read)
+    yield from _runs(BlockId(ref), depth, count, 0, fmt, read)
 
 
-def _expand(node: BlockId, depth: int, count: int, fmt: Format, read: Reader
-            ) -> Iterator[BlockId]:
+def _runs(node: BlockId, depth: int, count: int, first: int, fmt: Format, read: Reader
+          ) -> Iterator[tuple[int, BlockId, int]]:
     if node == fmt.algo.hole:
-        for _ in range(count):
-            yield node
+        yield first, node, count
         return
-    for child, covered in _children(node, depth, count, fmt, read):
+    span = _span(depth)
+    for i, (child, covered) in enumerate(_children(node, depth, count, fmt, read)):
         if depth == 1:
-            yield child
+            yield first + i, child, 1
         else:
-            yield from _expand(child, depth - 1, covered, fmt, read)
+            yield from _runs(child, depth - 1, covered, first + i * span, fmt, read)
+
+
+def block_ids(ref: bytes, size: int, fmt: Format, read: Reader) -> Iterator[BlockId]:
+    """Every block id of a file in order, holes included as the hole id (for small files
+    and tests; writers use `block_runs`)."""
+    for _, block_id, count in block_runs(ref, size, fmt, read):
+        for _ in range(count):
+            yield block_id
+
+
+def zip_runs(new: Iterator[tuple[int, BlockId, int]], old: Iterator[tuple[int, BlockId, int]]
+             ) -> Iterator[tuple[int, int, BlockId, BlockId | None]]:
+    """Walk two files' runs side by side: (first index, count, new id, old id or None past
+    the old file's end), each piece as long as both ids stay the same."""
+    old_run = next(old, None)
+    for start, new_id, count in new:
+        end = start + count
+        while start < end:
+            while old_run is not None and old_run[0] + old_run[2] <= start:
+                old_run = next(old, None)
+            if old_run is None or old_run[0] > start:
+                yield start, end - start, new_id, None
+                break
+            piece = min(end, old_run[0] + old_run[2]) - start
+            yield start, piece, new_id, old_run[1]
+            start += piece
 
 
 def content_objects(ref: bytes, size: int, fmt: Format, read: Reader,

@@ -58,8 +58,9 @@ def valid_path(path: object) -> bool:
             and all(valid_name(part) for part in path.split(b"/")))
 
 
-def decode_tree(data: bytes, tree_id: BlockId | None, fmt: Format) -> Tree:
-    """Decode and validate a tree; any malformed or unsafe content is an IntegrityError."""
+def decode_tree(data: bytes, tree_id: BlockId | None, fmt: Format, top: bool = False) -> Tree:
+    """Decode and validate a tree; any malformed or unsafe content is an IntegrityError.
+    `top`: the tree is a snapshot's top directory, which may not name `.volsync`."""
     what = f"tree {tree_id.hex()}" if tree_id else "tree"
     algo = fmt.algo
     if tree_id is not None and algo.digest(data) != tree_id:
@@ -77,7 +78,7 @@ def decode_tree(data: bytes, tree_id: BlockId | None, fmt: Format) -> Tree:
         previous = entry.name
         entries.append(entry)
     meta = None if obj[2] is None else _root_meta(obj[2], what)
-    if meta is not None and any(e.name == META_NAME for e in entries):
+    if (top or meta is not None) and any(e.name == META_NAME for e in entries):
         raise IntegrityError(f"{what}: a snapshot's top directory names {META_NAME!r}")
     return Tree(tuple(entries), meta)
 

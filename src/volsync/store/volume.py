@@ -113,7 +113,7 @@ class Volume:
             raise IntegrityError(f"{self.root}: config is malformed") from None
         if not isinstance(config.volume_id, str) or isinstance(cfg["block_size"], bool):
             raise IntegrityError(f"{self.root}: config is malformed")
-        if config.hash not in HASHES:
+        if not isinstance(config.hash, str) or config.hash not in HASHES:
             raise IntegrityError(f"{self.root}: unsupported hash {config.hash!r}")
         try:
             check_block_size(config.block_size)

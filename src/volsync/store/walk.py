@@ -26,6 +26,8 @@ def objects_under(roots: Iterable[BlockId], fmt: Format, read: Reader,
     An unreadable tree or list raises, or with `on_error` is reported and passed over."""
     seen: set[BlockId] = set()
     empty = empty_tree_id(fmt.algo)
+    roots = list(roots)
+    tops = set(roots)
 
     def skipped(object_id: BlockId) -> bool:
         return object_id in seen or skip(object_id)
@@ -42,7 +44,7 @@ def objects_under(roots: Iterable[BlockId], fmt: Format, read: Reader,
             seen.add(tree_id)
             try:
                 data = read(tree_id)
-                tree = decode_tree(data, tree_id, fmt)
+                tree = decode_tree(data, tree_id, fmt, top=tree_id in tops)
             except IntegrityError as exc:
                 if on_error is None:
                     raise

@@ -54,7 +54,7 @@ def diff_trees(objects: Objects, a: BlockId | None, b: BlockId | None,
     `unprivileged`, what such a process cannot restore is not a difference."""
     if a == b:
         return
-    ta, tb = objects.tree(a), objects.tree(b)
+    ta, tb = objects.tree(a, top=not rel), objects.tree(b, top=not rel)
     if not rel and ta.meta is not None and tb.meta is not None:
         ma, mb = comparable(ta.meta, unprivileged), comparable(tb.meta, unprivileged)
         if entries_differ(ma, mb, ta.entries != tb.entries):

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from ..model import BlockId, Tree
-from ..store.blocklist import block_ids, build_ref
+from ..store.blocklist import block_runs, build_ref
 from ..store.trees import decode_tree, encode_tree
 from ..store.volume import Volume
 
@@ -47,13 +47,15 @@ class Objects:
     def content_ref(self, ids: list[BlockId]) -> bytes:
         return build_ref(ids, self.fmt, self.put_object)
 
-    def blocks(self, ref: bytes, size: int) -> Iterator[BlockId]:
-        return block_ids(ref, size, self.fmt, self.raw)
+    def runs(self, ref: bytes, size: int) -> Iterator[tuple[int, BlockId, int]]:
+        """A file's blocks as (first index, id, count) runs (holes in long runs)."""
+        return block_runs(ref, size, self.fmt, self.raw)
 
-    def tree(self, tree_id: BlockId | None) -> Tree:
+    def tree(self, tree_id: BlockId | None, top: bool = False) -> Tree:
+        """A tree, validated; `top`: a snapshot's top directory (no `.volsync` in it)."""
         if tree_id is None or tree_id == self.volume.empty_tree:
             return Tree(())
-        return decode_tree(self.raw(tree_id), tree_id, self.fmt)
+        return decode_tree(self.raw(tree_id), tree_id, self.fmt, top)
 
     def has(self, object_id: BlockId) -> bool:
         return (object_id == self.volume.empty_tree or object_id in self.overlay

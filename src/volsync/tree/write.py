@@ -28,10 +28,14 @@ import shutil
 import stat
 import time
 from collections.abc import Callable
+from contextlib import suppress
 
+from ..errors import IntegrityError
 from ..model import BlockId, Entry, Format, Kind
+from ..store.blocklist import zip_runs
 from ..store.crash import crashpoint, fault
 from ..store.fsutil import fsync
+from ..store.trees import META_NAME
 from .meta import NotRestored, apply_metadata, entry_path, loosen_for_writing
 from .objects import Objects
 from .scan import DIR_KEY, FILE_KEY, ROOT_KEY_NAME, _join, stat_key
@@ -134,6 +138,8 @@ class Materializer:
         live = {e.name: e for e in self.objects.tree(live_id).entries}
         target = self.objects.tree(target_id).entries
         wanted = {e.name for e in target}
+        if not rel and META_NAME in wanted:
+            raise IntegrityError(f"tree {target_id.hex()}: names {META_NAME!r} at the top")
         changed = loosen_for_writing(dfd)
         if changed:  # the directory's own metadata is set again after its entries
             self.loosened.add(rel)
@@ -199,7 +205,10 @@ class Materializer:
         """(dev, ino) of a hard-link group's first member, as written or found this run."""
         known = self.link_paths.get(link)
         if known is None:
-            parent, name = self.open_parent(link)
+            try:
+                parent, name = self.open_parent(link)
+            except OSError:
+                return None  # not there (as it should be): link_member says why
             try:
                 st = os.lstat(name, dir_fd=parent)
             except FileNotFoundError:
@@ -243,7 +252,7 @@ class Materializer:
     def write_entry(self, dfd: int, rel: bytes, entry: Entry, old: Entry | None) -> list | None:
         if entry.kind is Kind.FILE:
             if entry.link is not None and entry.link != _join(rel, entry.name):
-                return self.link_member(dfd, entry)
+                return self.link_member(dfd, rel, entry)
             key = self.sync_file(dfd, entry, old)
             if entry.link is not None:
                 st = os.lstat(entry.name, dir_fd=dfd)
@@ -306,22 +315,24 @@ class Materializer:
         """Large files sharing most blocks with the live file get only the differing ones."""
         if old.size < 4 * self.fmt.block_size:
             return False
-        new_blocks = list(self.objects.blocks(entry.ref, entry.size))
-        old_blocks = list(self.objects.blocks(old.ref, old.size))
-        same = sum(1 for a, b in zip(new_blocks, old_blocks) if a == b)
-        return same * 2 >= len(new_blocks)
+        same = sum(count for _, count, a, b in self._pieces(entry, old) if a == b)
+        return same * 2 >= self.fmt.blocks_of(entry.size)
+
+    def _pieces(self, entry: Entry, old: Entry):
+        return zip_runs(self.objects.runs(entry.ref, entry.size),
+                        self.objects.runs(old.ref, old.size))
 
     def patch(self, fd: int, entry: Entry, old: Entry) -> None:
-        old_blocks = list(self.objects.blocks(old.ref, old.size))
         hole = self.fmt.algo.hole
         bs = self.fmt.block_size
-        for i, block_id in enumerate(self.objects.blocks(entry.ref, entry.size)):
-            if i < len(old_blocks) and old_blocks[i] == block_id:
+        for start, count, block_id, old_id in self._pieces(entry, old):
+            if block_id == old_id:
                 continue
             if block_id == hole:
-                punch_hole(fd, i * bs, self.fmt.block_length(i, entry.size))
+                end = min(entry.size, (start + count) * bs)
+                punch_hole(fd, start * bs, end - start * bs)
             else:
-                self.count(self.objects.copy_block(block_id, fd, i * bs))
+                self.count(self.objects.copy_block(block_id, fd, start * bs))
         os.ftruncate(fd, entry.size)
 
     def new_entry(self, dfd: int, entry: Entry, old: Entry | None) -> list | None:
@@ -333,8 +344,13 @@ class Materializer:
             self.create(dfd, entry.name, entry)
         else:
             tmp = b"w-" + secrets.token_hex(8).encode()
-            if not self.create(self.tmp_fd, tmp, entry):
-                return None
+            try:
+                if not self.create(self.tmp_fd, tmp, entry):
+                    return None
+            except BaseException:
+                with suppress(OSError):  # a full disk: give the space back for the undo
+                    os.unlink(tmp, dir_fd=self.tmp_fd)
+                raise
             crashpoint("live-temp-written")
             if old is not None and old.kind is Kind.DIR:
                 _remove(dfd, entry.name)
@@ -383,17 +399,19 @@ class Materializer:
     def write_content(self, fd: int, entry: Entry) -> None:
         hole = self.fmt.algo.hole
         bs = self.fmt.block_size
-        for i, block_id in enumerate(self.objects.blocks(entry.ref, entry.size)):
+        for start, block_id, _count in self.objects.runs(entry.ref, entry.size):
             if block_id != hole:
-                self.count(self.objects.copy_block(block_id, fd, i * bs))
+                self.count(self.objects.copy_block(block_id, fd, start * bs))
         os.ftruncate(fd, entry.size)
 
-    def link_member(self, dfd: int, entry: Entry) -> list | None:
+    def link_member(self, dfd: int, rel: bytes, entry: Entry) -> list | None:
         """A hard-link member after its group's first: a link to the first member's inode
         (already written, as the walk meets the first member first)."""
-        first_dir, first_name = self.open_parent(entry.link)
+        first_dir, first_name = self.open_first(rel, entry)
         try:
             st_first = os.lstat(first_name, dir_fd=first_dir)
+            if not stat.S_ISREG(st_first.st_mode):
+                raise IntegrityError(f"hard-link group {entry.link!r} names no regular file")
             try:
                 st = os.lstat(entry.name, dir_fd=dfd)
                 if (st.st_dev, st.st_ino) == (st_first.st_dev, st_first.st_ino):
@@ -415,6 +433,24 @@ class Materializer:
         os.rename(tmp, entry.name, src_dir_fd=link_dir, dst_dir_fd=dfd)
         crashpoint("live-entry-written")
         return stat_key(os.lstat(entry.name, dir_fd=dfd), self.scan_start)
+
+    def open_first(self, rel: bytes, entry: Entry) -> tuple[int, bytes]:
+        """The directory fd and name of a group's first member, which the walk (names sorted,
+        depth first) met before this member; a tree naming anything else is damage."""
+        here = _join(rel, entry.name)
+        if entry.link.split(b"/") >= here.split(b"/"):
+            raise IntegrityError(f"{os.fsdecode(here)}: hard-link group {entry.link!r} names "
+                                 "no earlier file")
+        try:
+            return self.open_parent(entry.link)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise IntegrityError(f"{os.fsdecode(here)}: hard-link group {entry.link!r} names "
+                                 "no file") from exc
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise IntegrityError(f"{os.fsdecode(here)}: hard-link group {entry.link!r} "
+                                 "passes through a symlink") from None
 
     def open_parent(self, path: bytes) -> tuple[int, bytes]:
         """An fd of the directory holding `path` (relative to the root), never following."""
