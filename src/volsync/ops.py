@@ -20,8 +20,8 @@ from .errors import BadArgument, IntegrityError, VolsyncError
 from .model import DEFAULT_HASH, READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState
 from .store.blocklist import content_objects
 from .store.codec import open_sealed
-from .store.trees import META_NAME, decode_tree
 from .store.fsutil import atomic_write, fsync_dir, read_nofollow
+from .store.trees import META_NAME, decode_tree
 from .store.volume import DEFAULT_BLOCK, Volume, snapshot_from_body
 from .store.walk import objects_under
 from .tree import (
