@@ -427,3 +427,20 @@ def test_a_killed_baseline_resends_only_what_the_mirror_lacks(tmp_path):
     assert again["bytes_sent"] <= total - 399 * (64 << 10)
     assert content(b) == content(a)
     verify_clean(b)
+
+
+def test_a_no_change_scan_reads_no_data_and_no_xattrs(tmp_path, monkeypatch):
+    # the stat key vouches for data and metadata alike: nothing is read again
+    from volsync import tree as vtree
+
+    v = make_volume(tmp_path / "v", {"d/f": os.urandom(50000), "g": "x"})
+    os.setxattr(v / "g", "user.k", b"v")
+    for p in (v / "d" / "f", v / "g", v / "d", v):
+        aged(p)
+    snap(v)
+    calls = []
+    real = os.listxattr
+    monkeypatch.setattr(os, "listxattr", lambda *a, **k: calls.append(a) or real(*a, **k))
+    with opened(v) as vol:
+        result, _ = vtree.scan(vol, write=False)
+    assert result.bytes_read == 0 and calls == []
