@@ -20,7 +20,9 @@ import errno
 import os
 import stat
 import time
+from collections import deque
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import VolsyncError
@@ -249,8 +251,8 @@ class Scanner:
                 size, files = size + entry.size, files + 1
             entries.append(entry)
         meta = self.root_meta(dfd, own, cached, old_tree) if not rel else None
-        keys = {k: v for k, v in keys.items() if k == ROOT_KEY_NAME
-                or k in {e.name for e in entries}}
+        names = {e.name for e in entries}
+        keys = {k: v for k, v in keys.items() if k == ROOT_KEY_NAME or k in names}
         if linked or pending_sub:
             self.pending[rel] = _Pending(entries, linked, keys, size, files, meta)
             placeholder = self.placeholder(rel)
@@ -358,12 +360,14 @@ class Scanner:
 
     def hash_blocks(self, fd: int, size: int) -> tuple[list[BlockId], int]:
         """Read a file block by block; a block inside a hole is not read, and a block of
-        zeros is a hole too: both become the hole id, nothing stored."""
+        zeros is a hole too: both become the hole id, nothing stored. A big file's blocks are
+        hashed in batches on the hash pool while the next ones are read."""
         ids: list[BlockId] = []
         hole = self.fmt.algo.hole
-        digest = self.fmt.algo.digest
         bs = self.block_size
         extents = data_extents(fd, size)
+        hasher = _BatchHasher(self.fmt.algo.digest, self.objects.put_block, ids,
+                              parallel=size >= PARALLEL_MIN)
         length = 0
         offset = 0
         while True:
@@ -384,9 +388,7 @@ class Scanner:
             if data == self.zeros[: len(data)]:
                 ids.append(hole)
             else:
-                block_id = BlockId(digest(data))
-                self.objects.put_block(block_id, data)
-                ids.append(block_id)
+                hasher.add(data)
             length += len(data)
             offset += len(data)
             self.bytes_read += len(data)
@@ -394,7 +396,72 @@ class Scanner:
                 self.progress(len(data))
             if len(data) < bs:
                 break
+        hasher.finish()
         return ids, length
+
+
+PARALLEL_MIN = 4 << 20  # files from this size are hashed on the pool
+BATCH_BYTES = 2 << 20
+_pool: ThreadPoolExecutor | None = None
+
+
+def _hash_pool() -> ThreadPoolExecutor:
+    """Threads for hashing (the hash releases the GIL): one per core."""
+    global _pool
+    if _pool is None:
+        _pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1,
+                                   thread_name_prefix="volsync-hash")
+    return _pool
+
+
+class _BatchHasher:
+    """Fills the hole-free slots of `ids` in file order: blocks are hashed in batches, up to
+    one batch per core in flight while the reader goes on, and stored in order."""
+
+    def __init__(self, digest, put, ids: list, parallel: bool):
+        self.digest = digest
+        self.put = put
+        self.ids = ids
+        self.parallel = parallel and (os.cpu_count() or 1) > 1
+        self.batch: list[tuple[int, bytes]] = []
+        self.batch_bytes = 0
+        self.inflight: deque = deque()
+
+    def add(self, data: bytes) -> None:
+        self.ids.append(None)
+        if not self.parallel:
+            self.store(len(self.ids) - 1, data, self.digest(data))
+            return
+        self.batch.append((len(self.ids) - 1, data))
+        self.batch_bytes += len(data)
+        if self.batch_bytes >= BATCH_BYTES:
+            self.submit()
+
+    def submit(self) -> None:
+        if self.batch:
+            blocks = [data for _, data in self.batch]
+            self.inflight.append((self.batch, _hash_pool().submit(_digests, self.digest, blocks)))
+            self.batch, self.batch_bytes = [], 0
+        while len(self.inflight) > (os.cpu_count() or 1):
+            self.collect()
+
+    def collect(self) -> None:
+        items, future = self.inflight.popleft()
+        for (index, data), block_id in zip(items, future.result(), strict=True):
+            self.store(index, data, block_id)
+
+    def finish(self) -> None:
+        self.submit()
+        while self.inflight:
+            self.collect()
+
+    def store(self, index: int, data: bytes, block_id: bytes) -> None:
+        self.ids[index] = BlockId(block_id)
+        self.put(self.ids[index], data)
+
+
+def _digests(digest, blocks: list[bytes]) -> list[bytes]:
+    return [digest(b) for b in blocks]
 
 
 def _entry(name: bytes, kind: Kind, st: os.stat_result, size: int, ref: bytes,
