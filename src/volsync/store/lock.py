@@ -36,12 +36,9 @@ class VolumeLock:
                     os.close(fd)
                     raise VolumeLocked(self.volume, holder_pid(self.path)) from None
                 time.sleep(0.05)
-        if shared:  # readers leave the pid of the last writer in place
-            self.fd = fd
-            return
         # the pid overwrites the last holder's and the file is never emptied (not on release
         # either): a command refused at any moment finds a pid to name, this holder's or
-        # that of the one it just followed
+        # that of the one it just followed (readers sharing the lock write theirs too)
         pid = f"{os.getpid()}\n".encode()
         os.pwrite(fd, pid, 0)
         os.ftruncate(fd, len(pid))
