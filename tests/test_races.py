@@ -279,7 +279,7 @@ def run_round(cluster: Cluster, cmds: list[list], log: Path) -> tuple[list[tuple
 def test_concurrent_commands(tmp_path):
     rnd = random.Random(int(os.environ.get("VOLSYNC_RACE_SEED", "20240611")))
     cluster = Cluster(tmp_path)
-    rounds = int(os.environ.get("VOLSYNC_RACE_ROUNDS", "200"))
+    rounds = int(os.environ.get("VOLSYNC_RACE_ROUNDS", "120"))
     tally = {"commands": 0, "done": 0, "locked": 0, "waited": 0}
     start = time.monotonic()
     failures = []
