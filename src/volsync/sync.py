@@ -321,26 +321,25 @@ def _send_and_materialize(plan: TransferPlan, src: Volume, dst: Volume,
     sent = frozenset(block_id for block_id, _ in plan.objects)
     objects = Objects(dst, write=False, source=src, checked_elsewhere=sent)
     objects.overlay = dst_objects.overlay
-    tmp_fd = os.open(dst.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
-    writer = Materializer(objects, dst.fmt, live.cache, tmp_fd)
     target = plan.src_lineage[-1].root
     outcome: dict = {}
+    with dst.tmp_fd() as tmp_fd:
+        writer = Materializer(objects, dst.fmt, live.cache, tmp_fd)
 
-    def write_live_tree() -> None:
+        def write_live_tree() -> None:
+            try:
+                outcome["cache"] = writer.run(bytes(dst.root), live.root, target)
+            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=write_live_tree, name="volsync-materialize")
+        thread.start()
         try:
-            outcome["cache"] = writer.run(bytes(dst.root), live.root, target)
-        except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=write_live_tree, name="volsync-materialize")
-    thread.start()
-    try:
-        _send(plan, src, dst, progress)
-    finally:
-        if sys.exc_info()[0] is not None:
-            objects.cancelled = True
-        thread.join()
-        os.close(tmp_fd)
+            _send(plan, src, dst, progress)
+        finally:
+            if sys.exc_info()[0] is not None:
+                objects.cancelled = True
+            thread.join()
     if "error" in outcome:
         raise outcome["error"]
     dst.save_statcache(outcome["cache"])

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 from ..model import BlockId, HashAlgo
-from .codec import open_sealed, seal
+from .codec import FORMAT_VERSION, open_sealed, seal
 from .crash import crashpoint, fault
 from .fsutil import atomic_write, fsync, fsync_dir, pwrite_all, read_nofollow, write_all
 
@@ -177,9 +177,16 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int | None, leng
         pwrite_all(dst_fd, data, dst_off + done)
 
 
-def read_index(path: Path, id_size: int) -> tuple[str, list[tuple[BlockId, int, int]]]:
+def read_index(path: Path, id_size: int, version: int = FORMAT_VERSION
+               ) -> tuple[str, list[tuple[BlockId, int, int]]]:
     """Decode one pack index, refusing any that fails its checksum or shape."""
-    body = open_sealed(read_nofollow(path), "index", f"pack index {path.name}")
+    return parse_index(read_nofollow(path), path, id_size, version)
+
+
+def parse_index(raw: bytes, path: Path, id_size: int, version: int = FORMAT_VERSION
+                ) -> tuple[str, list[tuple[BlockId, int, int]]]:
+    """An index's (pack name, [(id, offset, length)]); `version` 1 for `upgrade`."""
+    body = open_sealed(raw, "index", f"pack index {path.name}", version)
     try:
         ids, offs, lens = body["ids"], array("Q"), array("I")
         offs.frombytes(body["offsets"])

@@ -20,11 +20,9 @@ Steps, under the volume lock:
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import struct
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -49,12 +47,13 @@ from .codec import FORMAT_1, FORMAT_VERSION, envelope_version, open_sealed, pack
 from .crash import crashpoint
 from .fsutil import atomic_write, fsync_dir, read_nofollow, remove_temps
 from .lock import VolumeLock
-from .packs import PackStore
+from .packs import PackStore, parse_index
 from .trees import decode_tree, empty_tree_id, encode_tree, valid_name
 from .volume import (
     META,
     TMP_DIR,
     UPGRADE_DIR,
+    _damage_or_io,
     _state_body,
     check_block_size,
     check_hash,
@@ -110,9 +109,7 @@ def _read_meta_file(path: Path, what: str) -> bytes:
     try:
         return read_nofollow(path)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENOTDIR):
-            raise IntegrityError(f"{what}: {exc.strerror}") from None
-        raise OSError(exc.errno, f"{what}: {exc.strerror}") from None
+        raise _damage_or_io(exc, what) from None
 
 
 class V1Reader:
@@ -170,21 +167,10 @@ class V1Reader:
         """Every pack index; a damaged one is refused (the upgrade would lose its objects)."""
         index: dict[bytes, tuple[str, int, int]] = {}
         for idx in sorted((self.meta / "packs").glob("*.idx")):
-            body = self._sealed(idx, "index")
-            what = f"{self.root}: pack index {idx.name}"
-            try:
-                ids, offs, lens = body["ids"], array("Q"), array("I")
-                offs.frombytes(body["offsets"])
-                lens.frombytes(body["lengths"])
-                name = body["pack"]
-            except (KeyError, TypeError, ValueError):
-                raise IntegrityError(f"{what}: malformed") from None
-            count = len(ids) // V1_ID_SIZE if isinstance(ids, bytes) else -1
-            if (count < 0 or len(ids) % V1_ID_SIZE or len(offs) != count or len(lens) != count
-                    or name != idx.stem):
-                raise IntegrityError(f"{what}: malformed")
-            for i in range(count):
-                index[ids[i * V1_ID_SIZE : (i + 1) * V1_ID_SIZE]] = (name, offs[i], lens[i])
+            raw = _read_meta_file(idx, f"{self.root}: pack index {idx.name}")
+            name, entries = parse_index(raw, idx, V1_ID_SIZE, FORMAT_1)
+            for block_id, off, length in entries:
+                index[block_id] = (name, off, length)
         return index
 
     def snapshot(self, snap_id: SnapshotId) -> Snapshot:

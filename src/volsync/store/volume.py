@@ -196,6 +196,15 @@ class Volume:
     def tmp(self) -> Path:
         return self.meta / TMP_DIR
 
+    @contextmanager
+    def tmp_fd(self) -> Iterator[int]:
+        """A directory fd of .volsync/tmp/, where live-tree writes make their temp files."""
+        fd = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        try:
+            yield fd
+        finally:
+            os.close(fd)
+
     def clear_tmp(self) -> None:
         """Remove what a crashed live-tree write left in .volsync/tmp/ (only ever volsync's)."""
         tmp = self.tmp

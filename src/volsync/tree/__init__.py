@@ -12,11 +12,10 @@ from .scan import (
     Scanner,
     ScanResult,
     SourceReadError,
-    file_key,
     is_racy,
     scan,
 )
-from .write import Materializer, materialize
+from .write import Materializer
 
 __all__ = [
     "PRIVILEGED",
@@ -33,9 +32,7 @@ __all__ = [
     "Scanner",
     "SourceReadError",
     "diff_trees",
-    "file_key",
     "is_racy",
     "live_differs",
-    "materialize",
     "scan",
 ]

@@ -74,10 +74,6 @@ def stat_key(st: os.stat_result, scan_start: int, sub_id: bytes = b"") -> list |
     return [SPECIAL_KEY, mode, st.st_rdev, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
 
 
-def file_key(st: os.stat_result, scan_start: int) -> list | None:
-    return stat_key(st, scan_start)
-
-
 def _same_inode_meta(old: list | None, new: list | None) -> bool:
     """Two directory keys that differ at most in their subtree id: the directory's own
     metadata (and so its xattrs) is unchanged."""

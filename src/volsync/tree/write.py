@@ -260,8 +260,7 @@ class Materializer:
             return key
         if entry.kind is Kind.LINK:
             return self.new_entry(dfd, entry, old)
-        if old is not None and old.kind is entry.kind and old.rdev == entry.rdev \
-                and old.kind is not Kind.LINK:
+        if old is not None and old.kind is entry.kind and old.rdev == entry.rdev:
             self.set_metadata_at(dfd, entry)  # a fifo or device: no data, no hard links
             return stat_key(os.lstat(entry.name, dir_fd=dfd), self.scan_start)
         return self.new_entry(dfd, entry, old)
@@ -502,12 +501,3 @@ def _remove(dfd: int, name: bytes) -> None:
         shutil.rmtree(name, dir_fd=dfd)
     else:
         os.unlink(name, dir_fd=dfd)
-
-
-def materialize(objects: Objects, root: bytes, live: BlockId | None, target: BlockId,
-                cache: dict, tmp_fd: int | None, progress: Progress | None = None
-                ) -> Materializer:
-    m = Materializer(objects, objects.fmt, cache, tmp_fd, progress)
-    m.cache = m.run(root, live, target)
-    return m
-
