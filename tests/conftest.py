@@ -157,3 +157,66 @@ def make_volume(tmp_path, run):
         return path
 
     return _make
+
+
+# --- ssh: a throwaway sshd on 127.0.0.1, and a local stand-in for ssh -----------------------
+#
+# `sshd` (session): a server accepting a generated client key for the current user; pass
+# `sshd.rsh` as --rsh / VOLSYNC_RSH and `sshd.remote_path` as --remote-path. `sshd_forced`:
+# start(forced_command) -> a server whose key runs only that command. When sshd cannot run,
+# the tests skip, unless VOLSYNC_REQUIRE_SSHD=1 (CI), where they fail. `rsh_shim`: an rsh
+# value that runs the remote command locally through `sh -c` (see tests/rsh_shim.py).
+
+
+def _sshd_unavailable(error: Exception):
+    reason = f"cannot start a test sshd: {error}"
+    if os.environ.get("VOLSYNC_REQUIRE_SSHD") == "1":
+        pytest.fail(f"{reason} (VOLSYNC_REQUIRE_SSHD=1)", pytrace=False)
+    pytest.skip(reason)
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory):
+    """A running test sshd without a forced command (tests.sshd.SshServer)."""
+    import subprocess
+
+    from sshd import SshdError, start_sshd
+
+    try:
+        server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    except (SshdError, OSError, subprocess.SubprocessError) as e:
+        _sshd_unavailable(e)
+    with server:
+        yield server
+
+
+@pytest.fixture
+def sshd_forced(tmp_path_factory):
+    """start(forced_command) -> an SshServer whose client key always runs `forced_command`
+    (with SSH_ORIGINAL_COMMAND set to what was asked); all are stopped at teardown."""
+    import subprocess
+
+    from sshd import SshdError, start_sshd
+
+    servers = []
+
+    def start(forced_command: str):
+        try:
+            server = start_sshd(tmp_path_factory.mktemp("sshd_forced"), forced_command)
+        except (SshdError, OSError, subprocess.SubprocessError) as e:
+            _sshd_unavailable(e)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def rsh_shim() -> str:
+    """An rsh value (for --rsh / VOLSYNC_RSH) running the remote command locally."""
+    import shlex
+    import sys
+
+    return shlex.join([sys.executable, str(Path(__file__).with_name("rsh_shim.py"))])

@@ -7,8 +7,9 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "volsync"
 LAYER = {
-    "model": 0, "errors": 0, "store": 1, "tree": 2, "ops": 3, "plan": 3, "sync": 4,
-    "render": 4, "cli": 5, "__main__": 6, "__init__": 0,
+    "model": 0, "errors": 0, "store": 1, "wire": 1, "tree": 2, "ops": 3, "plan": 3,
+    "endpoint": 4, "remote": 5, "sync": 6, "stream": 6, "render": 6, "cli": 7, "__main__": 8,
+    "__init__": 0,
 }
 
 

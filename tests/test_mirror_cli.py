@@ -693,13 +693,13 @@ def test_transfer_holds_both_locks(pair, monkeypatch):
 
     a, b = pair
     seen = []
-    real_send = sync_mod._send
+    real_copy = sync_mod._copy_and_write
 
     def spy(plan, src, dst, progress):
         seen.append((Volume.open(a).lock_holder(), Volume.open(b).lock_holder()))
-        return real_send(plan, src, dst, progress)
+        return real_copy(plan, src, dst, progress)
 
-    monkeypatch.setattr(sync_mod, "_send", spy)
+    monkeypatch.setattr(sync_mod, "_copy_and_write", spy)
     write(a, {"y": "y"})
     ok("transfer", a, b)
     assert seen == [(os.getpid(), os.getpid())]

@@ -20,7 +20,7 @@ CORE_POINTS = ["pack-data-durable", "pack-index-committed", "atomic-write-before
                "object-received"]
 SWAP_POINTS = CORE_POINTS + ["role-swap-source-demoted", "role-swap-mirror-promoted",
                              "link-flipped"]
-MODULES = ["volsync.sync", "volsync.tree.write", "volsync.store.fsutil", "volsync.store.volume",
+MODULES = ["volsync.sync", "volsync.endpoint", "volsync.tree.write", "volsync.store.fsutil", "volsync.store.volume",
            "volsync.store.packs"]
 
 

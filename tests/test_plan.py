@@ -211,7 +211,8 @@ def link(name: str, target: str) -> Entry:
 
 
 def run_missing(store: Store, have: set, roots: list[BlockId]):
-    return missing_objects(store.read, lambda i: i in have, roots, FMT)
+    return missing_objects(lambda ids: [store.read(i) for i in ids],
+                           lambda ids: [i in have for i in ids], roots, FMT)
 
 
 def children(store: Store, oid: BlockId) -> list[BlockId]:

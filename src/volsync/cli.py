@@ -12,10 +12,13 @@ from collections.abc import Callable
 
 import click
 
-from . import __version__, ops, sync
+from . import __version__, ops, stream, sync
 from .errors import BadArgument, Diverged, VolsyncError
 from .model import DEFAULT_HASH, HASHES
 from .plan import TransferPlan, lineage_picture
+from .remote.address import RemoteAddress, parse_address
+from .remote.client import RemoteEndpoint, RemoteOptions
+from .remote.server import Refused, serve_stdio
 from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
 from .store.volume import DEFAULT_BLOCK, Volume
 from .tree import NotRestored
@@ -38,13 +41,15 @@ class Output:
         self.json = as_json
         self.quiet = quiet
 
-    def emit(self, data: dict, text: str | Callable[[], str]) -> None:
+    def emit(self, data: dict, text: str | Callable[[], str], err: bool = False) -> None:
+        """The result: stdout, or stderr for `send` (whose stdout carries the stream)."""
         if self.json:
-            click.echo(json.dumps(data, sort_keys=True))
+            click.echo(json.dumps(data, sort_keys=True), err=err)
         elif not self.quiet:
             shown = text() if callable(text) else text
             # non-UTF-8 names (surrogate-escaped) print as \xNN instead of crashing the write
-            click.echo(shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
+            click.echo(shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
+                       err=err)
 
     def warn(self, message: str) -> None:
         if not self.quiet:
@@ -54,20 +59,39 @@ class Output:
         """A byte counter on stderr when it is a terminal, shown once a run passes 1 s."""
         if self.quiet or self.json or not sys.stderr.isatty():
             return None
-        start = time.monotonic()
-        state = {"done": 0, "shown": 0.0}
+        return ProgressLine(label)
 
-        def tick(n: int) -> None:
-            state["done"] += n
-            now = time.monotonic()
-            if now - start > 1.0 and now - state["shown"] > 0.1:
-                state["shown"] = now
-                rate = state["done"] / (now - start)
-                sys.stderr.write(f"\r{label}: {human_bytes(state['done'])} "
-                                 f"({human_bytes(int(rate))}/s)   ")
-                sys.stderr.flush()
 
-        return tick
+class ProgressLine:
+    """Bytes, rate and, once the plan's total is known, percent and time left."""
+
+    def __init__(self, label: str):
+        self.label = label
+        self.start = time.monotonic()
+        self.done = 0
+        self.total: int | None = None
+        self.shown = 0.0
+
+    def set_total(self, total: int) -> None:
+        self.total, self.done, self.start = total, 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        now = time.monotonic()
+        if now - self.start > 1.0 and now - self.shown > 0.1:
+            self.shown = now
+            sys.stderr.write(f"\r{self.text(now)}   ")
+            sys.stderr.flush()
+
+    def text(self, now: float) -> str:
+        rate = self.done / max(now - self.start, 1e-6)
+        line = f"{self.label}: {human_bytes(self.done)} ({human_bytes(int(rate))}/s)"
+        if self.total:
+            left = max(self.total - self.done, 0) / rate if rate else 0
+            line = (f"{self.label}: {human_bytes(self.done)} of {human_bytes(self.total)} "
+                    f"({100 * self.done // self.total}%, {human_bytes(int(rate))}/s, "
+                    f"{int(left) // 60}:{int(left) % 60:02d} left)")
+        return line
 
 
 def common_options(fn):
@@ -91,7 +115,7 @@ def dry_run_option(fn):
                         help="Print the plan and change nothing.")(fn)
 
 
-def parse_size(text: str) -> int:
+def parse_size(text: str, what: str = "block size") -> int:
     units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
     t = text.strip().upper().removesuffix("B").removesuffix("I")
     try:
@@ -99,7 +123,128 @@ def parse_size(text: str) -> int:
             return int(t[:-1]) * units[t[-1]]
         return int(t)
     except ValueError:
-        raise BadArgument(f"bad block size {text!r}: use e.g. 64K or 1M") from None
+        raise BadArgument(f"bad {what} {text!r}: use e.g. 64K or 1M") from None
+
+
+# --- volumes on other machines ----------------------------------------------------------------
+
+def remote_options(fn):
+    fn = click.option("--remote-path", default=None, metavar="CMD",
+                      help="The volsync program on the far side (default: volsync, or "
+                           "VOLSYNC_REMOTE_PATH).")(fn)
+    return click.option("--rsh", default=None, metavar="CMD",
+                        help="The ssh command for remote volumes (default: ssh, or "
+                             "VOLSYNC_RSH).")(fn)
+
+
+def wire_options(fn):
+    fn = click.option("--bwlimit", default=None, metavar="RATE",
+                      help="Bytes per second on the wire, like 10M (smoothly paced).")(fn)
+    return click.option("--compress", is_flag=True,
+                        help="zstd on the wire (kept only where it makes a frame smaller).")(fn)
+
+
+def remote_settings(rsh, remote_path, compress=False, bwlimit=None) -> RemoteOptions:
+    rate = None
+    if bwlimit is not None:
+        rate = parse_size(bwlimit, "rate")
+        if rate <= 0:
+            raise BadArgument(f"bad rate {bwlimit!r}: it must be positive")
+    return RemoteOptions.from_env(rsh, remote_path, compress, rate)
+
+
+# the path arguments of the commands a remote VOL runs on the far side, as they are
+SERVED = {"init": ("directory",), "snapshot": ("volume",), "snapshots": ("volume",),
+          "status": ("volume",), "diff": ("volume",), "revert": ("volume",),
+          "restore": ("volume", "directory"), "verify": ("volume",), "prune": ("volume",),
+          "upgrade": ("volume",), "break": ("dst",)}
+SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify"}
+_VALUED = {"--label", "--wait", "--keep-last", "--repair-from", "--block-size", "--hash",
+           "--rsh", "--remote-path"}
+
+
+def served(param: str):
+    """A single-volume command whose VOL may be remote: then the whole command runs on the
+    volume's machine (`volsync serve`), and its output and exit code come back as they are."""
+    def deco(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, rsh=None, remote_path=None, **kwargs):
+            options = remote_settings(rsh, remote_path)
+            click.get_current_context().find_root().obj["remote"] = options
+            address = parse_address(kwargs[param])
+            if address is None:
+                return fn(*args, **kwargs)
+            _run_remote(address, kwargs[param], options)
+
+        return remote_options(wrapper)
+    return deco
+
+
+def _run_remote(address: RemoteAddress, text: str, options: RemoteOptions) -> None:
+    argv = _remote_argv(click.get_current_context().find_root().obj["argv"], text, address.path)
+    endpoint = RemoteEndpoint(address, options)
+    try:
+        code, out, err = endpoint.run(argv)
+    finally:
+        endpoint.close()
+    sys.stdout.write(out)
+    sys.stderr.write(err)
+    sys.exit(code)
+
+
+def _remote_argv(argv: list[str], text: str, path: str) -> list[str]:
+    """The command line to run on the far side: the address becomes its path there, and the
+    options that only mean something here are dropped."""
+    out: list[str] = []
+    skip = replaced = False
+    for i, arg in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if arg in ("--rsh", "--remote-path"):
+            skip = True
+            continue
+        if arg.startswith(("--rsh=", "--remote-path=")):
+            continue
+        if not replaced and i > 0 and arg == text and argv[i - 1] not in _VALUED:
+            out.append(path)
+            replaced = True
+            continue
+        out.append(arg)
+    return out
+
+
+def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, str, str]:
+    """`serve`'s side of a remote single-volume command: parse it as this CLI would, check
+    every path it names against --restrict-to-path and --read-only, run it and capture."""
+    import contextlib
+    import io
+
+    name = argv[0] if argv else ""
+    if name not in SERVED:
+        raise Refused(f"{name!r} cannot be run through volsync serve")
+    command = cli.commands[name]
+    try:
+        ctx = command.make_context(name, list(argv[1:]), obj={"argv": argv})
+    except click.ClickException as exc:
+        return exc.exit_code, "", f"volsync: error: {exc.format_message()}\n"
+    for param in SERVED[name]:
+        value = ctx.params.get(param)
+        if value is None or parse_address(value) is not None:
+            raise Refused(f"{name}: {value!r} is not a path on this machine")
+        check_path(value)
+    if ctx.params.get("repair_from"):
+        raise Refused("verify --repair-from runs where VOL is: run it on VOL's machine")
+    if read_only and name not in SERVED_READ_ONLY and not ctx.params.get("dry_run"):
+        raise Refused(f"this server is read-only: {name} refused")
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(list(argv))
+            code = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    return code, out.getvalue(), err.getvalue()
 
 
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
@@ -120,6 +265,7 @@ def cli() -> None:
               help="How blocks are named: blake3 (safe against crafted blocks) or xxh3-128 "
                    "(faster, for trusted data only). Volumes that share snapshots use one.")
 @common_options
+@served("directory")
 def init(directory: str, block_size: str | None, hash_name: str, out: Output) -> None:
     """Make DIRECTORY a read-write volume in place, keeping its files.
 
@@ -139,6 +285,7 @@ def init(directory: str, block_size: str | None, hash_name: str, out: Output) ->
                    "with the same one.")
 @wait_option
 @common_options
+@served("volume")
 def upgrade(volume: str, hash_name: str | None, wait: float, out: Output) -> None:
     """Convert a volume of an older format in place to the current one, crash-safe.
 
@@ -164,6 +311,7 @@ def upgrade(volume: str, hash_name: str | None, wait: float, out: Output) -> Non
 @click.option("--label", default=None, help="A label to name the snapshot by.")
 @wait_option
 @common_options
+@served("volume")
 def snapshot(volume: str, label: str | None, wait: float, out: Output) -> None:
     """Capture the live tree as the next snapshot; prints its number."""
     if label is not None and (not label or label.isdigit() or label == "latest"):
@@ -180,6 +328,7 @@ def snapshot(volume: str, label: str | None, wait: float, out: Output) -> None:
 @click.argument("volume")
 @click.option("--all", "show_all", is_flag=True, help="Include preserved snapshots.")
 @common_options
+@served("volume")
 def snapshots(volume: str, show_all: bool, out: Output) -> None:
     """List the lineage (number, id, created, label, size); --all adds preserved ones."""
     vol = Volume.open(volume)
@@ -193,6 +342,7 @@ def snapshots(volume: str, show_all: bool, out: Output) -> None:
 @cli.command()
 @click.argument("volume")
 @common_options
+@served("volume")
 def status(volume: str, out: Output) -> None:
     """Mode, upstream, latest snapshot, live-tree changes since it, lock holder if any."""
     st = ops.status(Volume.open(volume))
@@ -235,6 +385,7 @@ def status(volume: str, out: Output) -> None:
 @click.argument("a", required=False)
 @click.argument("b", required=False)
 @common_options
+@served("volume")
 def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
     """Paths added, modified, deleted: A to B, A to the live tree, or latest to the live tree."""
     changes = ops.diff(Volume.open(volume), a, b)
@@ -249,6 +400,7 @@ def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
 @dry_run_option
 @wait_option
 @common_options
+@served("volume")
 def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> None:
     """Set the live tree and lineage back to SNAP. Later snapshots and unsnapshotted live
     changes become preserved snapshots; nothing is destroyed."""
@@ -268,6 +420,7 @@ def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> N
 @click.argument("snap")
 @click.argument("directory", type=click.Path())
 @common_options
+@served("volume")
 def restore(volume: str, snap: str, directory: str, out: Output) -> None:
     """Write the content of any snapshot (lineage or preserved) to a new directory."""
     s, skipped = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"))
@@ -283,10 +436,15 @@ def restore(volume: str, snap: str, directory: str, out: Output) -> None:
               help="Fetch good copies of bad or missing blocks from a related volume.")
 @wait_option
 @common_options
+@served("volume")
 def verify(volume: str, repair_from: str | None, wait: float, out: Output) -> None:
     """Re-hash every block, check every manifest and (mirror) the live tree."""
-    other = Volume.open(repair_from) if repair_from else None
-    report = ops.verify(Volume.open(volume), other, wait)
+    options = click.get_current_context().find_root().obj.get("remote")
+    with sync.opened(*([repair_from] if repair_from else []), options=options) as others:
+        other = others[0] if others else None
+        if other is not None:
+            other.info("src")
+        report = ops.verify(Volume.open(volume), other, wait)
     data = {"ok": report.ok, "blocks_checked": report.blocks_checked, "errors": report.errors,
             "repaired": report.repaired, "unrepaired": report.notes}
     if not report.ok:
@@ -308,6 +466,7 @@ def verify(volume: str, repair_from: str | None, wait: float, out: Output) -> No
 @dry_run_option
 @wait_option
 @common_options
+@served("volume")
 def prune(volume: str, keep_last: int | None, preserved: bool, dry_run: bool, wait: float,
           out: Output) -> None:
     """Drop lineage snapshots beyond the newest N and/or all preserved ones; free blocks no
@@ -368,13 +527,13 @@ def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool, src_snapsho
 
 
 def _run_mirror(engine, src: str, dst: str, no_snapshot: bool, dry_run: bool, wait: float,
-                out: Output) -> None:
+                out: Output, options: RemoteOptions) -> None:
     """transfer and resync: one engine call, then its plan as JSON or text."""
     result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
-                    progress=out.progress(engine.__name__))
+                    progress=out.progress(engine.__name__), options=options)
     snap = result.src_snapshot
     data = plan_json(result.plan, dry_run, snap) | {
-        "not_restored": result.not_restored.as_dict()}
+        "not_restored": result.not_restored.as_dict(), "bytes_on_wire": result.bytes_on_wire}
     out.emit(data, lambda: plan_text(result.plan, src, dst, dry_run, snap)
              + not_restored_text(result.not_restored))
 
@@ -384,7 +543,7 @@ def mirror_options(fn):
         click.argument("src"), click.argument("dst"),
         click.option("--no-snapshot", is_flag=True,
                      help="Do not snapshot SRC's live changes first."),
-        dry_run_option, wait_option, common_options,
+        dry_run_option, wait_option, wire_options, remote_options, common_options,
     ]):
         fn = deco(fn)
     return fn
@@ -392,30 +551,35 @@ def mirror_options(fn):
 
 @cli.command()
 @mirror_options
-def transfer(src, dst, no_snapshot, dry_run, wait, out) -> None:
+def transfer(src, dst, no_snapshot, dry_run, wait, compress, bwlimit, rsh, remote_path,
+             out) -> None:
     """Update mirror DST from SRC, sending only blocks DST lacks.
 
     Creates DST as a mirror if it does not exist or is an empty directory. Refuses (exit 5)
     when DST is read-write, was written to, or has snapshots SRC lacks; exit 4 when they share
     no snapshot. Example: volsync transfer /srv/data /backup/data"""
-    _run_mirror(sync.transfer, src, dst, no_snapshot, dry_run, wait, out)
+    _run_mirror(sync.transfer, src, dst, no_snapshot, dry_run, wait, out,
+                remote_settings(rsh, remote_path, compress, bwlimit))
 
 
 @cli.command()
 @mirror_options
-def resync(src, dst, no_snapshot, dry_run, wait, out) -> None:
+def resync(src, dst, no_snapshot, dry_run, wait, compress, bwlimit, rsh, remote_path,
+           out) -> None:
     """Make DST a read-only, up-to-date mirror of SRC again after they diverged.
 
     DST reverts to the newest common snapshot; its later snapshots and live changes become
     preserved snapshots; SRC's newer snapshots are sent. After 'volsync break B', 'volsync
     resync B A' carries B's writes back to A (reverse resync)."""
-    _run_mirror(sync.resync, src, dst, no_snapshot, dry_run, wait, out)
+    _run_mirror(sync.resync, src, dst, no_snapshot, dry_run, wait, out,
+                remote_settings(rsh, remote_path, compress, bwlimit))
 
 
 @cli.command(name="break")
 @click.argument("dst")
 @wait_option
 @common_options
+@served("dst")
 def break_(dst: str, wait: float, out: Output) -> None:
     """Failover: mirror DST becomes read-write at once, keeping its snapshots and live tree."""
     state, already = sync.break_mirror(dst, wait)
@@ -431,24 +595,102 @@ def break_(dst: str, wait: float, out: Output) -> None:
               help="A symlink flipped atomically to point at the new read-write volume.")
 @dry_run_option
 @wait_option
+@wire_options
+@remote_options
 @common_options
-def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, out: Output) -> None:
+def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, compress: bool,
+              bwlimit: str | None, rsh: str | None, remote_path: str | None,
+              out: Output) -> None:
     """Planned switchover: A read-write with mirror B becomes B read-write with mirror A.
 
     A's last changes are snapshotted and sent to B first, so nothing is lost."""
-    r = sync.role_swap(a, b, link, dry_run=dry_run, wait=wait, progress=out.progress("role-swap"))
+    r = sync.role_swap(a, b, link, dry_run=dry_run, wait=wait, progress=out.progress("role-swap"),
+                       options=remote_settings(rsh, remote_path, compress, bwlimit))
     data = plan_json(r.sync.plan, dry_run, r.sync.src_snapshot) if r.sync else {}
-    data |= {"read_write": os.path.abspath(b), "read_only": os.path.abspath(a),
+    if r.sync:
+        data["bytes_on_wire"] = r.sync.bytes_on_wire
+    data |= {"read_write": r.read_write, "read_only": r.read_only,
              "link": link, "already_done": r.already_done, "dry_run": dry_run}
 
     def text() -> str:
         lines = [plan_text(r.sync.plan, a, b, dry_run, r.sync.src_snapshot)] if r.sync else []
         verb = "would make" if dry_run else ("already" if r.already_done else "now")
         lines.append(f"{verb}: {b} read-write, {a} its read-only mirror"
-                     + (f"; {link} -> {os.path.abspath(b)}" if link else ""))
+                     + (f"; {link} -> {r.read_write}" if link else ""))
         return "\n".join(lines)
 
     out.emit(data, text)
+
+
+# --- other machines -----------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--stdio", is_flag=True, help="Speak the protocol on stdin/stdout (for ssh).")
+@click.option("--restrict-to-path", "restrict", multiple=True, metavar="PATH",
+              help="Serve only volumes inside PATH (repeatable; compared as real paths).")
+@click.option("--read-only", is_flag=True, help="Refuse every change.")
+def serve(stdio: bool, restrict: tuple[str, ...], read_only: bool) -> None:
+    """Speak the volsync protocol on stdin/stdout; ssh runs this on the far side.
+
+    For a key that may only mirror into /srv/mirrors, in authorized_keys:
+    command="volsync serve --stdio --restrict-to-path /srv/mirrors",restrict ssh-ed25519 ..."""
+    if not stdio:
+        raise BadArgument("serve speaks only on stdin/stdout: pass --stdio")
+    sys.exit(serve_stdio(list(restrict), read_only, served_command))
+
+
+@cli.command()
+@click.argument("src")
+@click.option("--from", "base", default=None, metavar="SNAP",
+              help="The snapshot the receiver has (default: send every snapshot).")
+@click.option("--to", "to", default=None, metavar="SNAP", help="The last snapshot to send "
+              "(default: latest).")
+@wire_options
+@remote_options
+@common_options
+def send(src: str, base: str | None, to: str | None, compress: bool, bwlimit: str | None,
+         rsh: str | None, remote_path: str | None, out: Output) -> None:
+    """Write a stream of SRC's snapshots after --from up to --to, with every block the
+    receiver needs, to stdout; the summary goes to stderr.
+
+    Example: volsync send /srv/data --from 7 | ssh backup volsync receive /srv/mirror"""
+    if sys.stdout.isatty():
+        raise BadArgument("send writes a binary stream: redirect stdout to a file or a pipe")
+    r = stream.send(src, sys.stdout.buffer, base_name=base, to_name=to,
+                    options=remote_settings(rsh, remote_path, compress, bwlimit),
+                    progress=out.progress("send"))
+    sys.stdout.buffer.flush()
+    data = plan_json(r.plan, False) | {"bytes_on_wire": r.bytes_on_wire,
+                                        "base": r.base.number if r.base else None}
+    out.emit(data, lambda: f"sent snapshot(s) "
+             f"{' '.join(str(s.number) for s in r.plan.lineages.add)}"
+             f" after {r.base.number if r.base else 'nothing'}: {r.plan.blocks} blocks, "
+             f"{human_bytes(r.plan.bytes)}", err=True)
+
+
+@cli.command()
+@click.argument("dst")
+@wait_option
+@remote_options
+@common_options
+def receive(dst: str, wait: float, rsh: str | None, remote_path: str | None,
+            out: Output) -> None:
+    """Read a stream made by 'volsync send' on stdin and add its snapshots to DST (created
+    as a mirror if missing or empty), as transfer would.
+
+    Exit 4 when DST lacks the stream's base snapshot; exit 6 when the stream is damaged or
+    cut short, and then nothing is committed."""
+    if sys.stdin.isatty():
+        raise BadArgument("receive reads a stream on stdin: pipe 'volsync send' into it")
+    r = stream.receive(dst, sys.stdin.buffer, wait=wait,
+                       options=remote_settings(rsh, remote_path), progress=out.progress("receive"))
+    objects, size = r.received
+    data = plan_json(r.plan, False) | {
+        "blocks_sent": objects, "objects_sent": objects, "bytes_sent": size,
+        "bytes_on_wire": r.bytes_on_wire, "not_restored": r.not_restored.as_dict()}
+    added = " ".join(str(s.number) for s in r.plan.lineages.add) or "nothing new"
+    out.emit(data, lambda: f"received: {added}; stored {objects} objects, {human_bytes(size)}"
+             + not_restored_text(r.not_restored))
 
 
 for _command in cli.commands.values():  # every command's --help lists the exit codes
@@ -468,7 +710,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     as_json = "--json" in args
     try:
-        cli.main(args=args, prog_name="volsync", standalone_mode=False)
+        cli.main(args=args, prog_name="volsync", standalone_mode=False, obj={"argv": args})
     except VolsyncError as exc:
         extra = None
         if isinstance(exc, Diverged) and exc.common is not None:

@@ -19,10 +19,9 @@ from pathlib import Path
 from .errors import BadArgument, IntegrityError, VolsyncError
 from .model import DEFAULT_HASH, READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState
 from .store.blocklist import content_objects
-from .store.codec import open_sealed
-from .store.fsutil import atomic_write, fsync_dir, read_nofollow
+from .store.fsutil import fsync_dir
 from .store.trees import META_NAME
-from .store.volume import DEFAULT_BLOCK, Volume, snapshot_from_body
+from .store.volume import DEFAULT_BLOCK, Volume
 from .store.walk import objects_under
 from .tree import (
     Change,
@@ -440,7 +439,7 @@ def _file_problem(volume: Volume, entry, bad: set[BlockId]) -> str | None:
     return f"{len(damaged)} block(s) or block list(s) missing or corrupt" if damaged else None
 
 
-def verify(volume: Volume, repair_from: Volume | None = None, wait: float = 0.0) -> VerifyReport:
+def verify(volume: Volume, repair_from=None, wait: float = 0.0) -> VerifyReport:
     """Check under a shared lock (a writer never commits in the middle of a verify), or under
     the exclusive one when something is to be repaired or finished."""
     report = VerifyReport()
@@ -453,7 +452,7 @@ def verify(volume: Volume, repair_from: Volume | None = None, wait: float = 0.0)
     return report
 
 
-def _verify(volume: Volume, report: VerifyReport, repair_from: Volume | None) -> None:
+def _verify(volume: Volume, report: VerifyReport, repair_from) -> None:
     bad, damaged = check_store(volume, report)
     if repair_from is not None:
         repair_records(volume, repair_from, report)
@@ -493,9 +492,9 @@ def reachable(volume: Volume, roots: list[BlockId]) -> set[BlockId]:
     return found | unreadable
 
 
-def repair_records(volume: Volume, other: Volume, report: VerifyReport) -> None:
+def repair_records(volume: Volume, other, report: VerifyReport) -> None:
     """Replace missing or damaged snapshot records by the other volume's copy of the same
-    record (records are immutable and copied byte for byte, so an intact one is the one)."""
+    record (records are immutable; the copy is checked as any record is)."""
     state = volume.state()
     for snap_id in dict.fromkeys(state.lineage + state.preserved):
         try:
@@ -504,32 +503,53 @@ def repair_records(volume: Volume, other: Volume, report: VerifyReport) -> None:
         except IntegrityError:
             pass
         try:
-            raw = read_nofollow(other.meta / "snapshots" / snap_id)
-            snapshot_from_body(open_sealed(raw, "snapshot", f"snapshot {snap_id}"), snap_id,
-                               volume.fmt.algo.size)
-        except (OSError, IntegrityError):
-            report.notes.append(f"snapshot record {snap_id}: no good copy in {other.root}")
+            snap = other.snapshot_record(snap_id)
+            if snap.id != snap_id or len(snap.root) != volume.fmt.algo.size:
+                raise IntegrityError(f"snapshot {snap_id}: wrong record")
+        except (OSError, VolsyncError):
+            report.notes.append(f"snapshot record {snap_id}: no good copy in {other.address}")
             continue
-        atomic_write(volume.meta / "snapshots" / snap_id, raw)
-        report.repaired.append(f"snapshot record {snap_id} copied from {other.root}")
+        volume.write_snapshot(snap)
+        report.repaired.append(f"snapshot record {snap_id} copied from {other.address}")
 
 
-def repair(volume: Volume, other: Volume, report: VerifyReport) -> None:
-    """Fetch good copies of missing objects from a related volume, checked by digest.
-    Missing trees come first, so each round may reveal blocks under newly fetched trees."""
-    packs = volume.packs
+def repair(volume: Volume, other, report: VerifyReport) -> None:
+    """Fetch good copies of missing objects from a related volume (a `LocalEndpoint` or a
+    remote one), each checked by digest. Missing trees come first, so each round may reveal
+    blocks under newly fetched trees."""
+    packs, digest = volume.packs, volume.fmt.algo.digest
     fixed: set[BlockId] = set()
     unfixable: set[BlockId] = set()
     while wanted := _missing(volume) - unfixable:
+        got = _fetch(other, sorted(wanted))
         for block_id in wanted:
-            try:
-                packs.put(block_id, other.packs.get(block_id, verify=True))
+            data = got.get(block_id)
+            if data is not None and digest(data) == block_id:
+                packs.put(block_id, data)
                 fixed.add(block_id)
-            except (IntegrityError, KeyError, OSError):
+            else:
                 unfixable.add(block_id)
         packs.flush()
-    report.repaired.extend(f"block {b.hex()} fetched from {other.root}" for b in sorted(fixed))
-    report.notes.extend(f"block {b.hex()}: no good copy in {other.root}" for b in sorted(unfixable))
+    report.repaired.extend(f"block {b.hex()} fetched from {other.address}" for b in sorted(fixed))
+    report.notes.extend(f"block {b.hex()}: no good copy in {other.address}"
+                        for b in sorted(unfixable))
+
+
+def _fetch(other, ids: list[BlockId]) -> dict[BlockId, bytes]:
+    """What the other volume can give of `ids`: asked in batches, then one by one where a
+    batch failed (the other volume may lack or have damaged copies too)."""
+    got: dict[BlockId, bytes] = {}
+    for i in range(0, len(ids), 1024):
+        chunk = ids[i : i + 1024]
+        try:
+            got.update((BlockId(k), v) for k, v in other.export(chunk))
+            continue
+        except (VolsyncError, KeyError, OSError):
+            pass
+        for block_id in chunk:
+            with suppress(VolsyncError, KeyError, OSError):
+                got.update((BlockId(k), v) for k, v in other.export([block_id]))
+    return got
 
 
 def _missing(volume: Volume) -> set[BlockId]:

@@ -7,11 +7,93 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .errors import Diverged, NoCommonSnapshot
-from .model import BlockId, Format, Snapshot, newest_common
-from .store.walk import BLOCK, objects_under
+from .errors import BadArgument, Diverged, NoCommonSnapshot, VolsyncError
+from .model import HASHES, READ_ONLY, READ_WRITE, BlockId, Format, Snapshot, newest_common
+from .store.walk import BLOCK, missing_under
 
 TRANSFER, RESYNC = "transfer", "resync"
+MATERIALIZE = "materialize"  # the journal op of a live-tree write
+
+
+@dataclass(frozen=True)
+class VolumeInfo:
+    """What the engine knows of a volume before planning. `exists` False: a missing or empty
+    directory, which a transfer creates as a new mirror."""
+
+    address: str
+    exists: bool
+    volume_id: str | None = None
+    hash: str | None = None
+    block_size: int | None = None
+    mode: str | None = None
+    upstream: str | None = None
+    upstream_id: str | None = None
+    lineage: tuple[Snapshot, ...] = ()
+    preserved: tuple[str, ...] = ()
+    journal: str | None = None  # the op of a pending journal entry
+    journal_peer: str | None = None
+
+    @property
+    def fmt(self) -> Format:
+        return Format(HASHES[self.hash], self.block_size)
+
+    @property
+    def pending_write(self) -> bool:
+        """An interrupted live-tree write of a mirror, which a transfer picks up."""
+        return self.mode == READ_ONLY and self.journal == MATERIALIZE
+
+
+@dataclass(frozen=True)
+class LiveFacts:
+    """DST's live tree against its latest snapshot, as the planner needs it."""
+
+    empty: bool  # no entries at all
+    root_changed: bool  # its tree differs from the latest snapshot's, metadata included
+    modified: bool  # it differs as status and verify see it (a mirror: as it was written)
+
+
+def keeps_live(mode: str, has_lineage: bool, facts: LiveFacts) -> bool:
+    """resync keeps DST's live tree as a preserved snapshot when it changed: any change on a
+    read-write DST; on a mirror, a change beyond what volsync could not restore."""
+    return has_lineage and facts.root_changed and (mode == READ_WRITE or facts.modified)
+
+
+def check_compatible(src: VolumeInfo, dst: VolumeInfo) -> None:
+    """Volumes that share snapshots name blocks by one hash and cut them at one size."""
+    if not dst.exists:
+        return
+    if dst.hash != src.hash:
+        raise BadArgument(f"SRC names blocks by {src.hash} and DST by {dst.hash}: "
+                          "volumes that share snapshots must use the same hash")
+    if dst.block_size != src.block_size:
+        raise BadArgument("SRC and DST have different block sizes")
+
+
+def refusal(kind: str, src: VolumeInfo, src_lineage: list[Snapshot], dst: VolumeInfo,
+            facts: LiveFacts | None) -> VolsyncError | None:
+    """Every reason transfer or resync refuses, in the contract's order, as one typed error
+    carrying its evidence (or None): no common snapshot with a non-empty DST (exit 4)
+    first; then, for transfer, snapshots DST has after the common one, a read-write DST or a
+    written-to DST (exit 5). A mirror's interrupted write (which transfer picks up) is
+    volsync's own work in progress, not a modification."""
+    if not dst.exists:
+        return None
+    try:
+        plan_lineages(kind, src_lineage, list(dst.lineage))
+    except (NoCommonSnapshot, Diverged) as exc:
+        return exc
+    related = dst.mode == READ_ONLY and dst.upstream_id == src.volume_id
+    if not dst.lineage and facts is not None and not facts.empty and not related:
+        return NoCommonSnapshot(f"{dst.address} is not empty and shares no snapshot with SRC")
+    if kind != TRANSFER:
+        return None
+    if dst.mode == READ_WRITE:
+        return Diverged(f"{dst.address} is read-write: transfer only updates mirrors; "
+                        "diverged, use resync")
+    if facts is not None and facts.modified and not dst.pending_write:
+        return Diverged(f"{dst.address}: live tree was modified since its latest snapshot; "
+                        "diverged, use resync")
+    return None
 
 
 @dataclass(frozen=True)
@@ -74,18 +156,17 @@ def _nums(snaps) -> str:
     return " ".join(str(s.number) for s in snaps)
 
 
-def missing_objects(read: Callable[[BlockId], bytes], dst_has: Callable[[BlockId], bool],
+def missing_objects(read_many: Callable[[list[BlockId]], list[bytes]],
+                    has_many: Callable[[list[BlockId]], list[bool]],
                     roots: list[BlockId], fmt: Format) -> tuple[list[tuple[BlockId, int]], int]:
     """Objects under `roots` that DST lacks, each once, children before the tree or list
     naming them. A tree or list DST already has is skipped whole: its subtree is complete
-    there (stores commit an object only after everything under it). Returns (objects, count
-    of file blocks)."""
-    out: list[tuple[BlockId, int]] = []
-    blocks = 0
-    for object_id, length, kind in objects_under(roots, fmt, read, skip=dst_has):
-        out.append((object_id, length))
-        blocks += kind == BLOCK
-    return out, blocks
+    there (stores commit an object only after everything under it). Both questions go in
+    batches (git's have/want), so a peer over ssh costs a round trip per tree level.
+    Returns (objects, count of file blocks)."""
+    found, _ = missing_under(roots, fmt, read_many, has_many)
+    return ([(object_id, length) for object_id, length, _ in found],
+            sum(kind == BLOCK for _, _, kind in found))
 
 
 def lineage_picture(plan: TransferPlan, src_name: str, dst_name: str) -> str:
@@ -98,3 +179,27 @@ def lineage_picture(plan: TransferPlan, src_name: str, dst_name: str) -> str:
     return "\n".join([f"{src_name + ':':{width}} {src_line or '(empty)'}",
                       f"{dst_name + ':':{width}} {dst_line or '(empty)'}",
                       f"{'common:':{width}} {common}"])
+
+
+def resolve_in(lineage: list[Snapshot], text: str, where: str) -> Snapshot:
+    """SNAP among a lineage: a number or label, `latest`, or an id (unique prefix >= 8)."""
+    if text == "latest":
+        if not lineage:
+            raise BadArgument(f"{where} has no snapshots yet")
+        return lineage[-1]
+    if text.isdigit():
+        for snap in lineage:
+            if snap.number == int(text):
+                return snap
+    labelled = [s for s in lineage if s.label == text]
+    if len(labelled) == 1:
+        return labelled[0]
+    if len(labelled) > 1:
+        raise BadArgument(f"label {text!r} names several snapshots; use a number or id")
+    if len(text) >= 8:
+        found = [s for s in lineage if s.id.startswith(text.lower())]
+        if len(found) == 1:
+            return found[0]
+        if len(found) > 1:
+            raise BadArgument(f"id prefix {text!r} is ambiguous")
+    raise BadArgument(f"no snapshot {text!r} in the lineage of {where}")

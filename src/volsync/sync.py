@@ -12,30 +12,31 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
-import threading
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadArgument, Diverged, NoCommonSnapshot
+from .errors import BadArgument, Diverged
 from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState
-from .ops import (
-    JOURNAL_MATERIALIZE,
-    latest_root,
-    new_snapshot_id,
-    next_number,
-    record_scan,
-    recover,
-    resumable,
-    writing,
+from .ops import writing
+from .plan import (
+    RESYNC,
+    TRANSFER,
+    TransferPlan,
+    VolumeInfo,
+    check_compatible,
+    keeps_live,
+    missing_objects,
+    plan_lineages,
+    refusal,
 )
-from .plan import RESYNC, TRANSFER, TransferPlan, missing_objects, plan_lineages
+from .remote.client import RemoteOptions
+from .remote.endpoints import Endpoint, open_endpoint, opened, wire_bytes
 from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
-from .store.volume import META, Volume, is_create_leftover, is_volume
-from .tree import Materializer, NotRestored, Objects, Progress, ScanResult, live_differs, scan
+from .store.volume import META, Volume
+from .tree import NotRestored, Progress
 
 JOURNAL_ROLE_SWAP = "role-swap"
 
@@ -47,38 +48,24 @@ class SyncResult:
     src_snapshot: Snapshot | None  # taken by this run (or, dry run, the one it would take)
     live_preserved: Snapshot | None  # DST's live changes kept as a preserved snapshot
     not_restored: NotRestored = field(default_factory=NotRestored)  # what DST could not get
+    bytes_on_wire: int = 0  # what crossed connections (local: the bytes copied)
 
 
-# --- opening DST ----------------------------------------------------------------------------
+# --- opening endpoints ----------------------------------------------------------------------
 
-def _dst_is_new(path: Path) -> bool:
-    """A missing or empty directory becomes a new mirror; a non-empty non-volume is refused."""
-    if not path.exists():
-        return True
-    if not path.is_dir():
-        raise BadArgument(f"{path} exists and is not a directory")
-    if is_volume(path):
-        return False
-    leftover = is_create_leftover(path)
-    if any(p.name != META or not leftover for p in path.iterdir()):
-        raise NoCommonSnapshot(f"{path} is not empty and not a volume: no common snapshot")
-    return True
-
-
-def _create_mirror(path: Path, src: Volume) -> Volume:
-    state = VolumeState(mode=READ_ONLY, upstream=str(src.root),
-                        upstream_id=src.config.volume_id)
-    return Volume.create(path, src.config.block_size, state, hash_name=src.config.hash)
-
-
-def _refuse_same(a: Path, b: Path) -> None:
+def _refuse_same(a: Endpoint, b: Endpoint) -> None:
     """One volume named twice (also through a symlink or '..'), or one inside the other (a
     mirror inside its source would capture itself, one level deeper each run)."""
-    if a == b or (a.exists() and b.exists() and os.path.samefile(a, b)):
+    if not (a.is_local and b.is_local):
+        if not a.is_local and not b.is_local and a.address == b.address:
+            raise BadArgument("SRC and DST are the same volume")
+        return
+    pa, pb = a.root, b.root
+    if pa == pb or (pa.exists() and pb.exists() and os.path.samefile(pa, pb)):
         raise BadArgument("SRC and DST are the same volume")
-    ra, rb = _real(a), _real(b)
+    ra, rb = _real(pa), _real(pb)
     if rb.startswith(ra + os.sep) or ra.startswith(rb + os.sep):
-        inner, outer = (b, a) if rb.startswith(ra + os.sep) else (a, b)
+        inner, outer = (pb, pa) if rb.startswith(ra + os.sep) else (pa, pb)
         raise BadArgument(f"{inner} is inside {outer}: a volume and its mirror cannot nest")
 
 
@@ -93,297 +80,160 @@ def _real(path: Path) -> str:
 
 
 @contextmanager
-def _locked_pair(a: Volume, b: Volume, wait: float, resume: Volume | None = None
+def _locked_pair(a: Endpoint, b: Endpoint, wait: float, resume: Endpoint | None = None
                  ) -> Iterator[None]:
-    """Lock two volumes in one fixed order (by path) so opposite runs cannot deadlock.
+    """Lock two volumes in one fixed order (by address) so opposite runs cannot deadlock.
     `resume` names a mirror whose interrupted write the coming transfer picks up."""
-    _refuse_same(a.root, b.root)
     with ExitStack() as stack:
-        for vol in sorted((a, b), key=lambda v: str(v.root)):
-            stack.enter_context(writing(vol, wait, resume=vol is resume))
+        for ep in sorted((a, b), key=lambda e: e.address):
+            ep.lock(wait, resume=ep is resume)
+            stack.callback(_release, ep)
         yield
+
+
+def _release(ep: Endpoint) -> None:
+    with suppress(Exception):  # a lost connection releases the far lock by itself
+        ep.release()
+
+
+def upstream_of(src: Endpoint, dst: Endpoint) -> str:
+    """How DST records SRC: its path on a shared machine, else an address."""
+    if src.is_local and dst.is_local:
+        return str(src.root)
+    return src.host_address() if src.is_local else src.address
 
 
 # --- planning -------------------------------------------------------------------------------
 
-def _src_snapshot_needed(src: Volume, no_snapshot: bool
-                         ) -> tuple[bool, ScanResult | None, Objects | None]:
-    state = src.state()
-    if no_snapshot or state.mode != READ_WRITE or state.journal:
-        return False, None, None
-    result, objects = scan(src, write=False)
-    latest = src.lineage(state)[-1].root if state.lineage else None
-    return result.root != latest, result, objects
-
-
-def check_compatible(src: Volume, dst: Volume) -> None:
-    """Volumes that share snapshots name blocks by one hash and cut them at one size."""
-    if dst.config.hash != src.config.hash:
-        raise BadArgument(f"SRC names blocks by {src.config.hash} and DST by {dst.config.hash}: "
-                          "volumes that share snapshots must use the same hash")
-    if dst.config.block_size != src.config.block_size:
-        raise BadArgument("SRC and DST have different block sizes")
-
-
-def build_plan(kind: str, src: Volume, dst: Volume | None, *, src_objects: Objects,
-               extra_src: Snapshot | None = None, live_number: int | None = None,
-               baseline: bool = False) -> TransferPlan:
-    """The one planner: dry runs pass SRC's would-be snapshot as `extra_src`."""
-    src_lineage = src.lineage() + ([extra_src] if extra_src else [])
+def _plan(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
+          src_lineage: list[Snapshot], dst_info: VolumeInfo, *, live_number: int | None = None,
+          snapshot_src: bool = False) -> TransferPlan:
+    """The one planner, for dry runs and runs: lineages compared by id, then the objects
+    under SRC's new snapshots that DST lacks, asked in batches."""
     if not src_lineage:
-        raise BadArgument(f"{src.root} has no snapshots to send")
-    dst_lineage = dst.lineage() if dst else []
-    if dst is not None:
-        check_compatible(src, dst)
-    lineages = plan_lineages(kind, src_lineage, dst_lineage)
-    has = dst.packs.has if dst else (lambda _id: False)
-    objects, blocks = missing_objects(src_objects.raw, has, [s.root for s in lineages.add],
-                                      src.fmt)
-    return TransferPlan(kind, lineages, tuple(src_lineage), tuple(dst_lineage), tuple(objects),
-                        blocks, live_number, extra_src is not None, baseline)
-
-
-def _virtual_snapshot(src: Volume, result: ScanResult) -> Snapshot:
-    state = src.state()
-    return Snapshot(new_snapshot_id(), next_number(src, state), 0.0, None, result.root,
-                    result.size, result.files, src.config.volume_id)
-
-
-def _refuse_unrelated_files(dst: Volume, live: ScanResult, objects: Objects,
-                            src: Volume | None = None) -> None:
-    """A DST with no snapshots is filled from SRC only if its live tree is empty, or if it is
-    a mirror of SRC whose baseline was interrupted (its files are volsync's own)."""
-    state = dst.state()
-    if (src is not None and state.mode == READ_ONLY and not state.lineage
-            and state.upstream_id == src.config.volume_id):
-        return
-    if objects.tree(live.root).entries:
-        raise NoCommonSnapshot(f"{dst.root} is not empty and shares no snapshot with SRC")
-
-
-def _check_transfer_dst(src: Volume, src_lineage: list[Snapshot], dst: Volume,
-                        pending: bool = False) -> tuple[ScanResult, Objects] | None:
-    """Transfer's refusals, before anything changes, in the contract's order: no common
-    snapshot with a non-empty DST (exit 4) first; then a read-write DST, a written-to DST
-    or one with snapshots SRC lacks (exit 5). Returns the scan of DST's live tree. With
-    `pending` (an interrupted live-tree write of this mirror, which the run picks up), the
-    live tree is volsync's own work in progress: no modification to refuse."""
-    state = dst.state()
-    dst_lineage = dst.lineage(state)
-    if dst_lineage:
-        plan_lineages(TRANSFER, src_lineage, dst_lineage)
-    if pending:
-        if state.mode == READ_WRITE:
-            raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
-                           "diverged, use resync")
-        return scan(dst, write=False)
-    result, objects = scan(dst, write=False)
-    if not dst_lineage:
-        _refuse_unrelated_files(dst, result, objects, src)
-    if state.mode == READ_WRITE:
-        raise Diverged(f"{dst.root} is read-write: transfer only updates mirrors; "
-                       "diverged, use resync")
-    latest = latest_root(dst, state)
-    # as status and verify see it: content and every piece of metadata, mtimes included
-    if live_differs(objects, latest, result.root):
-        raise Diverged(f"{dst.root}: live tree was modified since its latest snapshot; "
-                       "diverged, use resync")
-    return result, objects
+        raise BadArgument(f"{src.address} has no snapshots to send")
+    lineages = plan_lineages(kind, src_lineage, list(dst_info.lineage))
+    has = dst.has if dst_info.exists else (lambda ids: [False] * len(ids))
+    objects, blocks = missing_objects(src.read, has, [s.root for s in lineages.add],
+                                      src_info.fmt)
+    return TransferPlan(kind, lineages, tuple(src_lineage), tuple(dst_info.lineage),
+                        tuple(objects), blocks, live_number, snapshot_src,
+                        not dst_info.lineage)
 
 
 # --- transfer and resync ----------------------------------------------------------------------
 
 def transfer(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
-             wait: float = 0.0, progress: Progress | None = None) -> SyncResult:
-    return _sync(TRANSFER, src_path, dst_path, no_snapshot, dry_run, wait, progress)
+             wait: float = 0.0, progress: Progress | None = None,
+             options: RemoteOptions | None = None) -> SyncResult:
+    return _sync(TRANSFER, src_path, dst_path, no_snapshot, dry_run, wait, progress, options)
 
 
 def resync(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
-           wait: float = 0.0, progress: Progress | None = None) -> SyncResult:
-    return _sync(RESYNC, src_path, dst_path, no_snapshot, dry_run, wait, progress)
+           wait: float = 0.0, progress: Progress | None = None,
+           options: RemoteOptions | None = None) -> SyncResult:
+    return _sync(RESYNC, src_path, dst_path, no_snapshot, dry_run, wait, progress, options)
 
 
-def _sync(kind, src_path, dst_path, no_snapshot, dry_run, wait, progress) -> SyncResult:
-    src = Volume.open(src_path)
-    dst_root = Path(os.path.abspath(dst_path))
-    _refuse_same(src.root, dst_root)
-    new = _dst_is_new(dst_root)
-    if not new:
-        check_compatible(src, Volume.open(dst_root))
-    if dry_run:
-        dst = None if new else Volume.open(dst_root)
-        return _dry_run(kind, src, dst, no_snapshot)
-    if new and not src.state().lineage and (no_snapshot or src.state().mode != READ_WRITE):
-        raise BadArgument(f"{src.root} has no snapshots to send")  # before DST is created
-    dst = _create_mirror(dst_root, src) if new and not is_volume(dst_root) else Volume.open(dst_root)
-    with _locked_pair(src, dst, wait, resume=dst if kind == TRANSFER else None):
-        return _apply_sync(kind, src, dst, no_snapshot, progress)
+def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, options
+          ) -> SyncResult:
+    with opened(src_text, dst_text, options=options) as (src, dst):
+        _refuse_same(src, dst)
+        src_info, dst_info = src.info("src"), dst.info("dst")
+        check_compatible(src_info, dst_info)
+        if dry_run:
+            return _dry_run(kind, src, dst, src_info, dst_info, no_snapshot)
+        if (not dst_info.exists and not src_info.lineage
+                and (no_snapshot or src_info.mode != READ_WRITE)):
+            raise BadArgument(f"{src.address} has no snapshots to send")  # before DST exists
+        if not dst_info.exists:
+            dst.create_mirror(upstream_of(src, dst), src_info.volume_id, src_info.hash,
+                              src_info.block_size)
+        with _locked_pair(src, dst, wait, resume=dst if kind == TRANSFER else None):
+            return apply_sync(kind, src, dst, no_snapshot, progress)
 
 
-def _dry_run(kind: str, src: Volume, dst: Volume | None, no_snapshot: bool) -> SyncResult:
-    needed, result, objects = _src_snapshot_needed(src, no_snapshot)
-    extra = _virtual_snapshot(src, result) if needed else None
+def _dry_run(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
+             dst_info: VolumeInfo, no_snapshot: bool) -> SyncResult:
+    extra = None
+    if not no_snapshot and src_info.mode == READ_WRITE and not src_info.journal:
+        extra = src.snapshot_source(dry_run=True)
+    src_lineage = list(src_info.lineage) + ([extra] if extra else [])
+    facts = dst.inspect_live() if dst_info.exists else None
+    problem = refusal(kind, src_info, src_lineage, dst_info, facts)
+    if problem is not None:
+        raise problem
     live_number = None
-    pending = dst is not None and bool(dst.state().journal)
-    if dst is not None and kind == TRANSFER:
-        _check_transfer_dst(src, src.lineage() + ([extra] if extra else []), dst, pending)
-    elif dst is not None and not pending:
-        live, live_objects = scan(dst, write=False)
-        lineage = dst.lineage()
-        if not lineage:
-            _refuse_unrelated_files(dst, live, live_objects, src)
-        elif live.root != lineage[-1].root:
-            live_number = lineage[-1].number + 1
-    plan = build_plan(kind, src, dst, src_objects=objects or Objects(src, write=False),
-                      extra_src=extra, live_number=live_number, baseline=dst is None)
-    return SyncResult(plan, True, extra, None)
+    if (kind == RESYNC and facts is not None and not dst_info.journal
+            and keeps_live(dst_info.mode, bool(dst_info.lineage), facts)):
+        live_number = dst_info.lineage[-1].number + 1
+    plan = _plan(kind, src, dst, src_info, src_lineage, dst_info, live_number=live_number,
+                 snapshot_src=extra is not None)
+    return SyncResult(plan, True, extra, None, bytes_on_wire=wire_bytes(src, dst))
 
 
-def _apply_sync(kind, src, dst, no_snapshot, progress) -> SyncResult:
-    src_state, dst_state = src.state(), dst.state()
-    baseline = not dst_state.lineage
-    live_snap = None
-    if kind == TRANSFER:
-        live = _check_transfer_dst(src, src.lineage(src_state), dst, resumable(dst_state))
-    elif baseline:  # resync must not overwrite files it could not preserve
-        _refuse_unrelated_files(dst, *scan(dst, write=False), src)
+def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
+               progress: Progress | None) -> SyncResult:
+    """Both volumes locked: refuse, or snapshot SRC, keep DST's live changes, plan, copy
+    the objects, write DST's live tree and commit (see the module's docstring)."""
+    src_info, dst_info = src.info("src"), dst.info("dst")
+    facts = dst.inspect_live()
+    problem = refusal(kind, src_info, list(src_info.lineage), dst_info, facts)
+    if problem is not None:
+        raise problem
     src_snap = None
-    if not no_snapshot and src_state.mode == READ_WRITE:
-        src_snap = _snapshot_if_changed(src, progress)
-    if kind == RESYNC:
-        live, live_snap = _keep_live_changes(dst, dst_state, progress)
-    plan = build_plan(kind, src, dst, src_objects=Objects(src, write=False),
-                      live_number=live_snap.number if live_snap else None, baseline=baseline)
-    state = dst.state()
-    if _nothing_to_do(plan, state, src, live_snap):
-        return SyncResult(plan, False, src_snap, None)
-    # announce the live-tree step; DST's live changes are kept before it is touched
-    kept = (live_snap.id,) if live_snap else ()
+    if not no_snapshot and src_info.mode == READ_WRITE:
+        src_snap = src.snapshot_source(progress=progress)
+    live_snap = dst.keep_live_changes(progress=progress) if kind == RESYNC else None
+    src_lineage = list(src_info.lineage) + ([src_snap] if src_snap else [])
+    plan = _plan(kind, src, dst, src_info, src_lineage, dst_info,
+                 live_number=live_snap.number if live_snap else None)
+    upstream = upstream_of(src, dst)
+    if _nothing_to_do(plan, dst_info, src_info, upstream, live_snap):
+        return SyncResult(plan, False, src_snap, None, bytes_on_wire=wire_bytes(src, dst))
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(plan.bytes)
     try:  # (an error once the journal may be on disk, even in its commit, undoes the step)
-        dst.commit(state.with_(preserved=state.preserved + kept,
-                               journal={"op": JOURNAL_MATERIALIZE}))
-        skipped = _send_and_materialize(plan, src, dst, live, progress)
-        _commit_dst(plan, src, dst, live_snap)  # a failed commit, too, leaves the old state
+        dst.begin([live_snap.id] if live_snap else [])
+        skipped = _copy_and_write(plan, src, dst, progress)
+        common = plan.lineages.common
+        dst.finish([s.id for s in dst_info.lineage], common.id if common else None,
+                   [s.id for s in plan.lineages.add], [s.id for s in plan.lineages.remove],
+                   live_snap.id if live_snap else None, upstream, src_info.volume_id)
     except KeyboardInterrupt:
         # Ctrl-C: keep what was received (sealed) and the journal; a rerun resumes the
         # transfer from there (and any other command undoes the step)
         with suppress(Exception):
-            dst.packs.flush()
+            dst.interrupted()
         raise
     except BaseException:
-        _undo(dst)
+        with suppress(Exception):
+            dst.undo()
         raise
-    return SyncResult(plan, False, src_snap, live_snap, skipped)
+    on_wire = wire_bytes(src, dst) if not (src.is_local and dst.is_local) else plan.bytes
+    return SyncResult(plan, False, src_snap, live_snap, skipped, on_wire)
 
 
-def _snapshot_if_changed(src: Volume, progress: Progress | None) -> Snapshot | None:
-    """One scan that stores what is new; a snapshot record only if the tree changed."""
-    state = src.state()
-    result, _ = scan(src, write=True, progress=progress)
-    if state.lineage and src.lineage(state)[-1].root == result.root:
-        src.packs.flush()
-        src.save_statcache(result.cache)
-        return None
-    snap = record_scan(src, result, next_number(src, state), None)
-    src.commit(state.with_(lineage=state.lineage + (snap.id,)))
-    return snap
-
-
-def _keep_live_changes(dst: Volume, state: VolumeState, progress: Progress | None
-                       ) -> tuple[tuple[ScanResult, Objects], Snapshot | None]:
-    """Scan DST's live tree, storing it; if it differs from DST's latest snapshot, write
-    (not yet commit) a record of it, to be preserved."""
-    live = scan(dst, write=False) if not state.lineage else scan(dst, write=True, progress=progress)
-    latest = dst.lineage(state)[-1] if state.lineage else None
-    unchanged = latest is not None and (
-        live[0].root == latest.root
-        or (state.mode == READ_ONLY and not live_differs(live[1], latest.root, live[0].root)))
-    if latest is None or unchanged:
-        dst.packs.flush()
-        return live, None
-    return live, record_scan(dst, live[0], latest.number + 1, "live changes before resync")
-
-
-def _nothing_to_do(plan: TransferPlan, state: VolumeState, src: Volume,
+def _nothing_to_do(plan: TransferPlan, dst: VolumeInfo, src: VolumeInfo, upstream: str,
                    live_snap: Snapshot | None) -> bool:
     """DST already is an up-to-date, unmodified mirror of SRC."""
     return (not plan.lineages.add and not plan.lineages.remove and live_snap is None
-            and state.mode == READ_ONLY and state.upstream_id == src.config.volume_id
-            and state.upstream == str(src.root) and bool(state.lineage))
+            and dst.mode == READ_ONLY and dst.upstream_id == src.volume_id
+            and dst.upstream == upstream and bool(dst.lineage) and not dst.journal)
 
 
-def _send_and_materialize(plan: TransferPlan, src: Volume, dst: Volume,
-                          scanned: tuple[ScanResult, Objects], progress: Progress | None
-                          ) -> NotRestored:
-    """Copy the planned objects into DST's store while a second thread writes DST's live
-    tree (as `scanned` found it) from SRC's store; then make both durable."""
-    live, dst_objects = scanned
-    sent = frozenset(block_id for block_id, _ in plan.objects)
-    objects = Objects(dst, write=False, source=src, checked_elsewhere=sent)
-    objects.overlay = dst_objects.overlay
+def _copy_and_write(plan: TransferPlan, src: Endpoint, dst: Endpoint,
+                    progress: Progress | None) -> NotRestored:
+    """Copy the planned objects (each re-hashed on receipt; a bad one stops the run, exit
+    6), the snapshot records once the objects are durable, and DST's live tree."""
+    ids = [object_id for object_id, _ in plan.objects]
+    snaps = list(plan.lineages.add)
     target = plan.src_lineage[-1].root
-    outcome: dict = {}
-    with dst.tmp_fd() as tmp_fd:
-        writer = Materializer(objects, dst.fmt, live.cache, tmp_fd)
-
-        def write_live_tree() -> None:
-            try:
-                outcome["cache"] = writer.run(bytes(dst.root), live.root, target)
-            except BaseException as exc:  # noqa: BLE001 - handed to the main thread
-                outcome["error"] = exc
-
-        thread = threading.Thread(target=write_live_tree, name="volsync-materialize")
-        thread.start()
-        try:
-            _send(plan, src, dst, progress)
-        finally:
-            if sys.exc_info()[0] is not None:
-                objects.cancelled = True
-            thread.join()
-    if "error" in outcome:
-        raise outcome["error"]
-    dst.save_statcache(outcome["cache"])
-    return writer.skipped
-
-
-def _undo(dst: Volume) -> None:
-    """After a failed run, put DST's live tree back to its latest snapshot now (the next
-    command would do the same from the journal)."""
-    dst.packs.discard()
-    with suppress(Exception):  # a full disk: the temp files' space first
-        dst.clear_tmp()
-    with suppress(Exception):  # if this fails too, the journal stays for the next command
-        recover(dst)
-
-
-def _send(plan: TransferPlan, src: Volume, dst: Volume, progress: Progress | None) -> None:
-    """Copy the planned objects, each re-hashed on receipt (a bad one stops the run, exit 6),
-    then the snapshot records once the objects are durable."""
-    def received(length: int) -> None:
-        crashpoint("object-received")
-        if progress:
-            progress(length)
-
-    dst.packs.put_many_from(src.packs, [block_id for block_id, _ in plan.objects], received)
-    for snap in plan.lineages.add:
-        dst.write_snapshot(snap)  # flushes the packs first: data before metadata
-
-
-def _commit_dst(plan: TransferPlan, src: Volume, dst: Volume, live_snap: Snapshot | None) -> None:
-    """The one commit: SRC's snapshots join DST's lineage, DST's own later ones leave it
-    (preserved, before the live changes kept earlier), DST becomes SRC's read-only mirror,
-    and the live-tree step is done."""
-    state = dst.state()
-    common = plan.lineages.common
-    keep = state.lineage[: state.lineage.index(common.id) + 1] if common else ()
-    live = (live_snap.id,) if live_snap else ()
-    earlier = tuple(i for i in state.preserved if i not in live)
-    dst.commit(state.with_(
-        mode=READ_ONLY, upstream=str(src.root), upstream_id=src.config.volume_id,
-        lineage=keep + tuple(s.id for s in plan.lineages.add),
-        preserved=earlier + tuple(s.id for s in plan.lineages.remove) + live,
-        journal=None,
-    ))
+    if src.is_local and dst.is_local:
+        return dst.receive_local(src, ids, snaps, target, progress)
+    dst.receive(src.export(ids), progress)
+    dst.add_snapshots(snaps)
+    return dst.materialize(target)
 
 
 # --- break and role-swap ----------------------------------------------------------------------
@@ -410,67 +260,77 @@ class RoleSwapResult:
     sync: SyncResult | None
     already_done: bool
     link: str | None
+    read_write: str = ""
+    read_only: str = ""
 
 
-def role_swap(a_path: str, b_path: str, link: str | None = None, *, dry_run: bool = False,
-              wait: float = 0.0, progress: Progress | None = None) -> RoleSwapResult:
+def role_swap(a_text: str, b_text: str, link: str | None = None, *, dry_run: bool = False,
+              wait: float = 0.0, progress: Progress | None = None,
+              options: RemoteOptions | None = None) -> RoleSwapResult:
     """A (read-write) and its mirror B swap roles with no write lost: last snapshot of A,
     transfer A->B, A becomes a mirror of B (journalled), B read-write, link flipped."""
-    a, b = Volume.open(a_path), Volume.open(b_path)
-    _refuse_same(a.root, b.root)
-    if link is not None:
-        _check_link(Path(link))
-    if dry_run:
-        _check_swap_roles(a, b)
-        return RoleSwapResult(_dry_run(TRANSFER, a, b, no_snapshot=False), False, link)
-    with _locked_pair(a, b, wait):
-        sa, sb = a.state(), b.state()
-        if _swap_done(a, b, sa, sb):
-            if sa.journal or link:
-                _finish_swap(a, b, link)
-            return RoleSwapResult(None, True, link)
-        if not _swap_half_done(a, b, sa, sb):
-            _check_swap_roles(a, b)
-            result = _apply_sync(TRANSFER, a, b, False, progress)
-            sa = a.state()
-            a.commit(sa.with_(mode=READ_ONLY, upstream=str(b.root), upstream_id=b.config.volume_id,
-                              journal={"op": JOURNAL_ROLE_SWAP, "peer": str(b.root)}))
-            crashpoint("role-swap-source-demoted")
-        else:
+    with opened(a_text, b_text, options=options) as (a, b):
+        _refuse_same(a, b)
+        if link is not None:
+            _check_link(Path(link))
+        ia, ib = a.info("src"), b.info("src")
+        names = (_shown(b), _shown(a))
+        if dry_run:
+            _check_swap_roles(ia, ib)
+            result = _dry_run(TRANSFER, a, b, ia, ib, no_snapshot=False)
+            return RoleSwapResult(result, False, link, *names)
+        with _locked_pair(a, b, wait):
+            ia, ib = a.info("src"), b.info("src")
+            if _swap_done(ia, ib):
+                if ia.journal or link:
+                    _finish_swap(a, b, link)
+                return RoleSwapResult(None, True, link, *names)
             result = None
-        b.commit(b.state().with_(mode=READ_WRITE, upstream=None, upstream_id=None))
-        crashpoint("role-swap-mirror-promoted")
-        _finish_swap(a, b, link)
-        return RoleSwapResult(result, False, link)
+            if not _swap_half_done(ia, ib):
+                _check_swap_roles(ia, ib)
+                result = apply_sync(TRANSFER, a, b, False, progress)
+                a.set_role(READ_ONLY, upstream_of(b, a), ib.volume_id,
+                           {"op": JOURNAL_ROLE_SWAP, "peer": b.address})
+                crashpoint("role-swap-source-demoted")
+            b.set_role(READ_WRITE, None, None, None)
+            crashpoint("role-swap-mirror-promoted")
+            _finish_swap(a, b, link)
+            return RoleSwapResult(result, False, link, *names)
 
 
-def _check_swap_roles(a: Volume, b: Volume) -> None:
-    sa, sb = a.state(), b.state()
-    if sa.mode != READ_WRITE:
-        raise BadArgument(f"{a.root} is not read-write; role-swap A B needs A to be the source")
-    if sb.mode != READ_ONLY:
-        raise Diverged(f"{b.root} is read-write too: both are sources; diverged, use resync")
-    if sb.upstream_id != a.config.volume_id:
-        raise BadArgument(f"{b.root} is not a mirror of {a.root}")
+def _shown(ep: Endpoint) -> str:
+    return str(ep.root) if ep.is_local else ep.address
 
 
-def _swap_half_done(a: Volume, b: Volume, sa: VolumeState, sb: VolumeState) -> bool:
+def _check_swap_roles(a: VolumeInfo, b: VolumeInfo) -> None:
+    if a.mode != READ_WRITE:
+        raise BadArgument(f"{a.address} is not read-write; role-swap A B needs A to be the source")
+    if b.mode != READ_ONLY:
+        raise Diverged(f"{b.address} is read-write too: both are sources; diverged, use resync")
+    if b.upstream_id != a.volume_id:
+        raise BadArgument(f"{b.address} is not a mirror of {a.address}")
+
+
+def _swap_half_done(a: VolumeInfo, b: VolumeInfo) -> bool:
     """A crash between demoting A and promoting B: both are mirrors of each other."""
-    return (sa.mode == READ_ONLY and sa.upstream_id == b.config.volume_id
-            and sb.mode == READ_ONLY and sb.upstream_id == a.config.volume_id
-            and bool(sa.journal) and sa.journal.get("op") == JOURNAL_ROLE_SWAP
-            and sa.lineage[-1:] == sb.lineage[-1:])
+    return (a.mode == READ_ONLY and a.upstream_id == b.volume_id
+            and b.mode == READ_ONLY and b.upstream_id == a.volume_id
+            and a.journal == JOURNAL_ROLE_SWAP and _last(a) == _last(b))
 
 
-def _swap_done(a: Volume, b: Volume, sa: VolumeState, sb: VolumeState) -> bool:
-    return (sa.mode == READ_ONLY and sa.upstream_id == b.config.volume_id
-            and sb.mode == READ_WRITE and sa.lineage[-1:] == sb.lineage[-1:])
+def _swap_done(a: VolumeInfo, b: VolumeInfo) -> bool:
+    return (a.mode == READ_ONLY and a.upstream_id == b.volume_id
+            and b.mode == READ_WRITE and _last(a) == _last(b))
 
 
-def _finish_swap(a: Volume, b: Volume, link: str | None) -> None:
+def _last(info: VolumeInfo) -> list[str]:
+    return [s.id for s in info.lineage[-1:]]
+
+
+def _finish_swap(a: Endpoint, b: Endpoint, link: str | None) -> None:
     if link is not None:
-        flip_link(Path(link), b.root)
-    a.commit(a.state().with_(journal=None))
+        flip_link(Path(link), b.root if b.is_local else Path(b.address))
+    a.clear_journal()
 
 
 def _check_link(path: Path) -> None:
@@ -489,4 +349,5 @@ def flip_link(path: Path, target: Path) -> None:
     crashpoint("link-flipped")
 
 
-__all__ = ["META", "break_mirror", "resync", "role_swap", "transfer"]
+__all__ = ["META", "break_mirror", "open_endpoint", "opened", "resync", "role_swap",
+           "transfer"]

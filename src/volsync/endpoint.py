@@ -1,0 +1,345 @@
+"""Endpoints: the narrow interface through which the engine (sync.py) reaches a volume.
+
+`LocalEndpoint` wraps a `Volume` on this machine. `remote.RemoteEndpoint` offers the same
+methods by speaking the protocol to `volsync serve --stdio`, which serves a `LocalEndpoint` on
+its own machine: every method here takes and returns plain values (snapshots, ids, counts), so
+that it can cross the wire. The engine decides; an endpoint only reports facts about its
+volume and carries out steps on it (zrepl's sender and receiver)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import BadArgument, IntegrityError, NoCommonSnapshot
+from .model import HASHES, READ_ONLY, READ_WRITE, BlockId, Snapshot, VolumeState
+from .ops import (
+    JOURNAL_MATERIALIZE,
+    latest_root,
+    new_snapshot_id,
+    next_number,
+    record_scan,
+    recover,
+    writing,
+)
+from .plan import LiveFacts, VolumeInfo, keeps_live
+from .store.crash import crashpoint
+from .store.trees import empty_tree_id
+from .store.volume import META, Volume, is_create_leftover, is_volume
+from .tree import Materializer, NotRestored, Objects, Progress, live_differs, scan
+
+SEAL_EVERY = 64 << 20  # a receiver makes what it got durable this often (resume point)
+
+
+@dataclass
+class ReceiveCount:
+    objects: int = 0
+    bytes: int = 0
+
+
+class LocalEndpoint:
+    """A volume on this machine. Holds, for one command, the volume's lock and the scans the
+    engine's later steps use."""
+
+    is_local = True
+
+    def __init__(self, path: str | os.PathLike, address: str | None = None):
+        self.root = Path(os.path.abspath(path))
+        self.address = address or str(self.root)
+        self._volume: Volume | None = None
+        self._stack = ExitStack()
+        self._objects: Objects | None = None  # SRC: reads, through a dry run's scan
+        self._live = None  # DST: (ScanResult, Objects) of its live tree
+
+    # --- facts ------------------------------------------------------------------------------
+    @property
+    def volume(self) -> Volume:
+        if self._volume is None:
+            self._volume = Volume.open(self.root)
+        return self._volume
+
+    def info(self, role: str = "src") -> VolumeInfo:
+        """SRC must be a volume; DST may also be missing or empty (a new mirror)."""
+        if role == "dst" and _new_mirror_dir(self.root):
+            return VolumeInfo(self.address, False)
+        vol = self.volume
+        state = vol.state()
+        journal = state.journal or {}
+        return VolumeInfo(
+            self.address, True, vol.config.volume_id, vol.config.hash, vol.config.block_size,
+            state.mode, state.upstream, state.upstream_id, tuple(vol.lineage(state)),
+            tuple(state.preserved), journal.get("op"), journal.get("peer"))
+
+    def host_address(self) -> str:
+        """How a volume on another machine names this one (its upstream)."""
+        return f"{socket.gethostname()}:{self.root}"
+
+    # --- locking ----------------------------------------------------------------------------
+    def create_mirror(self, upstream: str, upstream_id: str, hash_name: str,
+                      block_size: int) -> None:
+        if is_volume(self.root):
+            return
+        state = VolumeState(mode=READ_ONLY, upstream=upstream, upstream_id=upstream_id)
+        self._volume = Volume.create(self.root, block_size, state, hash_name=hash_name)
+
+    def lock(self, wait: float = 0.0, resume: bool = False, shared: bool = False) -> None:
+        """Hold the volume's lock until `release` (finishing a crashed run's step first,
+        unless `resume` keeps a mirror's interrupted write for the coming transfer)."""
+        vol = self.volume
+        if shared:
+            self._stack.enter_context(vol.shared(wait))
+        else:
+            self._stack.enter_context(writing(vol, wait, resume=resume))
+
+    def release(self) -> None:
+        self._stack.close()
+
+    # --- the sending side -------------------------------------------------------------------
+    def snapshot_source(self, dry_run: bool = False, progress: Progress | None = None
+                        ) -> Snapshot | None:
+        """Capture a read-write SRC's live changes as its next snapshot, if it changed (a dry
+        run: the snapshot it would take, its trees kept in memory for planning)."""
+        vol = self.volume
+        state = vol.state()
+        if state.mode != READ_WRITE or state.journal:
+            return None
+        latest = vol.lineage(state)[-1].root if state.lineage else None
+        if dry_run:
+            result, objects = scan(vol, write=False)
+            if result.root == latest:
+                return None
+            self._objects = objects
+            return Snapshot(new_snapshot_id(), next_number(vol, state), 0.0, None, result.root,
+                            result.size, result.files, vol.config.volume_id)
+        result, _ = scan(vol, write=True, progress=progress)
+        if result.root == latest:
+            vol.packs.flush()
+            vol.save_statcache(result.cache)
+            return None
+        snap = record_scan(vol, result, next_number(vol, state), None)
+        vol.commit(state.with_(lineage=state.lineage + (snap.id,)))
+        return snap
+
+    def would_change_source(self) -> bool:
+        """A read-write SRC whose live tree differs from its latest snapshot."""
+        state = self.volume.state()
+        if state.mode != READ_WRITE or state.journal:
+            return False
+        result, _ = scan(self.volume, write=False)
+        return result.root != latest_root(self.volume, state)
+
+    def _reader(self) -> Objects:
+        if self._objects is None:
+            self._objects = Objects(self.volume, write=False)
+        return self._objects
+
+    def read(self, ids: list[BlockId]) -> list[bytes]:
+        """Trees and block lists, for planning (a dry run's new trees included)."""
+        objects = self._reader()
+        return [objects.raw(i) for i in ids]
+
+    def export(self, ids: Iterable[BlockId]) -> Iterator[tuple[BlockId, bytes]]:
+        """Objects to send, each read back and checked against its id."""
+        packs = self.volume.packs
+        for object_id in ids:
+            yield object_id, packs.get(object_id, verify=True)
+
+    def snapshot_record(self, snap_id: str) -> Snapshot:
+        return self.volume.snapshot(snap_id)
+
+    # --- the receiving side -----------------------------------------------------------------
+    def has(self, ids: list[BlockId]) -> list[bool]:
+        vol = self.volume
+        return [i == vol.empty_tree or vol.packs.has(i) for i in ids]
+
+    def inspect_live(self) -> LiveFacts:
+        """Scan DST's live tree (hashing, storing nothing); kept for the live-tree write."""
+        vol = self.volume
+        state = vol.state()
+        self._live = scan(vol, write=False)
+        return _facts(vol, state, *self._live)
+
+    def keep_live_changes(self, progress: Progress | None = None) -> Snapshot | None:
+        """Store DST's live tree and, if the planner's rule keeps it, write (not yet commit)
+        a record of it, to be preserved."""
+        vol = self.volume
+        state = vol.state()
+        if not state.lineage:
+            self._live = scan(vol, write=False)
+            return None
+        self._live = scan(vol, write=True, progress=progress)
+        if not keeps_live(state.mode, True, _facts(vol, state, *self._live)):
+            vol.packs.flush()
+            return None
+        latest = vol.lineage(state)[-1]
+        return record_scan(vol, self._live[0], latest.number + 1, "live changes before resync")
+
+    def begin(self, kept: list[str]) -> None:
+        """Announce the live-tree step (journal), the kept live changes preserved with it."""
+        vol = self.volume
+        state = vol.state()
+        vol.commit(state.with_(preserved=state.preserved + tuple(kept),
+                               journal={"op": JOURNAL_MATERIALIZE}))
+
+    def receive(self, objects: Iterable[tuple[bytes, bytes]],
+                progress: Progress | None = None) -> ReceiveCount:
+        """Store objects sent by a peer, each re-hashed against its id (a wrong one stops
+        the run, exit 6); sealed every SEAL_EVERY bytes, so a rerun resends only the rest."""
+        vol = self.volume
+        digest, size = vol.fmt.algo.digest, vol.fmt.algo.size
+        count, unsealed = ReceiveCount(), 0
+        for object_id, data in objects:
+            if len(object_id) != size or digest(data) != object_id:
+                raise IntegrityError(f"object {bytes(object_id).hex()} from the peer failed "
+                                     "its digest check")
+            if len(data) > vol.fmt.block_size and len(data) > (1 << 22):
+                raise IntegrityError("object from the peer is larger than any block")
+            vol.packs.put(BlockId(object_id), data)
+            crashpoint("object-received")
+            count.objects += 1
+            count.bytes += len(data)
+            unsealed += len(data)
+            if unsealed >= SEAL_EVERY:
+                vol.packs.flush()
+                unsealed = 0
+            if progress:
+                progress(len(data))
+        vol.packs.flush()
+        return count
+
+    def add_snapshots(self, snaps: list[Snapshot]) -> None:
+        vol = self.volume
+        for snap in snaps:
+            if len(snap.root) != vol.fmt.algo.size:
+                raise IntegrityError(f"snapshot {snap.id}: root id of the wrong size")
+            if snap.root != vol.empty_tree and not vol.packs.has(snap.root):
+                raise IntegrityError(f"snapshot {snap.id}: its tree was not received")
+            vol.write_snapshot(snap)  # flushes the packs first: data before metadata
+
+    def materialize(self, target: BlockId, progress: Progress | None = None) -> NotRestored:
+        """Bring the live tree (as the last scan found it) to `target`."""
+        vol = self.volume
+        live, objects = self._live if self._live else scan(vol, write=False)
+        reader = Objects(vol, write=False)
+        reader.overlay = objects.overlay
+        with vol.tmp_fd() as tmp_fd:
+            writer = Materializer(reader, vol.fmt, live.cache, tmp_fd, progress)
+            cache = writer.run(bytes(vol.root), live.root, target)
+        vol.save_statcache(cache)
+        return writer.skipped
+
+    def receive_local(self, src: LocalEndpoint, ids: list[BlockId], snaps: list[Snapshot],
+                      target: BlockId, progress: Progress | None = None) -> NotRestored:
+        """Both volumes on this machine: copy the objects store to store (the kernel copies
+        runs of records) while a second thread writes the live tree from SRC's store."""
+        vol, sent = self.volume, frozenset(ids)
+        live, dst_objects = self._live if self._live else scan(vol, write=False)
+        objects = Objects(vol, write=False, source=src.volume, checked_elsewhere=sent)
+        objects.overlay = dst_objects.overlay
+        outcome: dict = {}
+        with vol.tmp_fd() as tmp_fd:
+            writer = Materializer(objects, vol.fmt, live.cache, tmp_fd)
+
+            def write_live_tree() -> None:
+                try:
+                    outcome["cache"] = writer.run(bytes(vol.root), live.root, target)
+                except BaseException as exc:  # noqa: BLE001 - handed to the main thread
+                    outcome["error"] = exc
+
+            thread = threading.Thread(target=write_live_tree, name="volsync-materialize")
+            thread.start()
+            try:
+                def received(length: int) -> None:
+                    crashpoint("object-received")
+                    if progress:
+                        progress(length)
+
+                vol.packs.put_many_from(src.volume.packs, ids, received)
+                self.add_snapshots(snaps)
+            finally:
+                if sys.exc_info()[0] is not None:
+                    objects.cancelled = True
+                thread.join()
+        if "error" in outcome:
+            raise outcome["error"]
+        vol.save_statcache(outcome["cache"])
+        return writer.skipped
+
+    def finish(self, expect_lineage: list[str], common: str | None, added: list[str],
+               removed: list[str], live: str | None, upstream: str, upstream_id: str) -> None:
+        """The one commit: SRC's snapshots join DST's lineage after the common one, DST's own
+        later ones leave it (preserved, before its kept live changes), DST becomes SRC's
+        read-only mirror and the live-tree step is done. Refused if DST's lineage is not
+        what the plan was made from (compare-and-swap)."""
+        vol = self.volume
+        state = vol.state()
+        if list(state.lineage) != list(expect_lineage):
+            raise BadArgument(f"{self.address} changed while the transfer was planned; "
+                              "nothing committed, run it again")
+        keep = state.lineage[: state.lineage.index(common) + 1] if common else ()
+        kept = (live,) if live else ()
+        earlier = tuple(i for i in state.preserved if i not in kept)
+        vol.commit(state.with_(
+            mode=READ_ONLY, upstream=upstream, upstream_id=upstream_id,
+            lineage=keep + tuple(added), preserved=earlier + tuple(removed) + kept,
+            journal=None))
+
+    def undo(self) -> None:
+        """After a failed run, put the live tree back to its latest snapshot now (the next
+        command would do the same from the journal)."""
+        vol = self.volume
+        vol.packs.discard()
+        with suppress(Exception):  # a full disk: the temp files' space first
+            vol.clear_tmp()
+        with suppress(Exception):  # if this fails too, the journal stays for the next command
+            recover(vol)
+
+    def interrupted(self) -> None:
+        """Ctrl-C or a lost peer: keep what was received (sealed) and the journal, so a rerun
+        resumes the transfer (any other command undoes the step)."""
+        with suppress(Exception):
+            self.volume.packs.flush()
+
+    def set_role(self, mode: str, upstream: str | None, upstream_id: str | None,
+                 journal: dict | None) -> None:
+        """role-swap's steps: one commit of mode, upstream and journal."""
+        vol = self.volume
+        vol.commit(vol.state().with_(mode=mode, upstream=upstream, upstream_id=upstream_id,
+                                     journal=journal))
+
+    def clear_journal(self) -> None:
+        vol = self.volume
+        vol.commit(vol.state().with_(journal=None))
+
+
+def _facts(vol: Volume, state: VolumeState, live, objects: Objects) -> LiveFacts:
+    latest = latest_root(vol, state)
+    empty = not objects.tree(live.root).entries
+    return LiveFacts(empty, live.root != latest, bool(live_differs(objects, latest, live.root)))
+
+
+def _new_mirror_dir(path: Path) -> bool:
+    """A missing or empty directory becomes a new mirror; a non-empty non-volume is refused."""
+    if not os.path.lexists(path):
+        return True
+    if not path.is_dir():
+        raise BadArgument(f"{path} exists and is not a directory")
+    if is_volume(path):
+        return False
+    leftover = is_create_leftover(path)
+    if any(p.name != META or not leftover for p in path.iterdir()):
+        raise NoCommonSnapshot(f"{path} is not empty and not a volume: no common snapshot")
+    return True
+
+
+def empty_tree(hash_name: str) -> BlockId:
+    return empty_tree_id(HASHES[hash_name])
+
+
+__all__ = ["LiveFacts", "LocalEndpoint", "ReceiveCount", "VolumeInfo"]

@@ -1,0 +1,1 @@
+"""Volumes on other machines: addresses, the ssh client side and `serve --stdio`."""
