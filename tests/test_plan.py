@@ -434,3 +434,30 @@ def test_preserved_numbers_lists_removed_then_live():
     assert p.preserved_numbers == [5, 6, 7] and p.live_changed
     q = TransferPlan(RESYNC, lp, tuple(s), tuple(d_), (), 0, None, False, False)
     assert q.preserved_numbers == [5, 6] and not q.live_changed
+
+
+def test_missing_objects_asks_a_remote_receiver_per_level_not_per_object():
+    """Over ssh each question is a round trip: the planner asks `has` and `read` once per
+    tree level with every id of that level (git's have/want), however many objects there
+    are; a subtree DST holds is neither asked about below its top nor read."""
+    store = Store()
+    wide = [f(f"f{i}", 10, f"b{i}") for i in range(300)]
+    deep = store.tree(*wide)
+    mid = store.tree(d("deep", deep), *[f(f"g{i}", 10, f"c{i}") for i in range(50)])
+    kept = store.tree(f("k", 10, "kept"))
+    root = store.tree(d("mid", mid), d("kept", kept))
+    calls = {"has": [], "read": []}
+
+    def has(ids):
+        calls["has"].append(len(ids))
+        return [i == kept for i in ids]
+
+    def read(ids):
+        calls["read"].append(len(ids))
+        return [store.read(i) for i in ids]
+
+    out, blocks = missing_objects(read, has, [root], FMT)
+    assert blocks == 350 and len(out) == 353  # three trees: root, mid, deep
+    assert len(calls["has"]) <= 4 and len(calls["read"]) <= 4
+    assert kept not in store.reads[1:] and bid("kept") not in {o for o, _ in out}
+    check_children_first(store, out, {kept})

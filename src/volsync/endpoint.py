@@ -12,6 +12,7 @@ import os
 import socket
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import ExitStack, suppress
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ from .store.volume import META, Volume, is_create_leftover, is_volume
 from .tree import Materializer, NotRestored, Objects, Progress, live_differs, scan
 
 SEAL_EVERY = 64 << 20  # a receiver makes what it got durable this often (resume point)
+RECEIVED_PACKS = "received_packs"  # state.extra: packs of an unfinished receive
 
 
 @dataclass
@@ -194,6 +196,7 @@ class LocalEndpoint:
         vol = self.volume
         digest, size = vol.fmt.algo.digest, vol.fmt.algo.size
         count, unsealed = ReceiveCount(), 0
+        known = set(vol.packs.pack_names())
         for object_id, data in objects:
             if len(object_id) != size or digest(data) != object_id:
                 raise IntegrityError(f"object {bytes(object_id).hex()} from the peer failed "
@@ -207,10 +210,12 @@ class LocalEndpoint:
             unsealed += len(data)
             if unsealed >= SEAL_EVERY:
                 vol.packs.flush()
+                known = _note_received(vol, known)
                 unsealed = 0
             if progress:
                 progress(len(data))
         vol.packs.flush()
+        _note_received(vol, known)
         return count
 
     def add_snapshots(self, snaps: list[Snapshot]) -> None:
@@ -285,10 +290,11 @@ class LocalEndpoint:
         keep = state.lineage[: state.lineage.index(common) + 1] if common else ()
         kept = (live,) if live else ()
         earlier = tuple(i for i in state.preserved if i not in kept)
+        extra = {k: v for k, v in state.extra.items() if k != RECEIVED_PACKS}
         vol.commit(state.with_(
             mode=READ_ONLY, upstream=upstream, upstream_id=upstream_id,
             lineage=keep + tuple(added), preserved=earlier + tuple(removed) + kept,
-            journal=None))
+            journal=None, extra=extra))
 
     def undo(self) -> None:
         """After a failed run, put the live tree back to its latest snapshot now (the next
@@ -316,6 +322,19 @@ class LocalEndpoint:
     def clear_journal(self) -> None:
         vol = self.volume
         vol.commit(vol.state().with_(journal=None))
+
+
+def _note_received(vol: Volume, known: set[str]) -> set[str]:
+    """Name the packs sealed by a receive in the state, so that `prune` spares them for a
+    grace period while no snapshot names their objects yet (a rerun resumes from them)."""
+    names = set(vol.packs.pack_names())
+    new = names - known
+    if new:
+        state = vol.state()
+        received = dict(state.extra.get(RECEIVED_PACKS) or {})
+        received.update({name: time.time() for name in new})
+        vol.commit(state.with_(extra={**state.extra, RECEIVED_PACKS: received}))
+    return names
 
 
 def _facts(vol: Volume, state: VolumeState, live, objects: Objects) -> LiveFacts:

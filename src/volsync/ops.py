@@ -598,8 +598,26 @@ def prune(volume: Volume, keep_last: int | None, preserved: bool, wait: float = 
         volume.remove_snapshot_records(set(state.lineage + state.preserved))
         fsync_dir(volume.meta / "snapshots")
         live = needed_blocks(volume) | cached_trees(volume)
-        freed, freed_bytes = volume.packs.repack(live)
+        freed, freed_bytes = volume.packs.repack(live, spare=_received_packs(volume))
         return PruneResult(plan, freed, freed_bytes)
+
+
+RECEIVED_PACKS = "received_packs"  # state.extra, written by a receiving endpoint
+RECEIVE_GRACE = 7 * 86400.0  # how long prune spares what an interrupted transfer received
+
+
+def _received_packs(volume: Volume) -> set[str]:
+    """Packs an interrupted transfer received, which no snapshot names yet: spared for
+    RECEIVE_GRACE, so that the rerun resends nothing of them; the list is kept tidy."""
+    state = volume.state()
+    received = state.extra.get(RECEIVED_PACKS) or {}
+    now = time.time()
+    fresh = {n: t for n, t in received.items() if isinstance(t, float | int)
+             and now - t < RECEIVE_GRACE}
+    if fresh != received:
+        extra = {k: v for k, v in state.extra.items() if k != RECEIVED_PACKS}
+        volume.commit(state.with_(extra=extra | ({RECEIVED_PACKS: fresh} if fresh else {})))
+    return set(fresh)
 
 
 def cached_trees(volume: Volume) -> set[BlockId]:

@@ -494,14 +494,17 @@ class PackStore:
                     raise IntegrityError(f"pack {name}: truncated record")
                 yield BlockId(block_id), off, data
 
-    def repack(self, live: set[BlockId]) -> tuple[int, int]:
+    def repack(self, live: set[BlockId], spare: set[str] = frozenset()) -> tuple[int, int]:
         """Free objects not in `live`: rewrite each pack holding garbage or copies that live
         elsewhere (a crashed earlier repack leaves those), then drop the old packs once the
-        rewritten data is durable. Returns (objects freed, bytes freed)."""
+        rewritten data is durable; packs in `spare` are left as they are. Returns (objects
+        freed, bytes freed)."""
         index = self.index()
         doomed = []
         freed = freed_bytes = 0
         for name in self.pack_names():
+            if name in spare:
+                continue
             try:
                 _, entries = read_index(self.dir / f"{name}.idx", self.algo.size)
             except (IntegrityError, OSError):
