@@ -686,7 +686,7 @@ def receive(dst: str, wait: float, rsh: str | None, remote_path: str | None,
                        options=remote_settings(rsh, remote_path), progress=out.progress("receive"))
     objects, size = r.received
     data = plan_json(r.plan, False) | {
-        "blocks_sent": objects, "objects_sent": objects, "bytes_sent": size,
+        "objects_sent": objects, "bytes_sent": size,
         "bytes_on_wire": r.bytes_on_wire, "not_restored": r.not_restored.as_dict()}
     added = " ".join(str(s.number) for s in r.plan.lineages.add) or "nothing new"
     out.emit(data, lambda: f"received: {added}; stored {objects} objects, {human_bytes(size)}"

@@ -49,7 +49,7 @@ class StreamResult:
     base: Snapshot | None
     bytes_on_wire: int
     not_restored: NotRestored = field(default_factory=NotRestored)
-    received: tuple[int, int] = (0, 0)  # objects and bytes DST stored (receive)
+    received: tuple[int, int] = (0, 0)  # objects and bytes the stream carried (receive)
 
 
 class _Digesting(Channel):
@@ -96,7 +96,8 @@ def send(src_text: str, out: BinaryIO, *, base_name: str | None = None,
         ch.send([MAGIC, {"version": VERSION, "volume_id": info.volume_id, "hash": info.hash,
                          "block_size": info.block_size, "source": src.address,
                          "base": snap_out(base), "snapshots": [snap_out(s) for s in snaps],
-                         "objects": len(objects)}])
+                         "objects": len(objects), "blocks": blocks,
+                         "bytes": sum(n for _, n in objects)}])
 
         def counted() -> Iterator:
             for object_id, data in src.export([i for i, _ in objects]):
@@ -138,6 +139,7 @@ class StreamHeader:
     base: Snapshot | None
     snapshots: tuple[Snapshot, ...]
     source: str
+    blocks: int = 0  # file blocks the stream says it carries
 
 
 def read_header(ch: Channel) -> StreamHeader:
@@ -169,6 +171,7 @@ def read_header(ch: Channel) -> StreamHeader:
         snapshots = tuple(snap_in(s, size) for s in snaps)
         base = snap_in(body["base"], size)
         source = str(body.get("source") or "a stream")[:4096]
+        blocks = int(body.get("blocks", 0))
     except (KeyError, TypeError, ValueError):
         raise IntegrityError("stream header is malformed") from None
     numbers = [s.number for s in ([base] if base else []) + list(snapshots)]
@@ -176,7 +179,7 @@ def read_header(ch: Channel) -> StreamHeader:
         raise IntegrityError("stream header is malformed (snapshot numbers out of order)")
     info = VolumeInfo(source, True, body["volume_id"], hash_name, block_size, READ_ONLY,
                       lineage=(((base,) if base else ()) + snapshots))
-    return StreamHeader(info, base, snapshots, source)
+    return StreamHeader(info, base, snapshots, source, blocks)
 
 
 def _objects(ch: _Digesting, checked: dict) -> Iterator[tuple[bytes, bytes]]:
@@ -249,8 +252,8 @@ def _apply_stream(head: StreamHeader, ch: _Digesting, dst, progress) -> StreamRe
     if problem is not None:
         raise problem
     lineages = plan_lineages(TRANSFER, src_lineage, list(dst_info.lineage))
-    plan = TransferPlan(TRANSFER, lineages, tuple(src_lineage), tuple(dst_info.lineage), (), 0,
-                        None, False, not dst_info.lineage)
+    plan = TransferPlan(TRANSFER, lineages, tuple(src_lineage), tuple(dst_info.lineage), (),
+                        head.blocks, None, False, not dst_info.lineage)
     checked: dict = {}
     try:
         dst.begin([])
