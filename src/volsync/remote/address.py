@@ -34,6 +34,12 @@ def parse_address(text: str) -> RemoteAddress | None:
         if port is not None and not 0 < port < 65536:
             raise BadArgument(f"bad address {text!r}: port out of range")
         return RemoteAddress(m["host"].strip("[]"), m["path"], m["user"], port, text)
+    if text.startswith("[") and "]:" in text:  # [IPv6]:PATH or [USER@IPv6]... as ssh does
+        host, _, path = text[1:].partition("]:")
+        user, _, host = host.rpartition("@")
+        if not host or not path or "/" in host:
+            raise BadArgument(f"bad address {text!r}: use [HOST]:PATH")
+        return RemoteAddress(host, path, user or None, None, text)
     head, sep, path = text.partition(":")
     if not sep or "/" in head or not head:
         return None

@@ -114,7 +114,9 @@ class Session:
         try:
             if method not in p.METHODS:
                 raise ProtocolError(f"unknown request {method!r}")
-            if self.read_only and method in p.WRITE_METHODS:
+            if method == "snapshot_source" and self.read_only:
+                method = "snapshot_source_read_only"
+            elif self.read_only and method in p.WRITE_METHODS:
                 raise Refused(f"this server is read-only: {method} refused")
             if method != "open" and method != "run" and self.endpoint is None:
                 raise ProtocolError("no volume opened")
@@ -166,6 +168,12 @@ class Session:
 
     def do_snapshot_source(self) -> dict | None:
         return p.snap_out(self.endpoint.snapshot_source())
+
+    def do_snapshot_source_read_only(self) -> None:
+        """A read-only server sends what is snapshotted; unsnapshotted changes refuse."""
+        if self.endpoint.would_change_source():
+            raise Refused(f"{self.endpoint.root} has changes that are not snapshotted and "
+                          "this server is read-only: snapshot it there, or pass --no-snapshot")
 
     def do_snapshot_source_dry(self) -> dict | None:
         return p.snap_out(self.endpoint.snapshot_source(dry_run=True))
