@@ -9,6 +9,7 @@ volume and carries out steps on it (zrepl's sender and receiver)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import sys
 import threading
@@ -31,6 +32,7 @@ from .ops import (
 )
 from .plan import LiveFacts, VolumeInfo, keeps_live
 from .store.crash import crashpoint
+from .store.fsutil import fsync_dir
 from .store.trees import empty_tree_id
 from .store.volume import META, Volume, is_create_leftover, is_volume
 from .tree import Materializer, NotRestored, Objects, Progress, live_differs, scan
@@ -87,8 +89,24 @@ class LocalEndpoint:
                       block_size: int) -> None:
         if is_volume(self.root):
             return
+        self._made_dir = not os.path.lexists(self.root)
         state = VolumeState(mode=READ_ONLY, upstream=upstream, upstream_id=upstream_id)
         self._volume = Volume.create(self.root, block_size, state, hash_name=hash_name)
+
+    def discard_new(self) -> None:
+        """Take back a mirror this command created, while it holds no snapshot (a receive
+        whose stream failed): the directory is as it was before."""
+        vol = self.volume
+        state = vol.state()
+        if state.lineage or state.preserved or not hasattr(self, "_made_dir"):
+            return
+        self.release()
+        shutil.rmtree(vol.meta)
+        fsync_dir(self.root)
+        if self._made_dir:
+            with suppress(OSError):
+                os.rmdir(self.root)
+                fsync_dir(self.root.parent)
 
     def lock(self, wait: float = 0.0, resume: bool = False, shared: bool = False) -> None:
         """Hold the volume's lock until `release` (finishing a crashed run's step first,

@@ -228,8 +228,14 @@ def receive(dst_text: str, inp: BinaryIO, *, wait: float = 0.0,
         if not dst_info.exists:
             dst.create_mirror(head.source, head.info.volume_id, head.info.hash,
                               head.info.block_size)
-        with _lock_one(dst, wait):
-            return _apply_stream(head, ch, dst, progress)
+        try:
+            with _lock_one(dst, wait):
+                return _apply_stream(head, ch, dst, progress)
+        except BaseException:
+            if not dst_info.exists:  # nothing committed: not even the new mirror stays
+                with suppress(Exception):
+                    dst.discard_new()
+            raise
 
 
 class _lock_one:

@@ -69,6 +69,12 @@ def _refuse_same(a: Endpoint, b: Endpoint) -> None:
         raise BadArgument(f"{inner} is inside {outer}: a volume and its mirror cannot nest")
 
 
+def _refuse_one_volume(a: VolumeInfo, b: VolumeInfo) -> None:
+    """The same volume reached by two spellings of an address (its id gives it away)."""
+    if a.exists and b.exists and a.volume_id == b.volume_id:
+        raise BadArgument(f"{a.address} and {b.address} are the same volume")
+
+
 def _real(path: Path) -> str:
     """The real path of `path`, or of its nearest existing parent plus the rest."""
     rest: list[str] = []
@@ -140,6 +146,7 @@ def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, option
     with opened(src_text, dst_text, options=options) as (src, dst):
         _refuse_same(src, dst)
         src_info, dst_info = src.info("src"), dst.info("dst")
+        _refuse_one_volume(src_info, dst_info)
         check_compatible(src_info, dst_info)
         if dry_run:
             return _dry_run(kind, src, dst, src_info, dst_info, no_snapshot)
@@ -274,6 +281,7 @@ def role_swap(a_text: str, b_text: str, link: str | None = None, *, dry_run: boo
         if link is not None:
             _check_link(Path(link))
         ia, ib = a.info("src"), b.info("src")
+        _refuse_one_volume(ia, ib)
         names = (_shown(b), _shown(a))
         if dry_run:
             _check_swap_roles(ia, ib)

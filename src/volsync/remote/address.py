@@ -43,8 +43,8 @@ def parse_address(text: str) -> RemoteAddress | None:
     head, sep, path = text.partition(":")
     if not sep or "/" in head or not head:
         return None
-    user, _, host = head.rpartition("@")
-    if not host or "\0" in text:
+    user, at, host = head.rpartition("@")
+    if not host or "\0" in text or (at and not user):
         raise BadArgument(f"bad address {text!r}: use [USER@]HOST:PATH")
     if not path:
         raise BadArgument(f"bad address {text!r}: no path after the colon")

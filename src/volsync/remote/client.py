@@ -69,6 +69,7 @@ class Connection:
         except OSError as exc:
             raise BadArgument(f"cannot run {rsh[0]!r} for {address}: {exc.strerror}") from None
         self.stderr_tail: list[str] = []
+        self._connected = threading.Event()  # lines before the hello are kept for the error
         self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
         self._relay.start()
         rfile = os.fdopen(os.dup(self.proc.stdout.fileno()), "rb", buffering=1 << 20)
@@ -83,9 +84,14 @@ class Connection:
     def _relay_stderr(self) -> None:
         for raw in iter(self.proc.stderr.readline, b""):
             line = raw.decode("utf-8", "replace").rstrip()
-            self.stderr_tail = (self.stderr_tail + [line])[-5:]
-            sys.stderr.write(f"volsync: {self.address.host}: {line}\n")
-            sys.stderr.flush()
+            if not self._connected.is_set():
+                self.stderr_tail = (self.stderr_tail + [line])[-5:]
+                continue
+            self._show(line)
+
+    def _show(self, line: str) -> None:
+        sys.stderr.write(f"volsync: {self.address.host}: {line}\n")
+        sys.stderr.flush()
 
     def _failed(self, why: str) -> ConnectionLost:
         try:
@@ -117,6 +123,9 @@ class Connection:
             raise ProtocolError(f"{self.address.host} speaks protocol versions {versions!r}; "
                                 f"this volsync speaks {list(p.VERSIONS)}")
         self.caps = hello[1].get("caps") if isinstance(hello[1].get("caps"), list) else []
+        self._connected.set()
+        for line in self.stderr_tail:  # what the far side said while logging in
+            self._show(line)
         self.ch.send(["hello", {"magic": p.MAGIC, "versions": list(p.VERSIONS),
                                 "caps": list(p.CAPABILITIES), "program": __version__,
                                 "compress": options.compress, "bwlimit": options.bwlimit}])
@@ -326,6 +335,9 @@ class RemoteEndpoint:
 
     def undo(self) -> None:
         self.conn.call("undo")
+
+    def discard_new(self) -> None:
+        self.conn.call("discard_new")
 
     def interrupted(self) -> None:
         self.conn.call("interrupted")

@@ -31,6 +31,7 @@ READ_METHODS = frozenset({
 WRITE_METHODS = frozenset({
     "create_mirror", "snapshot_source", "keep_live_changes", "begin", "receive",
     "add_snapshots", "materialize", "finish", "undo", "set_role", "clear_journal",
+    "discard_new",
 })
 METHODS = READ_METHODS | WRITE_METHODS
 

@@ -271,6 +271,9 @@ class Session:
         self.endpoint.undo()
         self.begun = False
 
+    def do_discard_new(self) -> None:
+        self.endpoint.discard_new()
+
     def do_interrupted(self) -> None:
         self.endpoint.interrupted()
 
