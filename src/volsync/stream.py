@@ -36,7 +36,15 @@ from .remote.endpoints import opened, wire_bytes
 from .remote.protocol import snap_in, snap_out
 from .store.walk import missing_under
 from .tree import NotRestored, Progress
-from .wire import Channel, ConnectionLost, ProtocolError, object_batches
+from .wire import (
+    Channel,
+    ConnectionLost,
+    NotVolsync,
+    ProtocolError,
+    object_batches,
+    pack,
+    unpack,
+)
 
 MAGIC = "volsync-stream"
 VERSION = 1
@@ -93,11 +101,13 @@ def send(src_text: str, out: BinaryIO, *, base_name: str | None = None,
                                           [s.root for s in snaps], info.fmt)
         ch = _Digesting(None, out, compress=options.compress, bwlimit=options.bwlimit,
                         peer="stdout")
-        ch.send([MAGIC, {"version": VERSION, "volume_id": info.volume_id, "hash": info.hash,
-                         "block_size": info.block_size, "source": src.address,
-                         "base": snap_out(base), "snapshots": [snap_out(s) for s in snaps],
-                         "objects": len(objects), "blocks": blocks,
-                         "bytes": sum(n for _, n in objects)}])
+        header = pack({"version": VERSION, "volume_id": info.volume_id, "hash": info.hash,
+                       "block_size": info.block_size, "source": src.address,
+                       "base": snap_out(base), "snapshots": [snap_out(s) for s in snaps],
+                       "objects": len(objects), "blocks": blocks,
+                       "bytes": sum(n for _, n in objects)})
+        # the header has its own digest: a damaged one is refused before it is believed
+        ch.send([MAGIC, header, blake3.blake3(header).digest()])
 
         def counted() -> Iterator:
             for object_id, data in src.export([i for i, _ in objects]):
@@ -145,18 +155,24 @@ class StreamHeader:
 def read_header(ch: Channel) -> StreamHeader:
     try:
         raw = ch.recv_raw(first=True)
-    except ProtocolError:
+    except (ProtocolError, NotVolsync):
         raise IntegrityError("not a volsync stream") from None
     except ConnectionLost:
         raise IntegrityError("the stream is empty or cut short") from None
     if raw is None:
         raise IntegrityError("the stream is empty")
-    from .wire import unpack
-    head = unpack(raw)
-    if not (isinstance(head, list) and len(head) == 2 and head[0] == MAGIC
-            and isinstance(head[1], dict)):
-        raise IntegrityError("not a volsync stream")
-    body = head[1]
+    try:
+        head = unpack(raw)
+    except ProtocolError:
+        raise IntegrityError("not a volsync stream") from None
+    if not (isinstance(head, list) and len(head) == 3 and head[0] == MAGIC
+            and isinstance(head[1], bytes) and isinstance(head[2], bytes)):
+        raise IntegrityError("not a volsync stream (or one of another version)")
+    if blake3.blake3(head[1]).digest() != head[2]:
+        raise IntegrityError("the stream's header is damaged; nothing committed")
+    body = unpack(head[1])
+    if not isinstance(body, dict):
+        raise IntegrityError("stream header is malformed")
     if body.get("version") != VERSION:
         raise IntegrityError(f"stream version {body.get('version')!r} is not one this "
                              f"volsync reads ({VERSION})")

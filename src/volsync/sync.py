@@ -37,6 +37,7 @@ from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
 from .store.volume import META, Volume
 from .tree import NotRestored, Progress
+from .wire import ConnectionLost
 
 JOURNAL_ROLE_SWAP = "role-swap"
 
@@ -207,9 +208,9 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
         dst.finish([s.id for s in dst_info.lineage], common.id if common else None,
                    [s.id for s in plan.lineages.add], [s.id for s in plan.lineages.remove],
                    live_snap.id if live_snap else None, upstream, src_info.volume_id)
-    except KeyboardInterrupt:
-        # Ctrl-C: keep what was received (sealed) and the journal; a rerun resumes the
-        # transfer from there (and any other command undoes the step)
+    except (KeyboardInterrupt, ConnectionLost):
+        # Ctrl-C or a lost connection: keep what was received (sealed) and the journal; a
+        # rerun resumes the transfer from there (and any other command undoes the step)
         with suppress(Exception):
             dst.interrupted()
         raise

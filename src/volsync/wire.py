@@ -32,7 +32,14 @@ class ConnectionLost(VolsyncError):
 
 
 class ProtocolError(IntegrityError):
-    """The peer sent something that is not the volsync protocol (exit 6)."""
+    """The peer broke the protocol: a malformed or oversized message (exit 6)."""
+
+
+class NotVolsync(VolsyncError):
+    """The far side does not speak the volsync protocol at all (exit 1): a shell banner,
+    another program, a version with nothing in common."""
+
+    code = 1
 
 
 def pack(message: object) -> bytes:
@@ -46,7 +53,7 @@ def unpack(data: bytes) -> object:
             max_bin_len=MAX_FRAME, max_str_len=1 << 20,
             max_array_len=MAX_ITEMS, max_map_len=1 << 12, max_ext_len=0)
     except Exception as exc:  # noqa: BLE001 - every decoding failure is the peer's fault
-        raise ProtocolError(f"malformed message from peer: {exc}") from None
+        raise ProtocolError(f"malformed message ({type(exc).__name__}: {exc})") from None
 
 
 class Pacer:
@@ -126,8 +133,8 @@ class Channel:
         if length > MAX_FRAME or flags & ~FLAG_ZSTD:
             if first:
                 shown = head.decode("ascii", "replace").strip()
-                raise ProtocolError(f"{self.peer} does not speak the volsync protocol "
-                                    f"(it said {shown!r}...)")
+                raise NotVolsync(f"{self.peer} does not speak the volsync protocol "
+                                 f"(it said {shown!r}...)")
             raise ProtocolError(f"frame from {self.peer} is too large or malformed "
                                 f"({length} bytes, flags {flags})")
         payload = self._read(length)

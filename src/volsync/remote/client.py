@@ -13,6 +13,7 @@ import shlex
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
@@ -23,11 +24,22 @@ from ..errors import BadArgument
 from ..model import BlockId, Snapshot
 from ..plan import LiveFacts, VolumeInfo
 from ..tree import NotRestored, Progress
-from ..wire import Channel, ConnectionLost, Pacer, ProtocolError, object_batches
+from ..wire import (
+    HEADER,
+    MAX_FRAME,
+    Channel,
+    ConnectionLost,
+    NotVolsync,
+    Pacer,
+    ProtocolError,
+    object_batches,
+)
 from . import protocol as p
 from .address import RemoteAddress
 
 KEEPALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
+HELLO_TIMEOUT = float(os.environ.get("VOLSYNC_CONNECT_TIMEOUT") or 60)  # login included
+BYE_TIMEOUT = 5.0
 EXPORT_BATCH = 2048  # ids per export request (128 MiB of 64 KiB blocks)
 
 
@@ -69,6 +81,7 @@ class Connection:
         except OSError as exc:
             raise BadArgument(f"cannot run {rsh[0]!r} for {address}: {exc.strerror}") from None
         self.stderr_tail: list[str] = []
+        self.broken = False
         self._connected = threading.Event()  # lines before the hello are kept for the error
         self._relay = threading.Thread(target=self._relay_stderr, daemon=True)
         self._relay.start()
@@ -93,7 +106,38 @@ class Connection:
         sys.stderr.write(f"volsync: {self.address.host}: {line}\n")
         sys.stderr.flush()
 
+    def _read_hello(self, deadline: float) -> bytes | None:
+        """The first frame's payload, read straight from the pipe with a deadline (the
+        buffered channel takes over after it); None if the far side closed at once."""
+        head = self._read_exact(HEADER.size, deadline)
+        if head is None:
+            return None
+        length, flags = HEADER.unpack(head)
+        if length > MAX_FRAME or flags:
+            shown = p.printable(head.decode("ascii", "replace").strip())
+            self.broken = True
+            raise NotVolsync(f"{self.address.host} does not speak the volsync protocol "
+                             f"(it said {shown!r}...)")
+        payload = self._read_exact(length, deadline)
+        if payload is None:
+            raise self._failed("the connection closed during the handshake")
+        return payload
+
+    def _read_exact(self, n: int, deadline: float) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.rfd], [], [], left)[0]:
+                raise TimeoutError
+            chunk = os.read(self.rfd, n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        self.ch.bytes_in += n
+        return buf
+
     def _failed(self, why: str) -> ConnectionLost:
+        self.broken = True
         try:
             code = self.proc.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -102,26 +146,33 @@ class Connection:
         if code == 127:
             return ConnectionLost(f"{self.address.host}: the remote command was not found "
                                   "(is volsync installed there? see --remote-path)")
-        detail = f"; {self.stderr_tail[-1]}" if self.stderr_tail else ""
+        detail = f"; {p.printable(self.stderr_tail[-1])}" if self.stderr_tail else ""
         exit_text = f" (ssh exited with {code})" if code is not None else ""
         return ConnectionLost(f"could not talk to volsync on {self.address.host}: "
                               f"{why}{exit_text}{detail}")
 
     def _hello(self, options: RemoteOptions) -> None:
+        """The far side's HELLO, within HELLO_TIMEOUT (ssh's login included): a far side
+        that says something else, or nothing, ends the command instead of hanging it."""
         try:
-            raw = self.ch.recv_raw(first=True)
-        except ConnectionLost as exc:
-            raise self._failed(str(exc)) from None
+            raw = self._read_hello(time.monotonic() + HELLO_TIMEOUT)
+            hello = p.unpack_checked(raw) if raw is not None else None
+        except TimeoutError:
+            raise self._failed(f"no answer within {HELLO_TIMEOUT:.0f} s") from None
+        except ProtocolError:
+            self.broken = True
+            raise NotVolsync(f"{self.address.host} does not speak the volsync protocol") from None
         if raw is None:
             raise self._failed("the connection closed")
-        hello = p.unpack_checked(raw)
         if not (isinstance(hello, list) and len(hello) == 2 and hello[0] == "hello"
                 and isinstance(hello[1], dict) and hello[1].get("magic") == p.MAGIC):
-            raise ProtocolError(f"{self.address.host} does not speak the volsync protocol")
+            self.broken = True
+            raise NotVolsync(f"{self.address.host} does not speak the volsync protocol")
         versions = hello[1].get("versions")
         if not isinstance(versions, list) or not set(versions) & set(p.VERSIONS):
-            raise ProtocolError(f"{self.address.host} speaks protocol versions {versions!r}; "
-                                f"this volsync speaks {list(p.VERSIONS)}")
+            self.broken = True
+            raise NotVolsync(f"{self.address.host} speaks protocol versions {versions!r}; "
+                             f"this volsync speaks {list(p.VERSIONS)}")
         self.caps = hello[1].get("caps") if isinstance(hello[1].get("caps"), list) else []
         self._connected.set()
         for line in self.stderr_tail:  # what the far side said while logging in
@@ -141,30 +192,42 @@ class Connection:
         self.ch.flush()
         return self._reply()
 
+    def _recv(self) -> object:
+        """The next message; after a lost or garbled one the session is not used again."""
+        try:
+            return self.ch.recv()
+        except (ConnectionLost, ProtocolError):
+            self.broken = True
+            raise
+
     def _reply(self) -> object:
-        reply = self.ch.recv()
+        reply = self._recv()
         if isinstance(reply, list) and len(reply) == 2 and reply[0] == "ok":
             return reply[1]
         if isinstance(reply, list) and reply[:1] == ["err"] and len(reply) == 4:
             raise p.decode_error(reply)
+        self.broken = True
         raise ProtocolError(f"unexpected reply from {self.address.host}")
 
     def stream(self, method: str, **args) -> Iterator[tuple[bytes, bytes]]:
         self.ch.send([method, args])
         self.ch.flush()
         while True:
-            frame = self.ch.recv()
+            frame = self._recv()
             if not isinstance(frame, list) or not frame:
+                self.broken = True
                 raise ProtocolError(f"unexpected frame from {self.address.host}")
             if frame[0] == "end":
                 return
             if frame[0] == "err" and len(frame) == 4:
                 raise p.decode_error(frame)
             if frame[0] != "objs" or len(frame) != 2 or not isinstance(frame[1], list):
+                self.broken = True
                 raise ProtocolError(f"unexpected frame from {self.address.host}")
             for item in frame[1]:
                 if not (isinstance(item, list) and len(item) == 2
                         and isinstance(item[0], bytes) and isinstance(item[1], bytes)):
+                    self.broken = True
                     raise ProtocolError(f"malformed object from {self.address.host}")
                 yield item[0], item[1]
 
@@ -190,16 +253,20 @@ class Connection:
         return self._reply()
 
     def close(self) -> None:
+        """Say goodbye (briefly: a peer that broke the protocol is not waited for)."""
         with suppress(Exception):  # closing a session that is already gone
-            if self.proc.poll() is None:
-                self.call("bye")
+            if not self.broken and self.proc.poll() is None:
+                self.ch.send(["bye", {}])
+                self.ch.flush()
+                if select.select([self.rfd], [], [], BYE_TIMEOUT)[0]:
+                    self.ch.recv()
         for f in (self.ch.wfile, self.ch.rfile):
             try:
                 f.close()
             except OSError:
                 pass
         try:
-            self.proc.wait(timeout=10)
+            self.proc.wait(timeout=0.1 if self.broken else 10)
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()

@@ -61,7 +61,7 @@ def encode_error(exc: BaseException) -> list:
 def decode_error(reply: list) -> VolsyncError:
     try:
         _, code, message, extra = reply
-        code, message = int(code), str(message)[:4000]
+        code, message = int(code), printable(str(message)[:4000])
     except (TypeError, ValueError):
         return ProtocolError("malformed error reply from peer")
     if code not in (1, 3, 4, 5, 6):
@@ -76,6 +76,11 @@ def decode_error(reply: list) -> VolsyncError:
     if code == 6:
         return IntegrityError(message)
     return RemoteError(message, code)
+
+
+def printable(text: str) -> str:
+    """A peer's text on one line, without control characters (it cannot forge output)."""
+    return "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in text)
 
 
 # --- values ---------------------------------------------------------------------------------
