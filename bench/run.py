@@ -6,6 +6,7 @@ cp -a, rsync and (when on PATH) restic, on the same generated data, side by side
     python bench/run.py --scale 0.05 --repeat 1  # smoke run, well under a minute
     python bench/run.py --out results.md         # also write the markdown report to a file
     python bench/run.py --skip-volumes --skip-mirror --skip-small-files  # only the sparse rows
+    python bench/run.py --remote --size 100M     # only the remote rows, over ssh (remote.py)
 
 Prints a markdown report: machine facts, the exact command line, then one table of medians
 with ratios and PASS/MISS against the project's targets. See bench/README.md for each row.
@@ -758,7 +759,18 @@ def machine_facts(path: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if "--remote" in argv:  # the remote rows have their own script and options
+        import remote
+
+        rest = [a for a in argv if a != "--remote"]
+        return remote.main(rest, invoked=[sys.argv[0], "--remote"])
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument(
+        "--remote",
+        action="store_true",
+        help="run only the remote rows (R0-R5: over ssh to a test sshd on 127.0.0.1) with "
+        "bench/remote.py and its options (--size, --repeat, ...; see remote.py --help)",
+    )
     p.add_argument(
         "--scale",
         type=float,

@@ -60,6 +60,7 @@ class LocalEndpoint:
         self._stack = ExitStack()
         self._objects: Objects | None = None  # SRC: reads, through a dry run's scan
         self._live = None  # DST: (ScanResult, Objects) of its live tree
+        self._received: set[BlockId] = set()  # objects this run received, each re-hashed
 
     # --- facts ------------------------------------------------------------------------------
     @property
@@ -164,11 +165,13 @@ class LocalEndpoint:
         objects = self._reader()
         return [objects.raw(i) for i in ids]
 
-    def export(self, ids: Iterable[BlockId]) -> Iterator[tuple[BlockId, bytes]]:
-        """Objects to send, each read back and checked against its id."""
+    def export(self, ids: Iterable[BlockId], verify: bool = False
+               ) -> Iterator[tuple[BlockId, bytes]]:
+        """Objects to send. The receiver re-hashes each against its id, so they are not
+        hashed here too (a block damaged in this store is refused there, exit 6)."""
         packs = self.volume.packs
         for object_id in ids:
-            yield object_id, packs.get(object_id, verify=True)
+            yield object_id, packs.get(object_id, verify=verify)
 
     def snapshot_record(self, snap_id: str) -> Snapshot:
         return self.volume.snapshot(snap_id)
@@ -218,10 +221,12 @@ class LocalEndpoint:
         for object_id, data in objects:
             if len(object_id) != size or digest(data) != object_id:
                 raise IntegrityError(f"object {bytes(object_id).hex()} from the peer failed "
-                                     "its digest check")
+                                     "its digest check (damaged in the sending store or on "
+                                     "the way); nothing committed")
             if len(data) > vol.fmt.block_size and len(data) > (1 << 22):
                 raise IntegrityError("object from the peer is larger than any block")
             vol.packs.put(BlockId(object_id), data)
+            self._received.add(BlockId(object_id))
             crashpoint("object-received")
             count.objects += 1
             count.bytes += len(data)
@@ -249,7 +254,8 @@ class LocalEndpoint:
         """Bring the live tree (as the last scan found it) to `target`."""
         vol = self.volume
         live, objects = self._live if self._live else scan(vol, write=False)
-        reader = Objects(vol, write=False)
+        # what this run received was hashed on arrival: not hashed a second time here
+        reader = Objects(vol, write=False, checked_elsewhere=frozenset(self._received))
         reader.overlay = objects.overlay
         with vol.tmp_fd() as tmp_fd:
             writer = Materializer(reader, vol.fmt, live.cache, tmp_fd, progress)
