@@ -1172,3 +1172,22 @@ def test_special_modes_kept_over_the_wire(shim, tmp_path):
     assert stat.S_IMODE(os.lstat(b / "d").st_mode) == 0o3775
     assert stat.S_IMODE(os.lstat(b / "f").st_mode) == 0o2640
     assert content(b, mtimes=True) == content(a, mtimes=True)
+
+
+def test_program_logs_in_while_it_loads_and_uses_that_session(shim, tmp_path):
+    """The installed program starts ssh for each remote address before its own modules load
+    (login and the far side's start-up overlap this side's); the command then uses exactly
+    that session: one login per address, none for an option's value, none left running."""
+    log = tmp_path / "shim.log"
+    a = src_volume(tmp_path / "A")
+    env = {"VOLSYNC_RSH": shim, "VOLSYNC_REMOTE_PATH": REMOTE_PATH, "RSH_SHIM_LOG": str(log)}
+    r = sub("transfer", a, scp(tmp_path / "B"), "--json", env_extra=env)
+    assert r.code == 0, r
+    r = sub("snapshot", a, "--label", "h9:x", env_extra=env)  # a label is not an address
+    assert r.code == 0, r
+    r = sub("transfer", scp(tmp_path / "B"), scp(tmp_path / "C"), env_extra=env)
+    assert r.code == 0, r
+    hosts = [json.loads(line)["host"] for line in log.read_text().splitlines()]
+    assert hosts == [HOST, HOST, HOST], hosts
+    r = sub("transfer", a, "nosuchhost-xyz:/b", env_extra=env | {"VOLSYNC_RSH": "false"})
+    assert r.code == 1 and r.err.count("volsync: error:") == 1, r

@@ -35,9 +35,9 @@ from ..wire import (
     object_batches,
 )
 from . import protocol as p
+from . import spawn
 from .address import RemoteAddress
 
-KEEPALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
 HELLO_TIMEOUT = float(os.environ.get("VOLSYNC_CONNECT_TIMEOUT") or 60)  # login included
 BYE_TIMEOUT = 5.0
 EXPORT_BATCH = 2048  # ids per export request (128 MiB of 64 KiB blocks)
@@ -69,15 +69,9 @@ class Connection:
             raise BadArgument(f"bad --rsh {options.rsh!r}: {exc}") from None
         if not rsh:
             raise BadArgument("--rsh is empty")
-        argv = rsh + KEEPALIVE
-        if address.port:
-            argv += ["-p", str(address.port)]
-        if address.user:
-            argv += ["-l", address.user]
-        argv += [address.host, f"{options.remote_path} serve --stdio"]
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE, bufsize=0)
+        argv = spawn.ssh_argv(address, options.rsh, options.remote_path)
+        try:  # a session the program started while it loaded, or a new one
+            self.proc = spawn.take(argv) or spawn.start(argv)
         except OSError as exc:
             raise BadArgument(f"cannot run {rsh[0]!r} for {address}: {exc.strerror}") from None
         self.stderr_tail: list[str] = []
