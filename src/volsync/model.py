@@ -15,6 +15,7 @@ SnapshotId = NewType("SnapshotId", str)  # 32 lowercase hex characters, globally
 
 READ_WRITE = "read-write"
 READ_ONLY = "read-only"
+JOURNAL_MATERIALIZE = "materialize"  # journal op: a live-tree write that a crash may interrupt
 
 
 @dataclass(frozen=True)

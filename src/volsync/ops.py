@@ -17,7 +17,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadArgument, IntegrityError, VolsyncError
-from .model import DEFAULT_HASH, READ_ONLY, BlockId, Kind, Snapshot, SnapshotId, VolumeState
+from .model import (
+    DEFAULT_HASH,
+    JOURNAL_MATERIALIZE,
+    READ_ONLY,
+    BlockId,
+    Kind,
+    Snapshot,
+    SnapshotId,
+    VolumeState,
+)
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
 from .store.trees import META_NAME
@@ -34,9 +43,6 @@ from .tree import (
     live_differs,
     scan,
 )
-
-JOURNAL_MATERIALIZE = "materialize"
-
 
 # --- opening and locking ------------------------------------------------------------------------
 

@@ -8,11 +8,19 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from .errors import BadArgument, Diverged, NoCommonSnapshot, VolsyncError
-from .model import HASHES, READ_ONLY, READ_WRITE, BlockId, Format, Snapshot, newest_common
+from .model import (
+    HASHES,
+    JOURNAL_MATERIALIZE,
+    READ_ONLY,
+    READ_WRITE,
+    BlockId,
+    Format,
+    Snapshot,
+    newest_common,
+)
 from .store.walk import BLOCK, missing_under
 
 TRANSFER, RESYNC = "transfer", "resync"
-MATERIALIZE = "materialize"  # the journal op of a live-tree write
 
 
 @dataclass(frozen=True)
@@ -40,7 +48,7 @@ class VolumeInfo:
     @property
     def pending_write(self) -> bool:
         """An interrupted live-tree write of a mirror, which a transfer picks up."""
-        return self.mode == READ_ONLY and self.journal == MATERIALIZE
+        return self.mode == READ_ONLY and self.journal == JOURNAL_MATERIALIZE
 
 
 @dataclass(frozen=True)

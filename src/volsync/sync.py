@@ -1,12 +1,16 @@
-"""Mirroring: transfer, break, resync and role-swap, each as plan then apply.
+"""Mirroring: transfer, break, resync and role-swap, each as plan then apply, over endpoints
+(a local volume, or one on another machine behind the protocol: endpoint.py, remote/).
 
-Apply order for transfer and resync: (1) SRC's live changes become a snapshot (read-write SRC
-only); (2) DST's live changes become a preserved snapshot (resync); (3) the planned objects are
-copied, each checked against its id, and made durable with the snapshot records; (4) one atomic
-commit of DST's state adds SRC's snapshots, moves DST's own later ones to preserved, sets the
-mode and a journal entry; (5) DST's live tree is brought to SRC's latest, writing only what
-differs; (6) the journal entry is cleared. A crash before (4) leaves DST as it was; after it,
-the next command finishes (5)."""
+Apply order for transfer and resync, both volumes locked: (1) the refusals (plan.refusal);
+(2) SRC's live changes become a snapshot (read-write SRC only); (3) DST's live changes are
+stored and recorded, to be preserved (resync); (4) the plan: the objects under SRC's new
+snapshots that DST lacks; (5) a journal entry on DST announces the live-tree step; (6) the
+objects are copied, each re-hashed on receipt, made durable with the snapshot records, and
+DST's live tree is brought to SRC's latest, writing only what differs; (7) one atomic commit
+adds SRC's snapshots to DST's lineage, moves DST's own later ones to preserved, makes DST
+SRC's mirror and clears the journal. A crash or a failure before (7) leaves DST's lineage as
+it was and its live tree for the next command to put back (or, for an interrupted transfer,
+to finish); what was received stays, so a rerun does not send it again."""
 
 from __future__ import annotations
 
