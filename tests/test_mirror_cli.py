@@ -82,7 +82,7 @@ def test_baseline_transfer_creates_read_only_mirror(tmp_path, capsys, precreate)
 def test_baseline_transfer_subprocess_relative_paths(tmp_path):
     """A real `volsync transfer` with relative paths makes the mirror; status names SRC."""
     src_volume(tmp_path)
-    r = sub("transfer", "A", "mirror/B", "--json", cwd=tmp_path)
+    r = sub("transfer", "A", "mirror/B", "--mkpath", "--json", cwd=tmp_path)  # mirror/ is new
     assert r.code == 0, r.err
     assert r.json["added"] == [1]
     st = sub("status", "mirror/B", "--json", cwd=tmp_path)

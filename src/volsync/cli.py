@@ -454,7 +454,10 @@ def verify(volume: str, repair_from: str | None, wait: float, out: Output) -> No
     lines.append(f"{'ok' if report.ok else 'FAILED'}: {report.blocks_checked} blocks checked, "
                  f"{len(report.errors)} problem(s)")
     out.emit(data, "\n".join(lines))
-    if not report.ok:
+    if not report.ok:  # also on stderr, where a cron wrapper's alert looks
+        first = report.errors[0] if report.errors else ""
+        click.echo(f"volsync: error: verify found {len(report.errors)} problem(s) in {volume}"
+                   + (f"; first: {first}" if first else ""), err=True)
         sys.exit(6)
 
 
@@ -527,10 +530,10 @@ def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool, src_snapsho
 
 
 def _run_mirror(engine, src: str, dst: str, no_snapshot: bool, dry_run: bool, wait: float,
-                out: Output, options: RemoteOptions) -> None:
+                out: Output, options: RemoteOptions, mkpath: bool = False) -> None:
     """transfer and resync: one engine call, then its plan as JSON or text."""
     result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
-                    progress=out.progress(engine.__name__), options=options)
+                    progress=out.progress(engine.__name__), options=options, mkpath=mkpath)
     snap = result.src_snapshot
     data = plan_json(result.plan, dry_run, snap) | {
         "not_restored": result.not_restored.as_dict(), "bytes_on_wire": result.bytes_on_wire}
@@ -543,6 +546,8 @@ def mirror_options(fn):
         click.argument("src"), click.argument("dst"),
         click.option("--no-snapshot", is_flag=True,
                      help="Do not snapshot SRC's live changes first."),
+        click.option("--mkpath", is_flag=True,
+                     help="Create DST's missing parent directories (else only DST itself)."),
         dry_run_option, wait_option, wire_options, remote_options, common_options,
     ]):
         fn = deco(fn)
@@ -551,7 +556,7 @@ def mirror_options(fn):
 
 @cli.command()
 @mirror_options
-def transfer(src, dst, no_snapshot, dry_run, wait, compress, bwlimit, rsh, remote_path,
+def transfer(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rsh, remote_path,
              out) -> None:
     """Update mirror DST from SRC, sending only blocks DST lacks.
 
@@ -559,12 +564,12 @@ def transfer(src, dst, no_snapshot, dry_run, wait, compress, bwlimit, rsh, remot
     when DST is read-write, was written to, or has snapshots SRC lacks; exit 4 when they share
     no snapshot. Example: volsync transfer /srv/data /backup/data"""
     _run_mirror(sync.transfer, src, dst, no_snapshot, dry_run, wait, out,
-                remote_settings(rsh, remote_path, compress, bwlimit))
+                remote_settings(rsh, remote_path, compress, bwlimit), mkpath)
 
 
 @cli.command()
 @mirror_options
-def resync(src, dst, no_snapshot, dry_run, wait, compress, bwlimit, rsh, remote_path,
+def resync(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rsh, remote_path,
            out) -> None:
     """Make DST a read-only, up-to-date mirror of SRC again after they diverged.
 
@@ -572,7 +577,7 @@ def resync(src, dst, no_snapshot, dry_run, wait, compress, bwlimit, rsh, remote_
     preserved snapshots; SRC's newer snapshots are sent. After 'volsync break B', 'volsync
     resync B A' carries B's writes back to A (reverse resync)."""
     _run_mirror(sync.resync, src, dst, no_snapshot, dry_run, wait, out,
-                remote_settings(rsh, remote_path, compress, bwlimit))
+                remote_settings(rsh, remote_path, compress, bwlimit), mkpath)
 
 
 @cli.command(name="break")
@@ -670,10 +675,12 @@ def send(src: str, base: str | None, to: str | None, compress: bool, bwlimit: st
 
 @cli.command()
 @click.argument("dst")
+@click.option("--mkpath", is_flag=True,
+              help="Create DST's missing parent directories (else only DST itself).")
 @wait_option
 @remote_options
 @common_options
-def receive(dst: str, wait: float, rsh: str | None, remote_path: str | None,
+def receive(dst: str, mkpath: bool, wait: float, rsh: str | None, remote_path: str | None,
             out: Output) -> None:
     """Read a stream made by 'volsync send' on stdin and add its snapshots to DST (created
     as a mirror if missing or empty), as transfer would.
@@ -682,7 +689,7 @@ def receive(dst: str, wait: float, rsh: str | None, remote_path: str | None,
     cut short, and then nothing is committed."""
     if sys.stdin.isatty():
         raise BadArgument("receive reads a stream on stdin: pipe 'volsync send' into it")
-    r = stream.receive(dst, sys.stdin.buffer, wait=wait,
+    r = stream.receive(dst, sys.stdin.buffer, wait=wait, mkpath=mkpath,
                        options=remote_settings(rsh, remote_path), progress=out.progress("receive"))
     objects, size = r.received
     data = plan_json(r.plan, False) | {

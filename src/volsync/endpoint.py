@@ -72,7 +72,8 @@ class LocalEndpoint:
     def info(self, role: str = "src") -> VolumeInfo:
         """SRC must be a volume; DST may also be missing or empty (a new mirror)."""
         if role == "dst" and _new_mirror_dir(self.root):
-            return VolumeInfo(self.address, False)
+            return VolumeInfo(self.address, False,
+                              parent_missing=not os.path.isdir(self.root.parent))
         vol = self.volume
         state = vol.state()
         journal = state.journal or {}

@@ -163,6 +163,10 @@ def take_snapshot(volume: Volume, label: str | None = None, wait: float = 0.0,
         state = volume.state()
         if state.mode == READ_ONLY:
             raise BadArgument(f"{volume.root} is a read-only mirror; only transfers change it")
+        named = [s for s in volume.lineage(state) if label is not None and s.label == label]
+        if named:
+            raise BadArgument(f"label {label!r} already names snapshot {named[0].number}: a "
+                              "label names one snapshot (choose another)")
         snap, warnings = capture(volume, state, next_number(volume, state), label, progress)
         volume.commit(state.with_(lineage=state.lineage + (snap.id,)))
         return snap, warnings

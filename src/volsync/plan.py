@@ -40,6 +40,7 @@ class VolumeInfo:
     preserved: tuple[str, ...] = ()
     journal: str | None = None  # the op of a pending journal entry
     journal_peer: str | None = None
+    parent_missing: bool = False  # not `exists`, and its parent directory is missing too
 
     @property
     def fmt(self) -> Format:
@@ -75,6 +76,14 @@ def check_compatible(src: VolumeInfo, dst: VolumeInfo) -> None:
                           "volumes that share snapshots must use the same hash")
     if dst.block_size != src.block_size:
         raise BadArgument("SRC and DST have different block sizes")
+
+
+def check_parent(dst: VolumeInfo, mkpath: bool) -> None:
+    """A new mirror's missing parent directories are created only on request (as rsync's
+    --mkpath): a typo in a mount path must not fill the root filesystem."""
+    if not dst.exists and dst.parent_missing and not mkpath:
+        raise BadArgument(f"{dst.address}: its parent directory does not exist (a typo?); "
+                          "pass --mkpath to create it")
 
 
 def refusal(kind: str, src: VolumeInfo, src_lineage: list[Snapshot], dst: VolumeInfo,

@@ -26,6 +26,7 @@ from .plan import (
     TransferPlan,
     VolumeInfo,
     check_compatible,
+    check_parent,
     missing_objects,
     plan_lineages,
     refusal,
@@ -229,8 +230,8 @@ def _objects(ch: _Digesting, checked: dict) -> Iterator[tuple[bytes, bytes]]:
 
 
 def receive(dst_text: str, inp: BinaryIO, *, wait: float = 0.0,
-            options: RemoteOptions | None = None, progress: Progress | None = None
-            ) -> StreamResult:
+            options: RemoteOptions | None = None, progress: Progress | None = None,
+            mkpath: bool = False) -> StreamResult:
     """Add the stream's snapshots to DST, as `transfer` would; exit 4 when DST lacks the
     stream's base, exit 6 (nothing committed) when the stream is damaged or cut short."""
     ch = _Digesting(inp, None, peer="the stream")
@@ -238,6 +239,7 @@ def receive(dst_text: str, inp: BinaryIO, *, wait: float = 0.0,
     with opened(dst_text, options=options) as (dst,):
         dst_info = dst.info("dst")
         check_compatible(head.info, dst_info)
+        check_parent(dst_info, mkpath)
         if head.base is not None and head.base.id not in {s.id for s in dst_info.lineage}:
             raise NoCommonSnapshot(f"{dst.address} lacks the stream's base snapshot "
                                    f"{head.base.number} ({head.base.id[:12]})")

@@ -30,6 +30,7 @@ from .plan import (
     TransferPlan,
     VolumeInfo,
     check_compatible,
+    check_parent,
     keeps_live,
     missing_objects,
     plan_lineages,
@@ -136,23 +137,26 @@ def _plan(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
 
 def transfer(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
              wait: float = 0.0, progress: Progress | None = None,
-             options: RemoteOptions | None = None) -> SyncResult:
-    return _sync(TRANSFER, src_path, dst_path, no_snapshot, dry_run, wait, progress, options)
+             options: RemoteOptions | None = None, mkpath: bool = False) -> SyncResult:
+    return _sync(TRANSFER, src_path, dst_path, no_snapshot, dry_run, wait, progress, options,
+                 mkpath)
 
 
 def resync(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
            wait: float = 0.0, progress: Progress | None = None,
-           options: RemoteOptions | None = None) -> SyncResult:
-    return _sync(RESYNC, src_path, dst_path, no_snapshot, dry_run, wait, progress, options)
+           options: RemoteOptions | None = None, mkpath: bool = False) -> SyncResult:
+    return _sync(RESYNC, src_path, dst_path, no_snapshot, dry_run, wait, progress, options,
+                 mkpath)
 
 
-def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, options
+def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, options, mkpath
           ) -> SyncResult:
     with opened(src_text, dst_text, options=options) as (src, dst):
         _refuse_same(src, dst)
         src_info, dst_info = src.info("src"), dst.info("dst")
         _refuse_one_volume(src_info, dst_info)
         check_compatible(src_info, dst_info)
+        check_parent(dst_info, mkpath)
         if dry_run:
             return _dry_run(kind, src, dst, src_info, dst_info, no_snapshot)
         if (not dst_info.exists and not src_info.lineage

@@ -102,13 +102,14 @@ def info_out(info: VolumeInfo) -> dict:
             "hash": info.hash, "block_size": info.block_size, "mode": info.mode,
             "upstream": info.upstream, "upstream_id": info.upstream_id,
             "lineage": [snap_out(s) for s in info.lineage], "preserved": list(info.preserved),
-            "journal": info.journal, "journal_peer": info.journal_peer}
+            "journal": info.journal, "journal_peer": info.journal_peer,
+            "parent_missing": info.parent_missing}
 
 
 def info_in(body: object, address: str) -> VolumeInfo:
     try:
         if not body["exists"]:
-            return VolumeInfo(address, False)
+            return VolumeInfo(address, False, parent_missing=body.get("parent_missing") is True)
         hash_name = body["hash"]
         if hash_name not in HASHES:
             raise ProtocolError(f"peer names blocks by an unknown hash {hash_name!r}")
