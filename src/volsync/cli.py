@@ -19,6 +19,7 @@ from .plan import TransferPlan, lineage_picture
 from .remote.address import RemoteAddress, parse_address
 from .remote.client import RemoteEndpoint, RemoteOptions
 from .remote.server import Refused, serve_stdio
+from .remote.spawn import VALUED
 from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
 from .store.volume import DEFAULT_BLOCK, Volume
 from .tree import NotRestored
@@ -159,8 +160,6 @@ SERVED = {"init": ("directory",), "snapshot": ("volume",), "snapshots": ("volume
           "restore": ("volume", "directory"), "verify": ("volume",), "prune": ("volume",),
           "upgrade": ("volume",), "break": ("dst",)}
 SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify"}
-_VALUED = {"--label", "--wait", "--keep-last", "--repair-from", "--block-size", "--hash",
-           "--rsh", "--remote-path"}
 
 
 def served(param: str):
@@ -206,7 +205,7 @@ def _remote_argv(argv: list[str], text: str, path: str) -> list[str]:
             continue
         if arg.startswith(("--rsh=", "--remote-path=")):
             continue
-        if not replaced and i > 0 and arg == text and argv[i - 1] not in _VALUED:
+        if not replaced and i > 0 and arg == text and argv[i - 1] not in VALUED:
             out.append(path)
             replaced = True
             continue

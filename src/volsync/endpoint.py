@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadArgument, IntegrityError, NoCommonSnapshot
-from .model import HASHES, READ_ONLY, READ_WRITE, BlockId, Snapshot, VolumeState
+from .model import READ_ONLY, READ_WRITE, BlockId, Snapshot, VolumeState
 from .ops import (
     JOURNAL_MATERIALIZE,
     latest_root,
@@ -33,7 +33,6 @@ from .ops import (
 from .plan import LiveFacts, VolumeInfo, keeps_live
 from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
-from .store.trees import empty_tree_id
 from .store.volume import META, Volume, is_create_leftover, is_volume
 from .tree import Materializer, NotRestored, Objects, Progress, live_differs, scan
 
@@ -380,10 +379,6 @@ def _new_mirror_dir(path: Path) -> bool:
     if any(p.name != META or not leftover for p in path.iterdir()):
         raise NoCommonSnapshot(f"{path} is not empty and not a volume: no common snapshot")
     return True
-
-
-def empty_tree(hash_name: str) -> BlockId:
-    return empty_tree_id(HASHES[hash_name])
 
 
 __all__ = ["LiveFacts", "LocalEndpoint", "ReceiveCount", "VolumeInfo"]

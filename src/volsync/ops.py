@@ -107,10 +107,17 @@ def init_volume(path: str, block_size: int = DEFAULT_BLOCK, hash_name: str = DEF
 def resolve(volume: Volume, text: str, state: VolumeState | None = None) -> Snapshot:
     """SNAP: a lineage number or label, `latest`, or any snapshot's id (unique prefix >= 8)."""
     state = state or volume.state()
-    lineage = volume.lineage(state)
+    return resolve_in(volume.lineage(state), text, str(volume.root), state.preserved,
+                      volume.snapshot)
+
+
+def resolve_in(lineage: list[Snapshot], text: str, where: str, others: tuple = (),
+               load=None) -> Snapshot:
+    """SNAP among a lineage (a volume here or an endpoint's description of one); an id
+    prefix may also name one of `others` (preserved ids), read by `load`."""
     if text == "latest":
         if not lineage:
-            raise BadArgument(f"{volume.root} has no snapshots yet")
+            raise BadArgument(f"{where} has no snapshots yet")
         return lineage[-1]
     if text.isdigit():
         for snap in lineage:
@@ -122,13 +129,13 @@ def resolve(volume: Volume, text: str, state: VolumeState | None = None) -> Snap
     if len(labelled) > 1:
         raise BadArgument(f"label {text!r} names several snapshots; use a number or id")
     if len(text) >= 8 and all(c in "0123456789abcdef" for c in text.lower()):
-        found = list(dict.fromkeys(i for i in state.lineage + state.preserved
-                                   if i.startswith(text.lower())))
+        by_id = {s.id: s for s in lineage}
+        found = list(dict.fromkeys(i for i in [*by_id, *others] if i.startswith(text.lower())))
         if len(found) == 1:
-            return volume.snapshot(found[0])
+            return by_id.get(found[0]) or load(found[0])
         if len(found) > 1:
             raise BadArgument(f"id prefix {text!r} is ambiguous")
-    raise BadArgument(f"no snapshot {text!r} in {volume.root}")
+    raise BadArgument(f"no snapshot {text!r} in {where}")
 
 
 # --- snapshot -----------------------------------------------------------------------------------

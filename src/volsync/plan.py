@@ -197,26 +197,3 @@ def lineage_picture(plan: TransferPlan, src_name: str, dst_name: str) -> str:
                       f"{dst_name + ':':{width}} {dst_line or '(empty)'}",
                       f"{'common:':{width}} {common}"])
 
-
-def resolve_in(lineage: list[Snapshot], text: str, where: str) -> Snapshot:
-    """SNAP among a lineage: a number or label, `latest`, or an id (unique prefix >= 8)."""
-    if text == "latest":
-        if not lineage:
-            raise BadArgument(f"{where} has no snapshots yet")
-        return lineage[-1]
-    if text.isdigit():
-        for snap in lineage:
-            if snap.number == int(text):
-                return snap
-    labelled = [s for s in lineage if s.label == text]
-    if len(labelled) == 1:
-        return labelled[0]
-    if len(labelled) > 1:
-        raise BadArgument(f"label {text!r} names several snapshots; use a number or id")
-    if len(text) >= 8:
-        found = [s for s in lineage if s.id.startswith(text.lower())]
-        if len(found) == 1:
-            return found[0]
-        if len(found) > 1:
-            raise BadArgument(f"id prefix {text!r} is ambiguous")
-    raise BadArgument(f"no snapshot {text!r} in the lineage of {where}")

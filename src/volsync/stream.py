@@ -21,6 +21,7 @@ import blake3
 
 from .errors import BadArgument, IntegrityError, NoCommonSnapshot
 from .model import HASHES, READ_ONLY, Snapshot
+from .ops import resolve_in
 from .plan import (
     TRANSFER,
     TransferPlan,
@@ -30,10 +31,9 @@ from .plan import (
     missing_objects,
     plan_lineages,
     refusal,
-    resolve_in,
 )
 from .remote.client import RemoteOptions
-from .remote.endpoints import opened, wire_bytes
+from .remote.endpoints import opened, receiving, wire_bytes
 from .remote.protocol import snap_in, snap_out
 from .store.walk import missing_under
 from .tree import NotRestored, Progress
@@ -279,7 +279,7 @@ def _apply_stream(head: StreamHeader, ch: _Digesting, dst, progress) -> StreamRe
     plan = TransferPlan(TRANSFER, lineages, tuple(src_lineage), tuple(dst_info.lineage), (),
                         head.blocks, None, False, not dst_info.lineage)
     checked: dict = {}
-    try:
+    with receiving(dst):
         dst.begin([])
         count = dst.receive(_objects(ch, checked), progress)
         if not checked:
@@ -292,14 +292,6 @@ def _apply_stream(head: StreamHeader, ch: _Digesting, dst, progress) -> StreamRe
         common = lineages.common
         dst.finish([s.id for s in dst_info.lineage], common.id if common else None,
                    [s.id for s in lineages.add], [], None, head.source, head.info.volume_id)
-    except KeyboardInterrupt:
-        with suppress(Exception):
-            dst.interrupted()
-        raise
-    except BaseException:
-        with suppress(Exception):
-            dst.undo()
-        raise
     return StreamResult(plan, head.base, ch.bytes_in + wire_bytes(dst), skipped,
                         (count.objects, count.bytes))
 

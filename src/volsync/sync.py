@@ -37,12 +37,11 @@ from .plan import (
     refusal,
 )
 from .remote.client import RemoteOptions
-from .remote.endpoints import Endpoint, open_endpoint, opened, wire_bytes
+from .remote.endpoints import Endpoint, open_endpoint, opened, receiving, wire_bytes
 from .store.crash import crashpoint
-from .store.fsutil import fsync_dir
+from .store.fsutil import fsync_dir, nearest_real
 from .store.volume import META, Volume
 from .tree import NotRestored, Progress
-from .wire import ConnectionLost
 
 JOURNAL_ROLE_SWAP = "role-swap"
 
@@ -69,7 +68,7 @@ def _refuse_same(a: Endpoint, b: Endpoint) -> None:
     pa, pb = a.root, b.root
     if pa == pb or (pa.exists() and pb.exists() and os.path.samefile(pa, pb)):
         raise BadArgument("SRC and DST are the same volume")
-    ra, rb = _real(pa), _real(pb)
+    ra, rb = nearest_real(pa), nearest_real(pb)
     if rb.startswith(ra + os.sep) or ra.startswith(rb + os.sep):
         inner, outer = (pb, pa) if rb.startswith(ra + os.sep) else (pa, pb)
         raise BadArgument(f"{inner} is inside {outer}: a volume and its mirror cannot nest")
@@ -79,16 +78,6 @@ def _refuse_one_volume(a: VolumeInfo, b: VolumeInfo) -> None:
     """The same volume reached by two spellings of an address (its id gives it away)."""
     if a.exists and b.exists and a.volume_id == b.volume_id:
         raise BadArgument(f"{a.address} and {b.address} are the same volume")
-
-
-def _real(path: Path) -> str:
-    """The real path of `path`, or of its nearest existing parent plus the rest."""
-    rest: list[str] = []
-    p = path
-    while not p.exists() and p != p.parent:
-        rest.insert(0, p.name)
-        p = p.parent
-    return os.path.join(os.path.realpath(p), *rest)
 
 
 @contextmanager
@@ -209,23 +198,13 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
         return SyncResult(plan, False, src_snap, None, bytes_on_wire=wire_bytes(src, dst))
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(plan.bytes)
-    try:  # (an error once the journal may be on disk, even in its commit, undoes the step)
+    with receiving(dst):
         dst.begin([live_snap.id] if live_snap else [])
         skipped = _copy_and_write(plan, src, dst, progress)
         common = plan.lineages.common
         dst.finish([s.id for s in dst_info.lineage], common.id if common else None,
                    [s.id for s in plan.lineages.add], [s.id for s in plan.lineages.remove],
                    live_snap.id if live_snap else None, upstream, src_info.volume_id)
-    except (KeyboardInterrupt, ConnectionLost):
-        # Ctrl-C or a lost connection: keep what was received (sealed) and the journal; a
-        # rerun resumes the transfer from there (and any other command undoes the step)
-        with suppress(Exception):
-            dst.interrupted()
-        raise
-    except BaseException:
-        with suppress(Exception):
-            dst.undo()
-        raise
     on_wire = wire_bytes(src, dst) if not (src.is_local and dst.is_local) else plan.bytes
     return SyncResult(plan, False, src_snap, live_snap, skipped, on_wire)
 

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 
 from ..endpoint import LocalEndpoint
+from ..wire import ConnectionLost
 from .address import parse_address
 from .client import RemoteEndpoint, RemoteOptions
 
@@ -39,3 +40,20 @@ def wire_bytes(*eps: Endpoint) -> int:
     return sum(ep.bytes_on_wire for ep in eps if isinstance(ep, RemoteEndpoint))
 
 
+
+
+@contextmanager
+def receiving(dst: Endpoint) -> Iterator[None]:
+    """Around DST's journalled step (begin ... finish): Ctrl-C or a lost connection keeps
+    what was received (sealed) and the journal, so a rerun resumes from there (any other
+    command undoes the step); any other failure, even in the commit, undoes it now."""
+    try:
+        yield
+    except (KeyboardInterrupt, ConnectionLost):
+        with suppress(Exception):
+            dst.interrupted()
+        raise
+    except BaseException:
+        with suppress(Exception):
+            dst.undo()
+        raise

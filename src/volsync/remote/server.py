@@ -18,6 +18,7 @@ from .. import __version__
 from ..endpoint import LocalEndpoint
 from ..errors import BadArgument, VolsyncError
 from ..model import HASHES, READ_ONLY, READ_WRITE, BlockId
+from ..store.fsutil import nearest_real
 from ..wire import Channel, ConnectionLost, ProtocolError, object_batches
 from . import protocol as p
 
@@ -37,24 +38,13 @@ def resolve_inside(path: str, restrict: list[str]) -> str:
     absolute = os.path.abspath(path)
     if not restrict:
         return absolute
-    real = _real(Path(absolute))
+    real = nearest_real(Path(absolute))  # abspath has already taken out '..' and '.'
     for allowed in restrict:
         top = os.path.realpath(allowed)
         if real == top or real.startswith(top.rstrip(os.sep) + os.sep):
             return absolute
     raise Refused(f"{path} is outside the paths this server may use "
                   f"({', '.join(restrict)})")
-
-
-def _real(path: Path) -> str:
-    rest: list[str] = []
-    p_ = path
-    while not os.path.lexists(p_) and p_ != p_.parent:
-        rest.insert(0, p_.name)
-        p_ = p_.parent
-    if any(part in ("..", ".") for part in rest):
-        raise Refused(f"bad path {path}")
-    return os.path.join(os.path.realpath(p_), *rest)
 
 
 class Session:

@@ -80,3 +80,14 @@ def remove_temps(directory: Path) -> None:
     for entry in os.scandir(directory):
         if entry.name.startswith(TMP_PREFIX):
             os.unlink(entry.path)
+
+
+def nearest_real(path: Path) -> str:
+    """The real path of `path`, or of its nearest existing parent plus the rest (a path
+    that does not exist yet, compared as where it would be created)."""
+    rest: list[str] = []
+    p = path
+    while not os.path.lexists(p) and p != p.parent:
+        rest.insert(0, p.name)
+        p = p.parent
+    return os.path.join(os.path.realpath(p), *rest)
