@@ -225,12 +225,27 @@ def vol_summary(path: Path, known_ids: set[str], with_content: bool = True) -> d
         return (s.number, s.root.hex(), i if i in known_ids else "new")
 
     return {"mode": st.mode, "upstream": st.upstream, "upstream_id": st.upstream_id,
-            "journal": st.journal, "extra": st.extra,
+            "journal": st.journal, "extra": comparable_extra(st.extra, ref),
             "lineage": [ref(i) for i in st.lineage],
             # the order of the preserved list is not meaningful (a rerun after a crash may
             # append the same snapshots in another order)
             "preserved": sorted(ref(i) for i in st.preserved),
             "live": digest_content(content(path)) if with_content else None}
+
+
+def comparable_extra(extra: dict, ref: Callable[[str], tuple]) -> dict:
+    """A state's extra with what differs between equally good runs taken out: times, the
+    fresh ids of new snapshots (by `ref`), and a new mirror's volume id (holds are keyed by
+    mirror id; they compare by address)."""
+    out = dict(extra)
+    if "preserved_names" in out:
+        out["preserved_names"] = sorted((ref(i), n) for i, n in out["preserved_names"].items())
+    if "holds" in out:
+        out["holds"] = sorted((h["address"], sorted(ref(s) for s in h["snapshots"]))
+                              for h in out["holds"].values())
+    if "last_update" in out:
+        out["last_update"] = ref(out["last_update"]["snapshot"])
+    return out
 
 
 def snapshot_roots(path: Path) -> dict[str, bytes]:
@@ -468,7 +483,7 @@ def sc_resync(size: int, seed: int) -> Callable[[Path], list]:
         mutate(b, seed + 4, 1_600_000_400)
         ok("snapshot", b)
         mutate(b, seed + 5, 1_600_000_500)
-        return ["resync", a, b]
+        return ["resync", "--force", a, b]
     return setup
 
 

@@ -54,7 +54,7 @@ vs_refused() {
     echo "\$ volsync $* --json      # expected to be refused with exit $want"
     local rc=0
     set +e
-    "${VS[@]}" "$@" --json >"$out" 2>"$out.err"
+    "${VS[@]}" "$@" --json >"$out" 2>"$out.err" </dev/null  # (no terminal: nothing is asked)
     rc=$?
     set -e
     cat "$out"; echo; sed 's/^/   stderr: /' "$out.err"
@@ -224,8 +224,13 @@ vsj "$TMP/plan.json" resync "$B" "$A" --dry-run
 same_tree "$X/a-lost" "$A" "dry-run left A unchanged"
 [[ $(lineage_ids "$A") == "$LIN_A" ]] || die "resync --dry-run changed A's lineage"
 
-step "reverse resync: volsync resync B A (B's writes go to A; A's own changes are preserved)"
-vsj "$TMP/rs.json" resync "$B" "$A"
+step "A has work B never got: resync B A asks first, and with no terminal refuses (exit 5)"
+vs_refused 5 "$TMP/r3.json" resync "$B" "$A"
+same_tree "$X/a-lost" "$A" "the refused resync left A unchanged"
+[[ $(lineage_ids "$A") == "$LIN_A" ]] || die "the refused resync changed A's lineage"
+
+step "reverse resync: volsync resync B A --force (B's writes go to A; A's own are preserved)"
+vsj "$TMP/rs.json" resync "$B" "$A" --force
 [[ $(jq_py "$TMP/rs.json" 'd["common"]') == 2 ]] || die "resync: common snapshot should be 2"
 same_tree "$X/b3" "$A" "A now equals B"
 status_is "$A" read-only "$B" 3

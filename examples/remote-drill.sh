@@ -285,7 +285,7 @@ vsj "$TMP/plan.json" resync "$UB" "$A" --dry-run
 same_tree "$X/a-lost" "$A" "dry-run left A unchanged"
 
 step "reverse resync: volsync resync $UB A (B's writes come to A; A's own are preserved)"
-vsj "$TMP/rs.json" resync "$UB" "$A"
+vsj "$TMP/rs.json" resync "$UB" "$A" --force
 same_tree "$X/b3" "$A" "A now equals B"
 status_is "$A" read-only "$UB" 3           # A names B by the address it was given
 status_is "$RB" read-write null 3

@@ -179,7 +179,7 @@ def sc_resync(root):
     edit(b, 54)
     write(b, {"b-live": b"b only"})
     cs.age(b, 1_600_099_000)
-    return ["resync", a, b], ["A", "B"], None
+    return ["resync", "--force", a, b], ["A", "B"], None
 
 
 def sc_reverse_resync(root):
@@ -192,7 +192,7 @@ def sc_reverse_resync(root):
     edit(b, 63)  # users work on B
     cs.ok("snapshot", b)
     edit(b, 64)
-    return ["resync", b, a], ["A", "B"], None
+    return ["resync", "--force", b, a], ["A", "B"], None
 
 
 def _swap(root):

@@ -346,7 +346,7 @@ class Scenario:
                 self.dirty.discard(src)  # SRC was snapshotted before the refusal
             self.check()
             pend = self.pending([src])
-            self.cli("resync", S, D)
+            self.cli("resync", S, D, "--force")
         else:
             self.cli("transfer", S, D)
         self.register([src, dst], pend)
@@ -408,7 +408,7 @@ class Scenario:
         if rng.random() < 0.4:
             self.edit("A")  # writes on the old source that never reached B: preserved by resync
         pend = self.pending(["B", "A"])
-        self.cli("resync", B, A)
+        self.cli("resync", B, A, "--force")
         self.register(["B", "A"], pend)
         self.mode["A"], self.upstream["A"] = "read-only", "B"
         self.dirty -= {"A", "B"}
@@ -428,7 +428,7 @@ class Scenario:
             if rng.random() < 0.4:
                 self.edit("B")  # B's last writes: preserved on B by resync A B
             pend = self.pending(["A", "B"])
-            self.cli("resync", A, B)
+            self.cli("resync", A, B, "--force")
             self.register(["A", "B"], pend)
         self.mode["A"], self.upstream["A"] = "read-write", None
         self.mode["B"], self.upstream["B"] = "read-only", "A"

@@ -256,7 +256,7 @@ def test_mtime_only_changes_count_everywhere(tmp_path):
     assert okj("status", b)["changed_paths"] == ["f"]
     assert vs("verify", b).code == 6
     assert vs("transfer", a, b).code == 5
-    ok("resync", a, b)
+    ok("resync", a, b, "--force")
     assert os.stat(b / "f").st_mtime_ns == os.stat(a / "f").st_mtime_ns
     verify_clean(b)
     os.utime(a / "f", (7, 7))

@@ -124,11 +124,15 @@ def test_incremental_transfer_sends_only_changed_blocks(tmp_path, capsys):
 def test_no_change_transfer_sends_nothing(pair, capsys):
     """A transfer with nothing new adds no snapshot and sends 0 blocks and 0 bytes."""
     a, b = pair
-    before = fingerprint(b), lineage(a)
+    before = fingerprint(b), lineage(a), Volume.open(b).state()
     res = okj("transfer", a, b, capsys=capsys)
     assert res["added"] == [] and res["common"] == 1
     assert res["blocks_sent"] == 0 and res["bytes_sent"] == 0
-    assert (fingerprint(b)[0]["state"], lineage(a)) == (before[0][0]["state"], before[1])
+    # only the time of the last update changes (status reports it)
+    after = Volume.open(b).state()
+    assert after.extra["last_update"]["time"] > before[2].extra["last_update"]["time"]
+    assert (after.with_(extra={}), lineage(a)) == (before[2].with_(extra={}), before[1])
+    assert {k for k in after.extra if k != "last_update"} == set()
     assert content(b) == before[0][1]
 
 
@@ -340,7 +344,7 @@ def test_resync_after_divergence_preserves_dst_work(pair, tmp_path):
     with their old content; B ends a read-only mirror equal to A's latest."""
     a, b = pair
     kept = diverge(a, b, tmp_path)
-    res = okj("resync", a, b)
+    res = okj("resync", a, b, "--force")
     assert (res["common"], res["added"], res["removed"]) == (1, [2, 3], [2, 3])
     assert res["preserved"] == [2, 3, 4]
     st = status(b)
@@ -379,7 +383,7 @@ def test_reverse_resync_carries_failover_writes_back(pair, tmp_path):
     write(b, {"more": "m"})  # live, snapshotted by the resync itself
     write(a, {"late-on-a": "lost?"})  # A's write that never reached B
     a_live = content(a)
-    res = okj("resync", b, a)
+    res = okj("resync", b, a, "--force")
     assert res["common"] == 1 and res["added"] == [2, 3] and res["preserved"] == [2]
     assert content(a) == content(b)
     st = status(a)
@@ -496,7 +500,7 @@ def test_dry_run_resync_counts_preserved(pair, tmp_path):
     and bytes as the run, and changes neither volume."""
     a, b = pair
     diverge(a, b, tmp_path)
-    _dry, real = assert_dry_then_real(["resync", a, b], [a, b])
+    _dry, real = assert_dry_then_real(["resync", a, b, "--force"], [a, b])
     assert real["preserved"] == [2, 3, 4] and real["removed"] == [2, 3]
 
 
@@ -602,11 +606,14 @@ def test_manifest_with_unsafe_name_refused_exit_6(pair, tmp_path, bad_name):
                      vol.config.volume_id)
         vol.write_snapshot(s)
         vol.commit(state.with_(lineage=state.lineage + (s.id,)))
-    outside = content(tmp_path)
+    def outside_dst() -> dict:  # (A's state records B's hold before the send)
+        return {k: v for k, v in content(tmp_path).items() if k != "A/.volsync/state"}
+
+    outside = outside_dst()
     before = fingerprint(b)
     refuse(6, "transfer", a, b, "--no-snapshot")
     assert fingerprint(b) == before
-    assert content(tmp_path) == outside
+    assert outside_dst() == outside
     assert not (tmp_path / "escape").exists()
 
 
@@ -665,10 +672,13 @@ def test_status_of_mirror_shows_upstream_and_behind(pair, capsys):
         snap(a)
     st = status(b)
     assert st["upstream"] == str(a) and st["behind"] == 2 and st["latest"] == 1
+    assert st["behind_bytes"] > 0 and st["behind_unknown"] is None
     text = ok("status", b, capsys=capsys).out
-    assert str(a) in text and "2 snapshot(s) behind" in text and "read-only" in text
+    assert str(a) in text and "2 snapshot(s)" in text and "behind" in text
+    assert "read-only" in text
     ok("transfer", a, b)
-    assert status(b)["behind"] == 0
+    st = status(b)
+    assert st["behind"] == 0 and st["behind_bytes"] == 0
 
 
 @pytest.mark.parametrize("which", ["src", "dst"])
@@ -688,22 +698,37 @@ def test_locked_volume_exit_3(pair, which):
 
 
 def test_transfer_holds_both_locks(pair, monkeypatch):
-    """While a transfer copies data, both SRC and DST are locked by it."""
+    """While a transfer copies data, DST is locked by it, and SRC is held by its readers'
+    lock only (snapshots and other transfers from it go on; prune waits)."""
+    import fcntl
+
     import volsync.sync as sync_mod
+
+    def current_holder(path):  # a shared holder shows only to an exclusive probe
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return int(open(path).read().split()[0])
+        finally:
+            os.close(fd)
+        return None
 
     a, b = pair
     seen = []
     real_copy = sync_mod._copy_and_write
 
     def spy(plan, src, dst, progress):
-        seen.append((Volume.open(a).lock_holder(), Volume.open(b).lock_holder()))
+        seen.append((Volume.open(a).lock_holder(), Volume.open(b).lock_holder(),
+                     current_holder(a / ".volsync" / "readers")))
         return real_copy(plan, src, dst, progress)
 
     monkeypatch.setattr(sync_mod, "_copy_and_write", spy)
     write(a, {"y": "y"})
     ok("transfer", a, b)
-    assert seen == [(os.getpid(), os.getpid())]
+    assert seen == [(None, os.getpid(), os.getpid())]
     assert Volume.open(a).lock_holder() is None and Volume.open(b).lock_holder() is None
+    assert current_holder(a / ".volsync" / "readers") is None
 
 
 def test_src_equals_dst_exit_1(pair, tmp_path):

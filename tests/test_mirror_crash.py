@@ -70,7 +70,7 @@ def sc_resync(root: Path) -> list:
     _edit(b, 30)
     snap(b)
     write(b, {"b-live": "b", "d/two": None})
-    return ["resync", a, b]
+    return ["resync", a, b, "--force"]
 
 
 def sc_reverse_resync(root: Path) -> list:
@@ -82,7 +82,7 @@ def sc_reverse_resync(root: Path) -> list:
     snap(b)
     write(b, {"more-on-b": rnd(4500, 41)})
     write(a, {"late-on-a": "never sent"})
-    return ["resync", b, a]
+    return ["resync", b, a, "--force"]
 
 
 def sc_role_swap(root: Path) -> list:

@@ -228,7 +228,7 @@ class MirrorMachine(RuleBasedStateMachine):
 
     @rule(s=VOL, d=VOL)
     def resync(self, s, d):
-        args = ["resync", self.paths[s], self.paths[d]]
+        args = ["resync", self.paths[s], self.paths[d], "--force"]
         code = self._resync_code(s, d)
         if code:
             self.expect_failure(code, *args)

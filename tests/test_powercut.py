@@ -309,7 +309,7 @@ def _one_life(fs, root: Path, out: Outside, rng: random.Random) -> None:
     change = edit_files(rng, files_a, "lateA")
     user_write(A, change)
     late_a = apply(files_a, change)
-    run("resync", B, A)
+    run("resync", B, A, "--force")
     cut(fs)
     assert lineage(A) == lineage(B) and mode(A) == "read-only"
     assert file_data(A) == files_b
@@ -372,7 +372,7 @@ def _one_life(fs, root: Path, out: Outside, rng: random.Random) -> None:
     verified(A, B)
 
     # the next command works: A's reverted lineage goes back to B by resync
-    run("resync", A, B)
+    run("resync", A, B, "--force")
     cut(fs)
     # (B keeps its own older snapshots: prune on A did not touch B)
     assert lineage(B)[-1:] == lineage(A) and file_data(B) == s2_files
@@ -462,7 +462,7 @@ class Resync(Scenario):
         change = heavy_change(self.rng, files, "onA")
         user_write(self.A, change)
         self.late_a = apply(files, change)
-        return ["resync", self.B, self.A]
+        return ["resync", self.B, self.A, "--force"]
 
     def check_cut(self, before, after):
         # B (the source) gains its live changes as a snapshot or not; A keeps its lineage or

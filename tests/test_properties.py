@@ -12,7 +12,7 @@ from conftest import read_tree
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from volsync import ops
+from volsync import ops, retention
 from volsync.store.volume import Volume
 
 NAMES = st.sampled_from([b"a", b"b", b"c", b"d d", b"\xff", b"e.txt"])
@@ -147,7 +147,7 @@ def test_snapshots_restore_and_revert(ops_list, revert_pick, final_edits):
         check_restores(list(vol.state().lineage))
 
         # prune the preserved snapshots: the lineage still restores, verify stays clean
-        ops.prune(vol, keep_last=None, preserved=True)
+        retention.prune(vol, keep_last=None, preserved=True)
         assert vol.state().preserved == ()
         check_restores(list(vol.state().lineage))
         assert ops.verify(vol).ok

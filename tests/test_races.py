@@ -43,7 +43,8 @@ WRAPPER = textwrap.dedent("""
 
     def acquire(self, wait=0.0, shared=False):
         real_acquire(self, wait, shared)
-        self.logged = not shared  # readers (verify) may share; only writers must not overlap
+        # readers (verify, sends) may share; only writers of the volume lock must not overlap
+        self.logged = not shared and self.path.name == "lock"
         if self.logged:
             emit("acq", self.path.parent)
 
@@ -90,7 +91,7 @@ def volume_of(path: str) -> str | None:
 
 # --- the concurrent rounds ----------------------------------------------------------------------
 
-LOCKED = re.compile(r"^volsync: error: volume (\S+) is locked by volsync process (\d+)$")
+LOCKED = re.compile(r"^volsync: error: volume (\S+) is locked by volsync process (\d+)( \(sending from it\))?$")
 
 
 def check_lock_log(log: Path) -> list[str]:
@@ -175,13 +176,13 @@ class Cluster:
         ok("break", v["D"])
         write_files(v["D"], {"written-on-D.txt": "after failover\n"})
         ok("snapshot", v["D"])
-        ok("resync", v["D"], v["C"])
+        ok("resync", v["D"], v["C"], "--force")
         self.menu = [
             ["snapshot", v["A"]], ["revert", v["A"], "latest"], ["transfer", v["A"], v["B"]],
-            ["resync", v["A"], v["B"]], ["transfer", v["B"], v["E"]],
+            ["resync", v["A"], v["B"], "--force"], ["transfer", v["B"], v["E"]],
             ["prune", v["A"], "--keep-last", "1000"], ["prune", v["B"], "--preserved"],
             ["prune", v["E"], "--keep-last", "2"],
-            ["resync", v["D"], v["C"]], ["transfer", v["D"], v["C"]], ["snapshot", v["D"]],
+            ["resync", v["D"], v["C"], "--force"], ["transfer", v["D"], v["C"]], ["snapshot", v["D"]],
             ["revert", v["D"], "latest"], ["prune", v["C"], "--keep-last", "3"],
             ["prune", v["D"], "--preserved", "--keep-last", "1000"],
             # beside the writers, verify sees one consistent view: 0 or 3, never damage

@@ -52,9 +52,9 @@ def test_dry_run_after_crashed_resync_matches_the_run(tmp_path):
     ok("break", b)
     write(b, {"h": "written on B"})
     write(a, {"f": "changed on A", "g": os.urandom(100_000)})
-    crash("live-entry-written:1", "resync", a, b)
+    crash("live-entry-written:1", "resync", a, b, "--force")
     plan = okj("resync", a, b, "--dry-run")
-    done = okj("resync", a, b)
+    done = okj("resync", a, b, "--force")
     for key in ("common", "added", "removed", "preserved"):
         assert plan[key] == done[key], key
     assert content(b) == content(a)

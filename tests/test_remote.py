@@ -137,6 +137,24 @@ def refuse(code: int, *args) -> dict:
     return r.json
 
 
+def updated(vol) -> float:
+    return Volume.open(vol).state().extra["last_update"]["time"]
+
+
+def without_update(vol) -> dict:
+    return without_update_of(fingerprint(vol)[0])
+
+
+def without_update_of(state_files: dict) -> dict:
+    """A volume's metadata files with its state's time of last update left out."""
+    from volsync.store.codec import open_sealed
+
+    out = dict(state_files)
+    body = dict(open_sealed(out.pop("state"), "state", "state"))
+    body["extra"] = {k: v for k, v in (body.get("extra") or {}).items() if k != "last_update"}
+    return out | {"state": body}
+
+
 def both(*vols) -> list:
     """Fingerprints (metadata and live tree) of volumes, None for a missing one."""
     return [fingerprint(v) if Path(v).exists() else None for v in vols]
@@ -191,12 +209,15 @@ def test_baseline_incremental_and_no_change(shim, tmp_path, direction, form):
     assert res["bytes_sent"] <= res["bytes_on_wire"] <= res["bytes_sent"] * 1.2 + (32 << 10)
     same_live_tree(a, b)
 
-    # nothing new: nothing sent, nothing changed on either side
-    before = both(a, b)
+    # nothing new: nothing sent, nothing changed on either side but the mirror's time of
+    # its last update (status reports it)
+    before = both(a, b), updated(b)
     res = okj("transfer", src, dst)
     assert res["added"] == [] and res["blocks_sent"] == 0 and res["bytes_sent"] == 0
     assert res["common"] == 3 and res["src_snapshot"] is None
-    assert both(a, b) == before
+    assert updated(b) > before[1]
+    assert both(a)[0] == before[0][0] and fingerprint(b)[1] == before[0][1][1]
+    assert without_update(b) == without_update_of(before[0][1][0])
     verify_clean(b)
     r = vs("verify", dst, "--json")
     assert r.code == 0 and r.json["ok"] and r.json["blocks_checked"] > 0, r
@@ -322,7 +343,7 @@ def test_dry_runs_plan_what_runs_do(shim, tmp_path, direction):
     write(b, {"a.txt": "B3\n", "b-only": "bo"})
     snap(dst)
     write(b, {"live": "unsnapshotted"})
-    _dry, real = dry_then_real(["resync", src, dst], [a, b])
+    _dry, real = dry_then_real(["resync", src, dst, "--force"], [a, b])
     assert (real["common"], real["added"], real["removed"]) == (2, [3], [3])
     assert real["preserved"] == [3, 4]
     same_live_tree(a, b)
@@ -579,7 +600,7 @@ def test_failover_drill_over_ssh(real_ssh, tmp_path):
     write(a, {"late-on-a": "never mirrored"})  # A's write that never reached B
     a_live = content(a)
 
-    res = okj("resync", B, a)
+    res = okj("resync", B, a, "--force")
     assert res["common"] == 2 and res["added"] == [3, 4] and res["preserved"] == [3]
     assert res["src_snapshot"] == 4 and res["bytes_on_wire"] > res["bytes_sent"] > 0
     same_live_tree(b, a)

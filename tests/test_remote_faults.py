@@ -152,13 +152,13 @@ def rnd(n: int, seed: int) -> bytes:
 def observed(vol: Path) -> dict:
     """What a failed run must not change: the lineage and preserved snapshots (as
     `snapshots --all --json` prints them), the state (mode, upstream, journal, lineage; not
-    the names of packs a receiver sealed for a rerun, `extra.received_packs`) and the live
-    tree with its mtimes."""
+    the names of packs a receiver sealed for a rerun, `extra.received_packs`, nor the hold a
+    source records before it sends, `extra.holds`) and the live tree with its mtimes."""
     if not is_volume(vol):
         return {"volume": False, "content": content(vol) if vol.exists() else None}
     with opened(vol) as v:
         st = v.state()
-    extra = {k: val for k, val in st.extra.items() if k != "received_packs"}
+    extra = {k: val for k, val in st.extra.items() if k not in ("received_packs", "holds")}
     return {"volume": True, "snapshots": okj("snapshots", vol, "--all"),
             "state": (st.mode, st.upstream, st.upstream_id, st.lineage, st.preserved,
                       st.journal, extra),

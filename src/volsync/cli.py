@@ -9,10 +9,11 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import click
 
-from . import __version__, ops, stream, sync
+from . import __version__, ops, retention, stream, sync
 from .errors import BadArgument, Diverged, VolsyncError
 from .model import DEFAULT_HASH, HASHES
 from .plan import TransferPlan, lineage_picture
@@ -21,7 +22,8 @@ from .remote.client import RemoteEndpoint, RemoteOptions
 from .remote.server import Refused, serve_stdio
 from .remote.spawn import VALUED
 from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
-from .store.volume import DEFAULT_BLOCK, Volume
+from .store.fsutil import atomic_write
+from .store.volume import DEFAULT_BLOCK, Volume, preserved_names
 from .tree import NotRestored
 
 EXIT_CODES = """\b
@@ -158,8 +160,9 @@ def remote_settings(rsh, remote_path, compress=False, bwlimit=None) -> RemoteOpt
 SERVED = {"init": ("directory",), "snapshot": ("volume",), "snapshots": ("volume",),
           "status": ("volume",), "diff": ("volume",), "revert": ("volume",),
           "restore": ("volume", "directory"), "verify": ("volume",), "prune": ("volume",),
-          "upgrade": ("volume",), "break": ("dst",)}
-SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify"}
+          "upgrade": ("volume",), "break": ("dst",), "holds": ("volume",),
+          "release": ("volume",), "destroy": ("volume",)}
+SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify", "holds"}
 
 
 def served(param: str):
@@ -234,6 +237,9 @@ def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, s
         check_path(value)
     if ctx.params.get("repair_from"):
         raise Refused("verify --repair-from runs where VOL is: run it on VOL's machine")
+    if ctx.params.get("metrics_file"):
+        raise Refused("status --metrics-file writes on VOL's machine: run it there, or "
+                      "redirect 'status --prometheus' here")
     if read_only and name not in SERVED_READ_ONLY and not ctx.params.get("dry_run"):
         raise Refused(f"this server is read-only: {name} refused")
     out, err = io.StringIO(), io.StringIO()
@@ -332,19 +338,37 @@ def snapshots(volume: str, show_all: bool, out: Output) -> None:
     """List the lineage (number, id, created, label, size); --all adds preserved ones."""
     vol = Volume.open(volume)
     state = vol.state()
-    rows = [(s, False) for s in vol.lineage(state)]
+    rows = [(s, None) for s in vol.lineage(state)]
     if show_all:
-        rows += [(s, True) for s in vol.preserved(state)]
+        names = preserved_names(state)
+        rows += [(s, names.get(s.id, "p?")) for s in vol.preserved(state)]
     out.emit({"snapshots": [snap_json(s, p) for s, p in rows]}, lambda: snapshot_table(rows))
 
 
 @cli.command()
 @click.argument("volume")
+@click.option("--check-upstream", is_flag=True,
+              help="Also ask an upstream on another machine how far behind a mirror is (an "
+                   "upstream on this machine is always asked).")
+@click.option("--prometheus", is_flag=True,
+              help="Print metrics in the Prometheus text format instead.")
+@click.option("--metrics-file", default=None, metavar="PATH",
+              help="Also write the metrics to PATH, atomically (node-exporter's textfile "
+                   "collector).")
 @common_options
 @served("volume")
-def status(volume: str, out: Output) -> None:
-    """Mode, upstream, latest snapshot, live-tree changes since it, lock holder if any."""
-    st = ops.status(Volume.open(volume))
+def status(volume: str, check_upstream: bool, prometheus: bool, metrics_file: str | None,
+           out: Output) -> None:
+    """Mode, upstream, latest snapshot, live-tree changes since it, lock holder if any; for a
+    mirror, when it was last updated and how far (snapshots, bytes) it is behind its upstream;
+    the holds of mirrors on its snapshots."""
+    vol = Volume.open(volume)
+    st = ops.status(vol)
+    lag = (sync.lag(str(vol.root), st.upstream, check_upstream,
+                    click.get_current_context().find_root().obj["remote"])
+           if st.mode == "read-only" and st.upstream else None)
+    updated = (st.state.extra.get("last_update") or {}).get("time")
+    holds = retention.holds(st.state)
     data = {
         "mode": st.mode, "upstream": st.upstream,
         "latest": st.latest.number if st.latest else None,
@@ -352,14 +376,31 @@ def status(volume: str, out: Output) -> None:
         "changed_paths": [c.path for c in st.changed_paths],
         "changes": [{"status": c.status, "path": c.path} for c in st.changed_paths],
         "lock_holder": st.lock_holder if st.lock_holder and st.lock_holder > 0 else None,
-        "locked": bool(st.lock_holder), "behind": st.behind, "pending": st.pending,
+        "locked": bool(st.lock_holder), "pending": st.pending,
+        "last_update": iso(updated) if isinstance(updated, float | int) else None,
+        "seconds_since_update": (round(time.time() - updated, 3)
+                                 if isinstance(updated, float | int) else None),
+        "behind": lag.snapshots if lag else None,
+        "behind_bytes": lag.bytes if lag else None,
+        "behind_unknown": lag.why if lag else None,
+        "holds": [{"mirror_id": h.mirror_id, "address": h.address, "updated": iso(h.time),
+                   "snapshot_ids": list(h.snapshots)} for h in holds],
     }
+    metrics = status_metrics(str(vol.root), st, lag, updated, holds)
+    if metrics_file:
+        write_metrics(metrics_file, metrics)
+    if prometheus:
+        click.echo(metrics, nl=False)
+        return
 
     def text() -> str:
         lines = [f"mode:     {st.mode}"]
         if st.upstream:
-            behind = "" if st.behind is None else f" ({st.behind} snapshot(s) behind)"
+            behind = (f" ({lag.snapshots} snapshot(s), {human_bytes(lag.bytes)} behind)"
+                      if lag and lag.snapshots is not None else "")
             lines.append(f"upstream: {st.upstream}{behind}")
+            if updated:
+                lines.append(f"updated:  {iso(updated)} (last successful transfer)")
         latest = (f"{st.latest.number} ({st.latest.id[:12]}, {iso(st.latest.created)})"
                   if st.latest else "none")
         lines.append(f"latest:   {latest}")
@@ -374,9 +415,53 @@ def status(volume: str, out: Output) -> None:
         if st.pending:
             lines.append(f"pending:  an interrupted {st.pending} step; the next command "
                          "finishes it")
+        for h in holds:
+            lines.append(f"held:     by mirror {h.address} ({h.mirror_id[:12]})")
         return "\n".join(lines)
 
     out.emit(data, text)
+
+
+def status_metrics(volume: str, st, lag, updated, holds) -> str:
+    """The node-exporter textfile format: one gauge per fact, labelled by volume."""
+    label = '{volume="' + volume.replace("\\", "\\\\").replace('"', '\\"').replace(
+        "\n", "\\n") + '"}'
+    facts = [
+        ("volsync_read_only", "1 for a mirror, 0 for a source", int(st.mode == "read-only")),
+        ("volsync_latest_snapshot_number", "number of the latest snapshot",
+         st.latest.number if st.latest else None),
+        ("volsync_latest_snapshot_timestamp_seconds", "when the latest snapshot was taken",
+         st.latest.created if st.latest else None),
+        ("volsync_last_update_timestamp_seconds", "last successful transfer into a mirror",
+         updated),
+        ("volsync_behind_snapshots", "upstream snapshots a mirror lacks",
+         lag.snapshots if lag else None),
+        ("volsync_behind_bytes", "bytes the next transfer would send", lag.bytes if lag else None),
+        ("volsync_changed_paths", "live-tree paths changed since the latest snapshot",
+         len(st.changed_paths)),
+        ("volsync_locked", "1 while a volsync process holds the lock", int(bool(st.lock_holder))),
+        ("volsync_pending_step", "1 while an interrupted step awaits the next command",
+         int(bool(st.pending))),
+        ("volsync_holds", "mirrors holding snapshots of this volume", len(holds)),
+    ]
+    lines = []
+    for name, what, value in facts:
+        if value is None:
+            continue
+        lines += [f"# HELP {name} {what}", f"# TYPE {name} gauge", f"{name}{label} {value}"]
+    return "\n".join(lines) + "\n"
+
+
+def write_metrics(path: str, text: str) -> None:
+    """Write-then-rename (a temp name the textfile collector skips), so the collector never
+    reads half a file."""
+    target = Path(os.path.abspath(path))
+    if not target.parent.is_dir():
+        raise BadArgument(f"--metrics-file {path}: no such directory")
+    try:
+        atomic_write(target, text.encode())
+    except OSError as exc:
+        raise BadArgument(f"--metrics-file {path}: {exc.strerror}") from None
 
 
 @cli.command()
@@ -402,15 +487,27 @@ def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
 @served("volume")
 def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> None:
     """Set the live tree and lineage back to SNAP. Later snapshots and unsnapshotted live
-    changes become preserved snapshots; nothing is destroyed."""
+    changes become preserved snapshots; nothing is destroyed.
+
+    SNAP may also be a preserved snapshot (pN, or its id): it comes back as a new latest
+    snapshot of the lineage and as the live tree, the live changes it replaces preserved.
+    That is the undo of a revert, or of a resync that took the volume's own work away."""
     plan, skipped = ops.revert(Volume.open(volume), snap, wait, dry_run, out.progress("revert"))
     preserved = [s.number for s in plan.preserve]
     data = {"reverted_to": snap_ref(plan.target), "preserved": preserved,
             "live_changes_preserved": plan.live_changed, "dry_run": dry_run,
             "not_restored": skipped.as_dict()}
+    if plan.revived:
+        data["added"] = snap_ref(plan.revived)
     verb = "would revert" if dry_run else "reverted"
     extra = " + live changes" if plan.live_changed else ""
     kept = f"; preserved: {' '.join(map(str, preserved)) or '-'}{extra}"
+    if plan.revived:
+        verb = "would bring back" if dry_run else "brought back"
+        out.emit(data, f"{verb} preserved snapshot {plan.target.id[:12]} as snapshot "
+                       f"{plan.revived.number} ({plan.revived.label}){kept}"
+                       f"{not_restored_text(skipped)}")
+        return
     out.emit(data, f"{verb} to snapshot {plan.target.number}{kept}{not_restored_text(skipped)}")
 
 
@@ -463,24 +560,98 @@ def verify(volume: str, repair_from: str | None, wait: float, out: Output) -> No
 @cli.command()
 @click.argument("volume")
 @click.option("--keep-last", type=int, default=None, metavar="N",
-              help="Keep only the newest N lineage snapshots.")
+              help="Keep the newest N lineage snapshots.")
+@click.option("--keep", "keep", default=None, metavar="RULES",
+              help="Keep by age, like hourly=24,daily=7,weekly=4,monthly=12 (also yearly): "
+                   "the newest snapshot of each of the N newest hours, days, ...")
 @click.option("--preserved", is_flag=True, help="Remove all preserved snapshots.")
 @dry_run_option
 @wait_option
 @common_options
 @served("volume")
-def prune(volume: str, keep_last: int | None, preserved: bool, dry_run: bool, wait: float,
-          out: Output) -> None:
-    """Drop lineage snapshots beyond the newest N and/or all preserved ones; free blocks no
-    snapshot refers to."""
-    r = ops.prune(Volume.open(volume), keep_last, preserved, wait, dry_run)
+def prune(volume: str, keep_last: int | None, keep: str | None, preserved: bool,
+          dry_run: bool, wait: float, out: Output) -> None:
+    """Drop lineage snapshots that no --keep-last/--keep rule keeps, and/or all preserved
+    ones; free blocks no snapshot refers to. The latest snapshot is always kept, and so is
+    every snapshot a mirror holds (see 'volsync holds')."""
+    rules = retention.parse_keep(keep) if keep is not None else None
+    r = retention.prune(Volume.open(volume), keep_last, preserved, wait, dry_run, rules)
     data = {"removed": [s.number for s in r.plan.remove],
             "preserved_removed": [s.id for s in r.plan.drop_preserved],
+            "held": [s.number for s in r.plan.held],
             "blocks_freed": r.blocks_freed, "bytes_freed": r.bytes_freed, "dry_run": dry_run}
     verb = "would remove" if dry_run else "removed"
+    held = (f"; kept {len(r.plan.held)} held by a mirror ({_numbers(r.plan.held)})"
+            if r.plan.held else "")
     out.emit(data, f"{verb} {len(r.plan.remove)} lineage and {len(r.plan.drop_preserved)} "
-                   f"preserved snapshot(s); freed {r.blocks_freed} blocks "
+                   f"preserved snapshot(s){held}; freed {r.blocks_freed} blocks "
                    f"({human_bytes(r.bytes_freed)})")
+
+
+def _numbers(snaps) -> str:
+    return " ".join(str(s.number) for s in snaps)
+
+
+@cli.command()
+@click.argument("volume")
+@common_options
+@served("volume")
+def holds(volume: str, out: Output) -> None:
+    """List which mirror holds which snapshots of VOL: recorded by each transfer and resync
+    from VOL, so that prune keeps the mirror's newest common snapshot."""
+    vol = Volume.open(volume)
+    state = vol.state()
+    numbers = {s.id: s.number for s in vol.lineage(state)}
+    names = preserved_names(state)
+    rows = retention.holds(state)
+
+    def name(snap_id: str) -> str:
+        return str(numbers[snap_id]) if snap_id in numbers else names.get(snap_id, snap_id[:12])
+
+    data = {"holds": [{"mirror_id": h.mirror_id, "address": h.address, "updated": iso(h.time),
+                       "snapshots": [numbers.get(i) for i in h.snapshots],
+                       "snapshot_ids": list(h.snapshots)} for h in rows]}
+    lines = [f"{'MIRROR':12}  {'UPDATED':20}  {'HOLDS':10}  ADDRESS"]
+    lines += [f"{h.mirror_id[:12]:12}  {iso(h.time):20}  "
+              f"{' '.join(name(i) for i in h.snapshots) or '-':10}  {h.address}" for h in rows]
+    out.emit(data, "\n".join(lines) if rows else "no holds")
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("mirror")
+@wait_option
+@common_options
+@served("volume")
+def release(volume: str, mirror: str, wait: float, out: Output) -> None:
+    """Drop the hold of MIRROR (its volume id, a prefix of 8 or more, or its address as
+    'volsync holds' shows it) on VOL's snapshots, for a mirror that is gone."""
+    hold = retention.release(Volume.open(volume), mirror, wait)
+    out.emit({"released": hold.mirror_id, "address": hold.address},
+             f"released the hold of {hold.address} ({hold.mirror_id[:12]})")
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("snap")
+@click.option("--force", is_flag=True, help="Destroy it even if a mirror holds it.")
+@dry_run_option
+@wait_option
+@common_options
+@served("volume")
+def destroy(volume: str, snap: str, force: bool, dry_run: bool, wait: float,
+            out: Output) -> None:
+    """Drop one snapshot, lineage or preserved, and free the blocks nothing else refers to.
+    Refused for the lineage's latest snapshot, and (exit 5) for one a mirror holds unless
+    --force."""
+    vol = Volume.open(volume)
+    r = retention.destroy(vol, ops.resolve(vol, snap), force, wait, dry_run)
+    data = {"destroyed": snap_ref(r.snapshot), "name": r.name,
+            "held_by": [h.mirror_id for h in r.held_by], "blocks_freed": r.blocks_freed,
+            "bytes_freed": r.bytes_freed, "dry_run": dry_run}
+    verb = "would destroy" if dry_run else "destroyed"
+    out.emit(data, f"{verb} snapshot {r.name} ({r.snapshot.id[:12]}); freed {r.blocks_freed} "
+                   f"blocks ({human_bytes(r.bytes_freed)})")
 
 
 # --- mirroring ----------------------------------------------------------------------------------
@@ -529,10 +700,12 @@ def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool, src_snapsho
 
 
 def _run_mirror(engine, src: str, dst: str, no_snapshot: bool, dry_run: bool, wait: float,
-                out: Output, options: RemoteOptions, mkpath: bool = False) -> None:
+                out: Output, options: RemoteOptions, mkpath: bool = False,
+                confirm: sync.Confirm | None = None) -> None:
     """transfer and resync: one engine call, then its plan as JSON or text."""
     result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
-                    progress=out.progress(engine.__name__), options=options, mkpath=mkpath)
+                    progress=out.progress(engine.__name__), options=options, mkpath=mkpath,
+                    confirm=confirm)
     snap = result.src_snapshot
     data = plan_json(result.plan, dry_run, snap) | {
         "not_restored": result.not_restored.as_dict(), "bytes_on_wire": result.bytes_on_wire}
@@ -568,15 +741,45 @@ def transfer(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rs
 
 @cli.command()
 @mirror_options
+@click.option("--force", is_flag=True,
+              help="Do not ask before a read-write DST's own snapshots or live changes leave "
+                   "its lineage (they are kept as preserved snapshots).")
 def resync(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rsh, remote_path,
-           out) -> None:
+           out, force) -> None:
     """Make DST a read-only, up-to-date mirror of SRC again after they diverged.
 
     DST reverts to the newest common snapshot; its later snapshots and live changes become
     preserved snapshots; SRC's newer snapshots are sent. After 'volsync break B', 'volsync
-    resync B A' carries B's writes back to A (reverse resync)."""
+    resync B A' carries B's writes back to A (reverse resync).
+
+    When DST is read-write and has work of its own to lose from its lineage (the wrong
+    direction after a failover?), resync shows both lineages and asks on a terminal; with no
+    terminal it refuses (exit 5) unless --force. 'volsync revert DST pN' undoes it."""
     _run_mirror(sync.resync, src, dst, no_snapshot, dry_run, wait, out,
-                remote_settings(rsh, remote_path, compress, bwlimit), mkpath)
+                remote_settings(rsh, remote_path, compress, bwlimit), mkpath,
+                None if force else ask_takeover)
+
+
+def ask_takeover(t: sync.Takeover) -> None:
+    """Show what a resync would take out of a read-write DST's lineage; go on only if the
+    user says so on a terminal."""
+    own = " ".join(f"{s.number}'" for s in t.removed)
+    what = " and ".join(filter(None, [own and f"its snapshot(s) {own}",
+                                      t.live_changes and "its live changes"]))
+    message = (f"{t.dst} is read-write: resync would take {what} out of its lineage (kept as "
+               f"preserved snapshots) and make it a mirror of {t.src}")
+    if not (sys.stdin.isatty() and sys.stderr.isatty()):
+        raise Diverged(f"{message}; did you mean 'volsync resync {t.dst} {t.src}'? Pass "
+                       "--force to go on")
+    src_ids = {s.id for s in t.src_lineage}
+    dst_line = " ".join(f"{s.number}" + ("" if s.id in src_ids else "'") for s in t.dst_lineage)
+    src_line = " ".join(str(s.number) for s in t.src_lineage) or "(empty)"
+    live = " + live changes" if t.live_changes else ""
+    common = t.common.number if t.common else "none"
+    click.echo(f"SRC     {src_line}\nDST     {dst_line or '(empty)'}{live}\n"
+               f"common  {common}\n{message}.", err=True)
+    if not click.confirm("Go on?", default=False, err=True):
+        raise Diverged("resync cancelled; nothing changed")
 
 
 @cli.command(name="break")

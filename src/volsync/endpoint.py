@@ -19,7 +19,7 @@ from contextlib import ExitStack, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadArgument, IntegrityError, NoCommonSnapshot
+from .errors import BadArgument, IntegrityError, NoCommonSnapshot, VolumeLocked
 from .model import READ_ONLY, READ_WRITE, BlockId, Snapshot, VolumeState
 from .ops import (
     JOURNAL_MATERIALIZE,
@@ -31,6 +31,7 @@ from .ops import (
     writing,
 )
 from .plan import LiveFacts, VolumeInfo, keeps_live
+from .retention import record_hold, without_hold
 from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
 from .store.volume import META, Volume, is_create_leftover, is_volume
@@ -56,7 +57,10 @@ class LocalEndpoint:
         self.root = Path(os.path.abspath(path))
         self.address = address or str(self.root)
         self._volume: Volume | None = None
-        self._stack = ExitStack()
+        self._stack = ExitStack()  # a shared lock (read-only serve)
+        self._exclusive = ExitStack()  # the volume's lock, for changes
+        self._reading = ExitStack()  # after `share`: sending committed snapshots
+        self._exclusive_held = False
         self._objects: Objects | None = None  # SRC: reads, through a dry run's scan
         self._live = None  # DST: (ScanResult, Objects) of its live tree
         self._received: set[BlockId] = set()  # objects this run received, each re-hashed
@@ -116,10 +120,47 @@ class LocalEndpoint:
         if shared:
             self._stack.enter_context(vol.shared(wait))
         else:
-            self._stack.enter_context(writing(vol, wait, resume=resume))
+            self._exclusive.enter_context(writing(vol, wait, resume=resume))
+            self._exclusive_held = True
+
+    def share(self, wait: float = 0.0) -> None:
+        """A source done changing (snapshot taken, holds recorded) goes on sending under the
+        readers' lock only: snapshots, and other transfers from it, run meanwhile, and only
+        what deletes objects (prune, destroy) waits."""
+        if self._exclusive_held:
+            self._reading.enter_context(self.volume.reading(wait))
+            self._release_exclusive()
+
+    def _release_exclusive(self) -> None:
+        self._exclusive_held = False
+        self._exclusive.close()
 
     def release(self) -> None:
+        self._release_exclusive()
+        self._reading.close()
         self._stack.close()
+
+    # --- holds ------------------------------------------------------------------------------
+    def hold(self, mirror_id: str, address: str, snapshots: list[str]) -> bool:
+        """Under the exclusive lock: record that `mirror_id` holds `snapshots` of this
+        (source) volume, so that prune keeps them."""
+        return record_hold(self.volume, mirror_id, address, snapshots)
+
+    def settle_hold(self, mirror_id: str, address: str, snapshots: list[str],
+                    wait: float = 0.0) -> bool:
+        """After a send: narrow the hold to what the mirror now has, taking the lock for a
+        moment. False if it stayed busy: the wider hold is kept, which is only cautious."""
+        self._reading.close()
+        try:
+            with writing(self.volume, wait):
+                return record_hold(self.volume, mirror_id, address, snapshots)
+        except VolumeLocked:
+            return False
+
+    def mark_updated(self) -> None:
+        """A mirror found up to date: note the time (status reports it)."""
+        vol = self.volume
+        vol.commit(_updated(vol.state()))
 
     # --- the sending side -------------------------------------------------------------------
     def snapshot_source(self, dry_run: bool = False, progress: Progress | None = None
@@ -314,11 +355,13 @@ class LocalEndpoint:
         keep = state.lineage[: state.lineage.index(common) + 1] if common else ()
         kept = (live,) if live else ()
         earlier = tuple(i for i in state.preserved if i not in kept)
+        # its upstream no longer holds what it has as its mirror (a failover turned around)
+        state = without_hold(state, upstream_id)
         extra = {k: v for k, v in state.extra.items() if k != RECEIVED_PACKS}
-        vol.commit(state.with_(
+        vol.commit(_updated(state.with_(
             mode=READ_ONLY, upstream=upstream, upstream_id=upstream_id,
             lineage=keep + tuple(added), preserved=earlier + tuple(removed) + kept,
-            journal=None, extra=extra))
+            journal=None, extra=extra)))
 
     def undo(self) -> None:
         """After a failed run, put the live tree back to its latest snapshot now (the next
@@ -346,6 +389,14 @@ class LocalEndpoint:
     def clear_journal(self) -> None:
         vol = self.volume
         vol.commit(vol.state().with_(journal=None))
+
+
+LAST_UPDATE = "last_update"  # state.extra of a mirror: {"time", "snapshot"} of its last update
+
+
+def _updated(state: VolumeState) -> VolumeState:
+    mark = {"time": time.time(), "snapshot": state.lineage[-1] if state.lineage else None}
+    return state.with_(extra={**state.extra, LAST_UPDATE: mark})
 
 
 def _note_received(vol: Volume, known: set[str]) -> set[str]:

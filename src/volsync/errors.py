@@ -20,9 +20,9 @@ class BadArgument(VolsyncError):
 class VolumeLocked(VolsyncError):
     code = 3
 
-    def __init__(self, path: str, pid: int | None):
+    def __init__(self, path: str, pid: int | None, why: str = ""):
         holder = f"volsync process {pid}" if pid else "another process (no pid recorded)"
-        super().__init__(f"volume {path} is locked by {holder}")
+        super().__init__(f"volume {path} is locked by {holder}{why}")
         self.path = path
         self.pid = pid
 

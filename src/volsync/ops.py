@@ -30,7 +30,7 @@ from .model import (
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
 from .store.trees import META_NAME
-from .store.volume import DEFAULT_BLOCK, Volume
+from .store.volume import DEFAULT_BLOCK, Volume, preserved_names
 from .store.walk import objects_under
 from .tree import (
     Change,
@@ -105,8 +105,15 @@ def init_volume(path: str, block_size: int = DEFAULT_BLOCK, hash_name: str = DEF
 # --- resolving names ----------------------------------------------------------------------------
 
 def resolve(volume: Volume, text: str, state: VolumeState | None = None) -> Snapshot:
-    """SNAP: a lineage number or label, `latest`, or any snapshot's id (unique prefix >= 8)."""
+    """SNAP: a lineage number or label, `latest`, a preserved snapshot's name `pN`, or any
+    snapshot's id (unique prefix >= 8)."""
     state = state or volume.state()
+    if text[:1] == "p" and text[1:].isdigit():
+        by_name = {name: i for i, name in preserved_names(state).items()}
+        if text not in by_name:
+            raise BadArgument(f"no preserved snapshot {text} in {volume.root} "
+                              "(see 'volsync snapshots --all')")
+        return volume.snapshot(by_name[text])
     return resolve_in(volume.lineage(state), text, str(volume.root), state.preserved,
                       volume.snapshot)
 
@@ -198,17 +205,28 @@ class RevertPlan:
     target: Snapshot
     preserve: tuple[Snapshot, ...]  # lineage snapshots after the target
     live_changed: bool
+    revived: Snapshot | None = None  # reverting to a preserved snapshot: its new lineage copy
 
 
 def plan_revert(volume: Volume, snap_name: str) -> RevertPlan:
+    """Back to a lineage snapshot (later ones become preserved), or to a preserved one: it
+    comes back as a new latest snapshot of the lineage, with its tree (the undo of a revert
+    or of a resync that took a volume's own work out of its lineage)."""
     state = volume.state()
     target = resolve(volume, snap_name, state)
-    if target.id not in state.lineage:
-        raise BadArgument(f"snapshot {target.id[:12]} is preserved, not in the lineage; "
-                          "use 'volsync restore' to read it")
-    later = tuple(volume.lineage(state)[state.lineage.index(target.id) + 1 :])
     changes, _ = live_changes(volume, state)
-    return RevertPlan(target, later, bool(changes))
+    if target.id in state.lineage:
+        later = tuple(volume.lineage(state)[state.lineage.index(target.id) + 1 :])
+        return RevertPlan(target, later, bool(changes))
+    if state.mode == READ_ONLY:
+        raise BadArgument(f"{volume.root} is a read-only mirror; bringing back a preserved "
+                          "snapshot makes a new snapshot, which only a read-write volume "
+                          "takes: run 'volsync break' on it first")
+    number = next_number(volume, state)  # (kept live changes repeat it, as preserved ones do)
+    name = preserved_names(state).get(target.id, target.id[:12])
+    revived = Snapshot(new_snapshot_id(), number, time.time(), f"revert to {name}",
+                       target.root, target.size, target.files, volume.config.volume_id)
+    return RevertPlan(target, (), bool(changes), revived)
 
 
 def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = False,
@@ -223,13 +241,17 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
         state = volume.state()
         preserved = [s.id for s in plan.preserve]
         if plan.live_changed:
-            latest = volume.snapshot(state.lineage[-1])
-            live, _ = capture(volume, state, latest.number + 1,
-                              f"live changes before revert to {plan.target.number}", progress)
+            what = plan.revived.label if plan.revived else f"revert to {plan.target.number}"
+            live, _ = capture(volume, state, next_number(volume, state),
+                              f"live changes before {what}", progress)
             preserved.append(live.id)
-        keep = state.lineage[: state.lineage.index(plan.target.id) + 1]
+        if plan.revived:
+            volume.write_snapshot(plan.revived)
+            lineage = state.lineage + (plan.revived.id,)
+        else:
+            lineage = state.lineage[: state.lineage.index(plan.target.id) + 1]
         journal = {"op": JOURNAL_MATERIALIZE}
-        state = state.with_(lineage=keep, preserved=state.preserved + tuple(preserved),
+        state = state.with_(lineage=lineage, preserved=state.preserved + tuple(preserved),
                             journal=journal)
         try:
             volume.commit(state)
@@ -321,8 +343,8 @@ class Status:
     latest: Snapshot | None
     changed_paths: list[Change]
     lock_holder: int | None
-    behind: int | None  # mirror: upstream snapshots not yet transferred (None if unknown)
     pending: str | None
+    state: VolumeState
 
 
 def status(volume: Volume) -> Status:
@@ -330,21 +352,8 @@ def status(volume: Volume) -> Status:
     lineage = volume.lineage(state)
     changes, _ = live_changes(volume, state)
     return Status(state.mode, state.upstream, lineage[-1] if lineage else None, changes,
-                  volume.lock_holder(), _behind(state, lineage),
-                  state.journal.get("op") if state.journal else None)
-
-
-def _behind(state: VolumeState, lineage: list[Snapshot]) -> int | None:
-    if state.mode != READ_ONLY or not state.upstream:
-        return None
-    try:
-        up = Volume.open(state.upstream)
-        up_state = up.state()
-    except VolsyncError:
-        return None
-    if not lineage or lineage[-1].id not in up_state.lineage:
-        return None
-    return len(up_state.lineage) - 1 - up_state.lineage.index(lineage[-1].id)
+                  volume.lock_holder(), state.journal.get("op") if state.journal else None,
+                  state)
 
 
 # --- verify -------------------------------------------------------------------------------------
@@ -576,54 +585,13 @@ def _missing(volume: Volume) -> set[BlockId]:
     return {b for b in needed_blocks(volume) if not has(b)}
 
 
-# --- prune --------------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class PrunePlan:
-    remove: tuple[Snapshot, ...]
-    drop_preserved: tuple[Snapshot, ...]
-
-
-@dataclass(frozen=True)
-class PruneResult:
-    plan: PrunePlan
-    blocks_freed: int
-    bytes_freed: int
-
-
-def plan_prune(volume: Volume, keep_last: int | None, preserved: bool) -> PrunePlan:
-    if keep_last is not None and keep_last < 1:
-        raise BadArgument("--keep-last must be at least 1 (the latest snapshot is always kept)")
-    state = volume.state()
-    lineage = volume.lineage(state)
-    remove = tuple(lineage[:-keep_last]) if keep_last is not None else ()
-    drop = tuple(volume.preserved(state)) if preserved else ()
-    return PrunePlan(remove, drop)
-
-
-def prune(volume: Volume, keep_last: int | None, preserved: bool, wait: float = 0.0,
-          dry_run: bool = False) -> PruneResult:
-    with writing(volume, wait):
-        plan = plan_prune(volume, keep_last, preserved)
-        if dry_run:
-            return PruneResult(plan, 0, 0)
-        state = volume.state()
-        gone = {s.id for s in plan.remove + plan.drop_preserved}
-        state = state.with_(lineage=tuple(i for i in state.lineage if i not in gone),
-                            preserved=tuple(i for i in state.preserved if i not in gone))
-        volume.commit(state)
-        volume.remove_snapshot_records(set(state.lineage + state.preserved))
-        fsync_dir(volume.meta / "snapshots")
-        live = needed_blocks(volume) | cached_trees(volume)
-        freed, freed_bytes = volume.packs.repack(live, spare=_received_packs(volume))
-        return PruneResult(plan, freed, freed_bytes)
-
+# --- what prune keeps (retention.py drops snapshots) ----------------------------------------
 
 RECEIVED_PACKS = "received_packs"  # state.extra, written by a receiving endpoint
 RECEIVE_GRACE = 7 * 86400.0  # how long prune spares what an interrupted transfer received
 
 
-def _received_packs(volume: Volume) -> set[str]:
+def received_packs(volume: Volume) -> set[str]:
     """Packs an interrupted transfer received, which no snapshot names yet: spared for
     RECEIVE_GRACE, so that the rerun resends nothing of them; the list is kept tidy."""
     state = volume.state()

@@ -24,15 +24,19 @@ def snap_ref(snap: Snapshot) -> dict:
     return {"number": snap.number, "id": snap.id}
 
 
-def snap_json(snap: Snapshot, preserved: bool) -> dict:
+def snap_json(snap: Snapshot, preserved_name: str | None) -> dict:
+    """`name` is what SNAP arguments take: the number, or pN for a preserved snapshot."""
     return {"number": snap.number, "id": snap.id, "created": iso(snap.created),
-            "label": snap.label, "preserved": preserved, "size": snap.size, "files": snap.files}
+            "label": snap.label, "preserved": preserved_name is not None,
+            "name": preserved_name or str(snap.number), "size": snap.size, "files": snap.files}
 
 
-def snapshot_table(rows: list[tuple[Snapshot, bool]]) -> str:
+def snapshot_table(rows: list[tuple[Snapshot, str | None]]) -> str:
+    """Lineage rows by number; preserved rows by their name pN (their number repeats one of
+    the lineage's, so it is shown only as where they were)."""
     lines = [f"{'NUMBER':>6}  {'ID':12}  {'CREATED':20}  {'SIZE':>10}  LABEL"]
-    for snap, preserved in rows:
-        mark = "  (preserved)" if preserved else ""
-        lines.append(f"{snap.number:>6}  {snap.id[:12]}  {iso(snap.created):20}  "
+    for snap, name in rows:
+        mark = f"  (preserved; was {snap.number})" if name else ""
+        lines.append(f"{name or snap.number:>6}  {snap.id[:12]}  {iso(snap.created):20}  "
                      f"{human_bytes(snap.size):>10}  {snap.label or ''}{mark}")
     return "\n".join(lines)

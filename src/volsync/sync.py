@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadArgument, Diverged
-from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState
+from .errors import BadArgument, Diverged, VolsyncError
+from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState, newest_common
 from .ops import writing
 from .plan import (
     RESYNC,
@@ -36,6 +36,7 @@ from .plan import (
     plan_lineages,
     refusal,
 )
+from .remote.address import parse_address
 from .remote.client import RemoteOptions
 from .remote.endpoints import Endpoint, open_endpoint, opened, receiving, wire_bytes
 from .store.crash import crashpoint
@@ -124,22 +125,43 @@ def _plan(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
 
 # --- transfer and resync ----------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Takeover:
+    """What a resync is about to take out of a read-write DST's lineage (its own snapshots
+    after the common one, and its live changes): both become preserved snapshots."""
+
+    src: str
+    dst: str
+    src_lineage: tuple[Snapshot, ...]
+    dst_lineage: tuple[Snapshot, ...]
+    common: Snapshot | None
+    removed: tuple[Snapshot, ...]
+    live_changes: bool
+
+
+Confirm = Callable[[Takeover], None]  # returns to go on, raises to refuse
+
+
 def transfer(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
              wait: float = 0.0, progress: Progress | None = None,
-             options: RemoteOptions | None = None, mkpath: bool = False) -> SyncResult:
+             options: RemoteOptions | None = None, mkpath: bool = False,
+             confirm: Confirm | None = None) -> SyncResult:
     return _sync(TRANSFER, src_path, dst_path, no_snapshot, dry_run, wait, progress, options,
-                 mkpath)
+                 mkpath, None)
 
 
 def resync(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
            wait: float = 0.0, progress: Progress | None = None,
-           options: RemoteOptions | None = None, mkpath: bool = False) -> SyncResult:
+           options: RemoteOptions | None = None, mkpath: bool = False,
+           confirm: Confirm | None = None) -> SyncResult:
+    """`confirm` is asked before a read-write DST's own work leaves its lineage (None: go on
+    without asking, as --force)."""
     return _sync(RESYNC, src_path, dst_path, no_snapshot, dry_run, wait, progress, options,
-                 mkpath)
+                 mkpath, confirm)
 
 
-def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, options, mkpath
-          ) -> SyncResult:
+def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, options, mkpath,
+          confirm) -> SyncResult:
     with opened(src_text, dst_text, options=options) as (src, dst):
         _refuse_same(src, dst)
         src_info, dst_info = src.info("src"), dst.info("dst")
@@ -155,7 +177,8 @@ def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, option
             dst.create_mirror(upstream_of(src, dst), src_info.volume_id, src_info.hash,
                               src_info.block_size)
         with _locked_pair(src, dst, wait, resume=dst if kind == TRANSFER else None):
-            return apply_sync(kind, src, dst, no_snapshot, progress)
+            return apply_sync(kind, src, dst, no_snapshot, progress, confirm=confirm,
+                              hold_wait=wait, share_src=True)
 
 
 def _dry_run(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
@@ -178,24 +201,34 @@ def _dry_run(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
 
 
 def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
-               progress: Progress | None) -> SyncResult:
+               progress: Progress | None, *, confirm: Confirm | None = None,
+               hold_wait: float = 0.0, share_src: bool = False) -> SyncResult:
     """Both volumes locked: refuse, or snapshot SRC, keep DST's live changes, plan, copy
-    the objects, write DST's live tree and commit (see the module's docstring)."""
+    the objects, write DST's live tree and commit (see the module's docstring). With
+    `share_src`, SRC records DST's hold and lets go of its exclusive lock before sending."""
     src_info, dst_info = src.info("src"), dst.info("dst")
     facts = dst.inspect_live()
     problem = refusal(kind, src_info, list(src_info.lineage), dst_info, facts)
     if problem is not None:
         raise problem
+    if kind == RESYNC and confirm is not None:
+        _confirm_takeover(src_info, dst_info, facts, confirm)
     src_snap = None
     if not no_snapshot and src_info.mode == READ_WRITE:
         src_snap = src.snapshot_source(progress=progress)
     live_snap = dst.keep_live_changes(progress=progress) if kind == RESYNC else None
     src_lineage = list(src_info.lineage) + ([src_snap] if src_snap else [])
+    hold = _Hold(src, dst, dst_info, src_lineage) if share_src and src_lineage else None
+    if hold:
+        hold.record()
     plan = _plan(kind, src, dst, src_info, src_lineage, dst_info,
                  live_number=live_snap.number if live_snap else None)
     upstream = upstream_of(src, dst)
     if _nothing_to_do(plan, dst_info, src_info, upstream, live_snap):
+        dst.mark_updated()
         return SyncResult(plan, False, src_snap, None, bytes_on_wire=wire_bytes(src, dst))
+    if hold:
+        src.share(hold_wait)
     if progress is not None and hasattr(progress, "set_total"):
         progress.set_total(plan.bytes)
     with receiving(dst):
@@ -205,8 +238,45 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
         dst.finish([s.id for s in dst_info.lineage], common.id if common else None,
                    [s.id for s in plan.lineages.add], [s.id for s in plan.lineages.remove],
                    live_snap.id if live_snap else None, upstream, src_info.volume_id)
+    if hold:
+        hold.settle(hold_wait)
     on_wire = wire_bytes(src, dst) if not (src.is_local and dst.is_local) else plan.bytes
     return SyncResult(plan, False, src_snap, live_snap, skipped, on_wire)
+
+
+def _confirm_takeover(src: VolumeInfo, dst: VolumeInfo, facts, confirm: Confirm) -> None:
+    """Ask before a resync takes a read-write DST's own snapshots or live changes out of its
+    lineage (they stay, preserved; `revert DST pN` brings one back)."""
+    if dst.mode != READ_WRITE:
+        return
+    lineages = plan_lineages(RESYNC, list(src.lineage), list(dst.lineage))
+    live = not dst.journal and keeps_live(dst.mode, bool(dst.lineage), facts)
+    if lineages.remove or live:
+        confirm(Takeover(src.address, dst.address, src.lineage, dst.lineage, lineages.common,
+                         lineages.remove, live))
+
+
+@dataclass
+class _Hold:
+    """SRC's record that DST holds snapshots: before sending, the newest common snapshot and
+    the one sent (whichever DST ends with stays); after, only the one sent."""
+
+    src: Endpoint
+    dst: Endpoint
+    dst_info: VolumeInfo
+    src_lineage: list[Snapshot]
+
+    def __post_init__(self) -> None:
+        self.address = upstream_of(self.dst, self.src)  # how SRC names DST
+
+    def record(self) -> None:
+        common = newest_common(self.src_lineage, list(self.dst_info.lineage))
+        ids = ([common.id] if common else []) + [self.src_lineage[-1].id]
+        self.src.hold(self.dst_info.volume_id, self.address, ids)
+
+    def settle(self, wait: float) -> None:
+        self.src.settle_hold(self.dst_info.volume_id, self.address, [self.src_lineage[-1].id],
+                             wait)
 
 
 def _nothing_to_do(plan: TransferPlan, dst: VolumeInfo, src: VolumeInfo, upstream: str,
@@ -229,6 +299,35 @@ def _copy_and_write(plan: TransferPlan, src: Endpoint, dst: Endpoint,
     dst.receive(src.export(ids), progress)
     dst.add_snapshots(snaps)
     return dst.materialize(target)
+
+
+# --- how far a mirror is behind ------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Lag:
+    """A mirror against its upstream now: snapshots and bytes the next transfer would bring
+    (None with `why` when that cannot be told)."""
+
+    snapshots: int | None
+    bytes: int | None
+    why: str | None = None
+
+
+def lag(mirror: str, upstream: str, reach_remote: bool,
+        options: RemoteOptions | None = None) -> Lag:
+    """Plan (without locks or changes) the transfer from the upstream to the mirror. An
+    upstream on another machine is asked only with `reach_remote` (status --check-upstream)."""
+    if not reach_remote and parse_address(upstream) is not None:
+        return Lag(None, None, "upstream is on another machine (--check-upstream asks it)")
+    try:
+        with opened(upstream, mirror, options=options) as (src, dst):
+            src_info, dst_info = src.info("src"), dst.info("dst")
+            if src_info.volume_id != dst_info.upstream_id:
+                return Lag(None, None, f"{upstream} is not this mirror's upstream any more")
+            plan = _plan(TRANSFER, src, dst, src_info, list(src_info.lineage), dst_info)
+            return Lag(len(plan.lineages.add), plan.bytes)
+    except VolsyncError as exc:
+        return Lag(None, None, str(exc))
 
 
 # --- break and role-swap ----------------------------------------------------------------------

@@ -323,6 +323,21 @@ class RemoteEndpoint:
         if self._conn is not None and self._conn.proc.poll() is None:
             self.conn.call("release")
 
+    def share(self, wait: float = 0.0) -> None:
+        self.conn.call("share", wait=wait)
+
+    def hold(self, mirror_id: str, address: str, snapshots: list[str]) -> bool:
+        return bool(self.conn.call("hold", mirror_id=mirror_id, address=address,
+                                   snapshots=list(snapshots)))
+
+    def settle_hold(self, mirror_id: str, address: str, snapshots: list[str],
+                    wait: float = 0.0) -> bool:
+        return bool(self.conn.call("settle_hold", mirror_id=mirror_id, address=address,
+                                   snapshots=list(snapshots), wait=wait))
+
+    def mark_updated(self) -> None:
+        self.conn.call("mark_updated")
+
     # --- the sending side -------------------------------------------------------------------
     def snapshot_source(self, dry_run: bool = False, progress: Progress | None = None
                         ) -> Snapshot | None:

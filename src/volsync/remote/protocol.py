@@ -26,12 +26,12 @@ CAPABILITIES = ("zstd", "bwlimit", "run")
 READ_METHODS = frozenset({
     "open", "info", "lock", "release", "read", "export", "has", "inspect_live",
     "snapshot_record", "snapshot_source_dry", "would_change_source", "interrupted", "run",
-    "bye",
+    "bye", "share", "hold", "settle_hold",
 })
 WRITE_METHODS = frozenset({
     "create_mirror", "snapshot_source", "keep_live_changes", "begin", "receive",
     "add_snapshots", "materialize", "finish", "undo", "set_role", "clear_journal",
-    "discard_new",
+    "discard_new", "mark_updated",
 })
 METHODS = READ_METHODS | WRITE_METHODS
 

@@ -156,6 +156,24 @@ class Session:
     def do_release(self) -> None:
         self.endpoint.release()
 
+    def do_share(self, wait: float) -> None:
+        self.endpoint.share(min(float(wait), 86400.0))
+
+    def do_hold(self, mirror_id: str, address: str, snapshots: list) -> bool:
+        if self.read_only:  # a pull through a read-only server records no hold
+            return False
+        return self.endpoint.hold(*_hold_args(mirror_id, address, snapshots))
+
+    def do_settle_hold(self, mirror_id: str, address: str, snapshots: list,
+                       wait: float) -> bool:
+        if self.read_only:
+            return False
+        return self.endpoint.settle_hold(*_hold_args(mirror_id, address, snapshots),
+                                         min(float(wait), 86400.0))
+
+    def do_mark_updated(self) -> None:
+        self.endpoint.mark_updated()
+
     def do_snapshot_source(self) -> dict | None:
         return p.snap_out(self.endpoint.snapshot_source())
 
@@ -287,6 +305,14 @@ class Session:
         code, out, err = self.run_command(
             argv, lambda path: resolve_inside(path, self.restrict), self.read_only)
         return {"code": code, "out": out, "err": err}
+
+
+def _hold_args(mirror_id: object, address: object, snapshots: object
+               ) -> tuple[str, str, list[str]]:
+    if not (isinstance(mirror_id, str) and len(mirror_id) <= 128 and isinstance(address, str)
+            and len(address) <= 4096 and isinstance(snapshots, list) and len(snapshots) <= 8):
+        raise ProtocolError("malformed hold")
+    return mirror_id, address, [_snap_id(s) for s in snapshots]
 
 
 def _snap_id(value: object) -> str:

@@ -12,11 +12,13 @@ from ..errors import IntegrityError, VolumeLocked
 
 
 class VolumeLock:
-    """Exclusive lock on `.volsync/lock`; the holder writes its pid there for others to name."""
+    """A flock on a file in `.volsync/`; the holder writes its pid there for others to name.
+    `why` says, in a refusal, what the holder is doing with the volume."""
 
-    def __init__(self, path: Path, volume: str):
+    def __init__(self, path: Path, volume: str, why: str = ""):
         self.path = path
         self.volume = volume
+        self.why = why
         self.fd: int | None = None
 
     def acquire(self, wait: float = 0.0, shared: bool = False) -> None:
@@ -34,14 +36,18 @@ class VolumeLock:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     os.close(fd)
-                    raise VolumeLocked(self.volume, holder_pid(self.path)) from None
+                    raise VolumeLocked(self.volume, holder_pid(self.path), self.why) from None
                 time.sleep(0.05)
         # the pid overwrites the last holder's and the file is never emptied (not on release
         # either): a command refused at any moment finds a pid to name, this holder's or
         # that of the one it just followed (readers sharing the lock write theirs too)
         pid = f"{os.getpid()}\n".encode()
-        os.pwrite(fd, pid, 0)
-        os.ftruncate(fd, len(pid))
+        try:
+            os.pwrite(fd, pid, 0)
+            os.ftruncate(fd, len(pid))
+        except BaseException:
+            os.close(fd)  # never keep a lock this command will not use
+            raise
         self.fd = fd
 
     def release(self) -> None:

@@ -94,6 +94,9 @@ class Volume:
         self.empty_tree = empty_tree_id(self.fmt.algo)
         self.packs = PackStore(self.meta / "packs", self.fmt.algo)
         self._lock = VolumeLock(self.meta / "lock", str(root))
+        # held shared by whoever sends committed snapshots from the volume, exclusive by
+        # whoever deletes objects (prune, destroy): snapshots and holds go on during a send
+        self._readers = VolumeLock(self.meta / "readers", str(root), " (sending from it)")
         self._snapshots: dict[SnapshotId, Snapshot] = {}
 
     def _read_config(self) -> VolumeConfig:
@@ -179,8 +182,10 @@ class Volume:
             yield self
             self.packs.flush()
         finally:
-            self.packs.discard()
-            self._lock.release()
+            try:
+                self.packs.discard()
+            finally:
+                self._lock.release()  # whatever discard raised, the lock is let go
 
     @contextmanager
     def shared(self, wait: float = 0.0) -> Iterator[Volume]:
@@ -191,6 +196,25 @@ class Volume:
             yield self
         finally:
             self._lock.release()
+
+    @contextmanager
+    def reading(self, wait: float = 0.0) -> Iterator[Volume]:
+        """Committed snapshots are being read (sent): nothing deletes objects meanwhile. Taken
+        while `lock` is held, which may then be let go."""
+        self._readers.acquire(wait, shared=True)
+        try:
+            yield self
+        finally:
+            self._readers.release()
+
+    @contextmanager
+    def deleting(self, wait: float = 0.0) -> Iterator[Volume]:
+        """Objects are about to be deleted: no send may be reading them (inside `locked`)."""
+        self._readers.acquire(wait)
+        try:
+            yield self
+        finally:
+            self._readers.release()
 
     @property
     def tmp(self) -> Path:
@@ -252,8 +276,8 @@ class Volume:
         # a preserved snapshot that is (back) in the lineage is no longer preserved, and none
         # is listed twice (else prune --preserved would drop a lineage snapshot)
         in_lineage = set(state.lineage)
-        state = state.with_(preserved=tuple(dict.fromkeys(
-            i for i in state.preserved if i not in in_lineage)))
+        state = name_preserved(state.with_(preserved=tuple(dict.fromkeys(
+            i for i in state.preserved if i not in in_lineage))))
         self.packs.flush()
         atomic_write(self.meta / "state", seal("state", _state_body(state)))
         crashpoint("state-committed")
@@ -327,6 +351,35 @@ class Volume:
 
     def save_statcache(self, cache: dict) -> None:
         atomic_write(self.meta / "statcache", seal("statcache", cache), sync_dir=False)
+
+
+PRESERVED_NAMES = "preserved_names"  # state.extra: {snapshot id: n}, shown and taken as pN
+PRESERVED_NEXT = "preserved_next"  # state.extra: the next n (never reused while any is kept)
+
+
+def name_preserved(state: VolumeState) -> VolumeState:
+    """Give every preserved snapshot a stable name pN (in the order they were preserved) and
+    forget the names of those no longer preserved."""
+    names = state.extra.get(PRESERVED_NAMES) or {}
+    names = {i: n for i, n in names.items() if i in state.preserved and isinstance(n, int)}
+    nxt = max([state.extra.get(PRESERVED_NEXT) or 1, *(n + 1 for n in names.values())])
+    if not state.preserved:
+        nxt = 1
+    for snap_id in state.preserved:
+        if snap_id not in names:
+            names[snap_id] = nxt
+            nxt += 1
+    extra = {k: v for k, v in state.extra.items() if k not in (PRESERVED_NAMES, PRESERVED_NEXT)}
+    if state.preserved:
+        extra |= {PRESERVED_NAMES: names, PRESERVED_NEXT: nxt}
+    return state.with_(extra=extra)
+
+
+def preserved_names(state: VolumeState) -> dict[str, str]:
+    """Each preserved snapshot's id -> its name `pN` (one committed before names existed
+    gets one at the next commit; meanwhile its place in the list stands in)."""
+    names = name_preserved(state).extra.get(PRESERVED_NAMES) or {}
+    return {i: f"p{n}" for i, n in names.items()}
 
 
 def _damage_or_io(exc: OSError, what: str) -> Exception:
