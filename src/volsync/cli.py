@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import sys
-import time
 from collections.abc import Callable
 
 import click
@@ -41,9 +40,11 @@ class Output:
     def __init__(self, as_json: bool, quiet: bool):
         self.json = as_json
         self.quiet = quiet
+        self.displays: list[ProgressDisplay] = []
 
     def emit(self, data: dict, text: str | Callable[[], str], err: bool = False) -> None:
         """The result: stdout, or stderr for `send` (whose stdout carries the stream)."""
+        self.close_progress()  # erased before the result line
         if self.json:
             click.echo(json.dumps(data, sort_keys=True), err=err)
         elif not self.quiet:
@@ -56,43 +57,104 @@ class Output:
         if not self.quiet:
             click.echo(f"volsync: warning: {message}", err=True)
 
-    def progress(self, label: str) -> Callable[[int], None] | None:
-        """A byte counter on stderr when it is a terminal, shown once a run passes 1 s."""
+    def progress(self, label: str) -> ProgressDisplay | None:
+        """A progress display on stderr when it is a terminal (never with --json or --quiet);
+        cleared when the result is printed or the command fails."""
         if self.quiet or self.json or not sys.stderr.isatty():
             return None
-        return ProgressLine(label)
+        display = ProgressDisplay(label)
+        self.displays.append(display)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # also on an error or Ctrl-C, before its message is printed
+            ctx.call_on_close(display.close)
+        return display
+
+    def close_progress(self) -> None:
+        for display in self.displays:
+            display.close()
 
 
-class ProgressLine:
-    """Bytes, rate and, once the plan's total is known, percent and time left."""
+class ProgressDisplay:
+    """rich's live progress on stderr: one line per step of the command (as the engine names
+    them, `progress_step`; else one named for the command), with the bytes done and rate and,
+    when the step's total is known, the total, percent and time left. Started at the first
+    step or count; transient: the lines are erased when it closes."""
 
     def __init__(self, label: str):
         self.label = label
-        self.start = time.monotonic()
-        self.done = 0
-        self.total: int | None = None
-        self.shown = 0.0
+        self.bar = None  # a rich Progress, once started (None also when it cannot be shown)
+        self.task = None
+        self.closed = False
 
-    def set_total(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.monotonic()
+    def step(self, label: str, total: int | None = None, counted: bool = True) -> None:
+        bar = self._started()
+        if bar is None:
+            return
+        if self.task is not None:
+            bar.stop_task(self.task)
+        self.task = bar.add_task(label or self.label, total=total, counted=counted)
 
     def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.start > 1.0 and now - self.shown > 0.1:
-            self.shown = now
-            sys.stderr.write(f"\r{self.text(now)}   ")
-            sys.stderr.flush()
+        if self.task is None:  # a command that counts in one step, unnamed
+            self.step("")
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
 
-    def text(self, now: float) -> str:
-        rate = self.done / max(now - self.start, 1e-6)
-        line = f"{self.label}: {human_bytes(self.done)} ({human_bytes(int(rate))}/s)"
-        if self.total:
-            left = max(self.total - self.done, 0) / rate if rate else 0
-            line = (f"{self.label}: {human_bytes(self.done)} of {human_bytes(self.total)} "
-                    f"({100 * self.done // self.total}%, {human_bytes(int(rate))}/s, "
-                    f"{int(left) // 60}:{int(left) % 60:02d} left)")
-        return line
+    def _started(self):
+        if self.bar is None and not self.closed:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            console = Console(file=sys.stderr)
+            if not console.is_interactive:  # TERM=dumb: no cursor movement to redraw with
+                self.closed = True
+                return None
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=10),
+                                _counts_column(), console=console, transient=True,
+                                redirect_stdout=False, redirect_stderr=False,
+                                refresh_per_second=5)
+            self.bar.start()
+        return self.bar
+
+    def close(self) -> None:
+        """Erase the lines (idempotent)."""
+        self.closed = True
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _counts_column():
+    """The text after the bar: done [of total (percent), rate, time left]."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Counts(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(progress_text(task.completed, task.total, task.speed,
+                                      task.time_remaining, task.elapsed,
+                                      task.fields.get("counted", True)),
+                        no_wrap=True, overflow="ellipsis")
+
+    return Counts()
+
+
+def progress_text(done: float, total: float | None, rate: float | None, left: float | None,
+                  elapsed: float | None, counted: bool) -> str:
+    if not counted:  # done on another machine: only the time it takes shows here
+        return f"{_minutes(elapsed or 0)} elapsed"
+    shown = human_bytes(int(done))
+    speed = f"{human_bytes(int(rate or 0))}/s"
+    if total is None:
+        return f"{shown}  {speed}"
+    percent = 100 * done / total if total else 100
+    eta = f"{_minutes(left)} left" if left is not None else "-:-- left"
+    return f"{shown} / {human_bytes(int(total))}  {percent:.0f}%  {speed}  {eta}"
+
+
+def _minutes(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 60}:{s % 60:02d}"
 
 
 def common_options(fn):
@@ -443,7 +505,7 @@ def verify(volume: str, repair_from: str | None, wait: float, out: Output) -> No
         other = others[0] if others else None
         if other is not None:
             other.info("src")
-        report = ops.verify(Volume.open(volume), other, wait)
+        report = ops.verify(Volume.open(volume), other, wait, out.progress("verify"))
     data = {"ok": report.ok, "blocks_checked": report.blocks_checked, "errors": report.errors,
             "repaired": report.repaired, "unrepaired": report.notes}
     if not report.ok:
