@@ -539,9 +539,9 @@ def prune(volume: str, keep_last: int | None, preserved: bool, dry_run: bool, wa
     data = {"removed": [s.number for s in r.plan.remove],
             "preserved_removed": [s.id for s in r.plan.drop_preserved],
             "blocks_freed": r.blocks_freed, "bytes_freed": r.bytes_freed, "dry_run": dry_run}
-    verb = "would remove" if dry_run else "removed"
+    verb, freed = ("would remove", "would free") if dry_run else ("removed", "freed")
     out.emit(data, f"{verb} {len(r.plan.remove)} lineage and {len(r.plan.drop_preserved)} "
-                   f"preserved snapshot(s); freed {r.blocks_freed} blocks "
+                   f"preserved snapshot(s); {freed} {r.blocks_freed} blocks "
                    f"({human_bytes(r.bytes_freed)})")
 
 

@@ -509,9 +509,10 @@ def _verify(volume: Volume, report: VerifyReport, repair_from,
                                  "snapshot of this mirror")
 
 
-def needed_blocks(volume: Volume) -> set[BlockId]:
-    """Every object id the volume's snapshots refer to (trees walked once each)."""
-    state = volume.state()
+def needed_blocks(volume: Volume, state: VolumeState | None = None) -> set[BlockId]:
+    """Every object id the snapshots of `state` (default: the volume's) refer to (trees
+    walked once each)."""
+    state = state or volume.state()
     roots = []
     for snap_id in state.lineage + state.preserved:
         try:
@@ -626,12 +627,14 @@ def prune(volume: Volume, keep_last: int | None, preserved: bool, wait: float = 
           dry_run: bool = False) -> PruneResult:
     with writing(volume, wait):
         plan = plan_prune(volume, keep_last, preserved)
-        if dry_run:
-            return PruneResult(plan, 0, 0)
         state = volume.state()
         gone = {s.id for s in plan.remove + plan.drop_preserved}
         state = state.with_(lineage=tuple(i for i in state.lineage if i not in gone),
                             preserved=tuple(i for i in state.preserved if i not in gone))
+        if dry_run:  # the same reachability as below, from the state it would commit
+            live = needed_blocks(volume, state) | cached_trees(volume)
+            freed, freed_bytes = volume.packs.garbage(live, spare=set(_fresh_received(state)))
+            return PruneResult(plan, freed, freed_bytes)
         volume.commit(state)
         volume.remove_snapshot_records(set(state.lineage + state.preserved))
         fsync_dir(volume.meta / "snapshots")
@@ -649,13 +652,19 @@ def _received_packs(volume: Volume) -> set[str]:
     RECEIVE_GRACE, so that the rerun resends nothing of them; the list is kept tidy."""
     state = volume.state()
     received = state.extra.get(RECEIVED_PACKS) or {}
-    now = time.time()
-    fresh = {n: t for n, t in received.items() if isinstance(t, float | int)
-             and now - t < RECEIVE_GRACE}
+    fresh = _fresh_received(state)
     if fresh != received:
         extra = {k: v for k, v in state.extra.items() if k != RECEIVED_PACKS}
         volume.commit(state.with_(extra=extra | ({RECEIVED_PACKS: fresh} if fresh else {})))
     return set(fresh)
+
+
+def _fresh_received(state: VolumeState) -> dict[str, float]:
+    """The packs received less than RECEIVE_GRACE ago (name -> time)."""
+    received = state.extra.get(RECEIVED_PACKS) or {}
+    now = time.time()
+    return {n: t for n, t in received.items() if isinstance(t, float | int)
+            and now - t < RECEIVE_GRACE}
 
 
 def cached_trees(volume: Volume) -> set[BlockId]:

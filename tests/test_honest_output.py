@@ -1,0 +1,70 @@
+"""Honest output (issue 9), through the real command line: `prune --dry-run` tells what the
+real run frees."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+from helpers import fingerprint, make_volume, ok, okj, snap, write
+
+from volsync.render import human_bytes
+
+REMOTE_PATH = f"{sys.executable} -m volsync"
+
+
+@pytest.fixture
+def shim(monkeypatch, rsh_shim):
+    monkeypatch.setenv("VOLSYNC_RSH", rsh_shim)
+    monkeypatch.setenv("VOLSYNC_REMOTE_PATH", REMOTE_PATH)
+    return rsh_shim
+
+
+def where(path, remote: bool) -> str:
+    return f"localhost:{path}" if remote else str(path)
+
+
+# --- prune --dry-run --------------------------------------------------------------------------
+
+def volume_with_garbage(path):
+    """Four snapshots, each with a file of its own, and two preserved snapshots (a revert)."""
+    v = make_volume(path, {"shared": os.urandom(30_000)})
+    for i in range(4):
+        write(v, {f"only{i}": os.urandom(40_000 + i)})
+        if i:
+            os.unlink(v / f"only{i - 1}")
+        snap(v)
+    write(v, {"unsnapshotted": os.urandom(20_000)})
+    ok("revert", v, "2")  # 3, 4 and the live change become preserved
+    return v
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
+@pytest.mark.parametrize("args", [["--keep-last", "1"], ["--preserved"],
+                                  ["--keep-last", "1", "--preserved"]],
+                         ids=["keep-last", "preserved", "both"])
+def test_prune_dry_run_frees_what_the_run_frees(tmp_path, shim, remote, args):
+    v = volume_with_garbage(tmp_path / "V")
+    before = fingerprint(v)
+    dry = okj("prune", where(v, remote), *args, "--dry-run")
+    assert fingerprint(v) == before  # nothing changed
+    assert dry["dry_run"] and dry["blocks_freed"] > 0 and dry["bytes_freed"] > 40_000, dry
+    text = ok("prune", where(v, remote), *args, "--dry-run").out
+    assert (f"would free {dry['blocks_freed']} blocks ({human_bytes(dry['bytes_freed'])})"
+            in text), text
+    assert "would remove" in text and "freed" not in text
+    real = okj("prune", where(v, remote), *args)
+    assert (real["blocks_freed"], real["bytes_freed"]) == (dry["blocks_freed"],
+                                                            dry["bytes_freed"])
+    assert (real["removed"], real["preserved_removed"]) == (dry["removed"],
+                                                            dry["preserved_removed"])
+    again = okj("prune", where(v, remote), *args, "--dry-run")
+    assert (again["blocks_freed"], again["bytes_freed"]) == (0, 0)
+
+
+def test_prune_dry_run_of_nothing_to_free(tmp_path):
+    v = make_volume(tmp_path / "V", {"f": os.urandom(10_000)})
+    snap(v)
+    r = ok("prune", v, "--keep-last", "5", "--dry-run")
+    assert "would remove 0 lineage and 0 preserved snapshot(s); would free 0 blocks (0 B)" in r.out
