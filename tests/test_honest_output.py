@@ -1,13 +1,17 @@
 """Honest output (issue 9), through the real command line: `prune --dry-run` tells what the
-real run frees."""
+real run frees; `status` tells a step still in progress from an interrupted one; every
+command's --help has an example."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
-from helpers import fingerprint, make_volume, ok, okj, snap, write
+from helpers import clean_env, fingerprint, make_volume, ok, okj, snap, status, vs, write
 
 from volsync.render import human_bytes
 
@@ -68,3 +72,54 @@ def test_prune_dry_run_of_nothing_to_free(tmp_path):
     snap(v)
     r = ok("prune", v, "--keep-last", "5", "--dry-run")
     assert "would remove 0 lineage and 0 preserved snapshot(s); would free 0 blocks (0 B)" in r.out
+
+
+# --- status while a transfer runs ---------------------------------------------------------------
+
+def wait_for(predicate, timeout: float = 30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = predicate()
+        if got:
+            return got
+        time.sleep(0.05)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.parametrize("remote", [False, True], ids=["local", "remote"])
+def test_status_tells_a_running_step_from_an_interrupted_one(tmp_path, shim, remote):
+    # a receive that has taken B's lock and announced its live-tree step (the journal) but
+    # still waits for the rest of its stream: status says "in progress" and names the
+    # process; once that process is gone (lock released, journal left), "interrupted"
+    a = make_volume(tmp_path / "A", {"f": os.urandom(20_000)})
+    snap(a)
+    b = tmp_path / "B"
+    ok("transfer", a, b)
+    write(a, {f"g{i}": os.urandom(300_000) for i in range(8)})
+    snap(a)
+    stream = subprocess.run([sys.executable, "-m", "volsync", "send", str(a), "--from", "1"],
+                            capture_output=True, env=clean_env(), check=True).stdout
+    receiver = subprocess.Popen([sys.executable, "-m", "volsync", "receive", str(b)],
+                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, env=clean_env())
+    try:
+        receiver.stdin.write(stream[: len(stream) // 2])
+        receiver.stdin.flush()
+        st = wait_for(lambda: (s := status(where(b, remote)))["pending"] and s)
+        assert st["locked"] and st["lock_holder"] == receiver.pid, st
+        text = ok("status", where(b, remote)).out
+        assert (f"pending:  a materialize step in progress (volsync process {receiver.pid})"
+                in text), text
+        assert "interrupted" not in text
+    finally:
+        receiver.send_signal(signal.SIGKILL)
+        receiver.wait()
+        receiver.stdin.close()
+    st = status(where(b, remote))
+    assert st["pending"] == "materialize" and not st["locked"], st
+    text = ok("status", where(b, remote)).out
+    assert "pending:  an interrupted materialize step; the next command finishes it" in text
+    assert "in progress" not in text
+    r = vs("verify", b, "--json")  # the next command finishes (undoes) the step
+    assert r.code == 0 and r.json["ok"], r
+    assert status(b)["pending"] is None

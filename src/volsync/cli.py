@@ -429,11 +429,14 @@ def status(volume: str, out: Output) -> None:
         lines += [f"  {c.status[0].upper()} {c.path}" for c in st.changed_paths[:50]]
         if len(st.changed_paths) > 50:
             lines.append(f"  ... and {len(st.changed_paths) - 50} more (see 'volsync diff')")
+        holder = None
         if st.lock_holder:
             holder = (f"volsync process {st.lock_holder}" if st.lock_holder > 0
                       else "another process (no pid recorded)")
             lines.append(f"locked:   by {holder}")
-        if st.pending:
+        if st.pending and holder:  # the journal of a run that is still going
+            lines.append(f"pending:  a {st.pending} step in progress ({holder})")
+        elif st.pending:
             lines.append(f"pending:  an interrupted {st.pending} step; the next command "
                          "finishes it")
         return "\n".join(lines)
