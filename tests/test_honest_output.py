@@ -123,3 +123,46 @@ def test_status_tells_a_running_step_from_an_interrupted_one(tmp_path, shim, rem
     r = vs("verify", b, "--json")  # the next command finishes (undoes) the step
     assert r.code == 0 and r.json["ok"], r
     assert status(b)["pending"] is None
+
+
+# --- help -------------------------------------------------------------------------------------
+
+def takes_snap(command) -> bool:
+    """An argument or option named SNAP, or diff's A and B (snapshots too)."""
+    return command.name == "diff" or any(
+        (getattr(p, "metavar", None) or p.name.upper()) == "SNAP" for p in command.params)
+
+
+def test_every_commands_help_has_an_example_naming_it():
+    from volsync.cli import cli
+
+    assert cli.commands, "no commands"
+    for name in cli.commands:
+        text = ok(name, "--help").out
+        assert "Example" in text, name
+        example = text.split("Example", 1)[1].split("Exit codes:")[0]
+        assert f"volsync {name} " in example, (name, example)
+        assert "Exit codes:" in text and "6  integrity" in text, name
+    top = ok("--help").out
+    assert "Exit codes:" in top and "Example" not in top  # the group keeps its exit codes
+
+
+def test_help_says_what_snap_may_be():
+    from volsync.cli import cli
+
+    snap_commands = {name for name, command in cli.commands.items() if takes_snap(command)}
+    assert {"revert", "restore", "diff", "send"} <= snap_commands
+    for name in snap_commands:
+        text = " ".join(ok(name, "--help").out.split())  # as one line, however it wraps
+        for words in ("number or label", "'latest'", "id prefix (at least 8 hex characters)",
+                      "preserved snapshot's name pN"):
+            assert words in text, (name, words)
+
+
+def test_every_example_names_its_command():
+    # also the entries for commands other branches add (cat, ls, holds, release, destroy)
+    from volsync.cli_help import EXAMPLES
+
+    assert {"cat", "ls", "holds", "release", "destroy"} <= set(EXAMPLES)
+    for name, example in EXAMPLES.items():
+        assert all(f"volsync {name} " in line for line in example.splitlines()), name

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import click
 
-from . import __version__, ops, stream, sync
+from . import __version__, cli_help, ops, stream, sync
 from .errors import BadArgument, Diverged, VolsyncError
 from .model import DEFAULT_HASH, HASHES
 from .plan import TransferPlan, lineage_picture
@@ -328,9 +328,7 @@ def cli() -> None:
 @common_options
 @served("directory")
 def init(directory: str, block_size: str | None, hash_name: str, out: Output) -> None:
-    """Make DIRECTORY a read-write volume in place, keeping its files.
-
-    Example: volsync init /srv/data"""
+    """Make DIRECTORY a read-write volume in place, keeping its files."""
     size = parse_size(block_size) if block_size else DEFAULT_BLOCK
     vol = ops.init_volume(directory, size, hash_name)
     out.emit({"path": str(vol.root), "block_size": size, "mode": "read-write",
@@ -352,7 +350,7 @@ def upgrade(volume: str, hash_name: str | None, wait: float, out: Output) -> Non
 
     Snapshot numbers and ids are kept, so a source and its mirror upgraded on their own still
     share their newest common snapshot. Killed at any point, the volume is left in the old
-    or the new format; running it again completes it. Example: volsync upgrade /srv/data"""
+    or the new format; running it again completes it."""
     r = ops.upgrade(volume, hash_name, wait, out.progress("upgrade"))
     data = {"path": r.path, "status": r.status, "format": 2, "hash": r.hash,
             "snapshots": r.snapshots, "blocks": r.blocks, "holes": r.holes, "trees": r.trees}
@@ -626,7 +624,7 @@ def transfer(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rs
 
     Creates DST as a mirror if it does not exist or is an empty directory. Refuses (exit 5)
     when DST is read-write, was written to, or has snapshots SRC lacks; exit 4 when they share
-    no snapshot. Example: volsync transfer /srv/data /backup/data"""
+    no snapshot."""
     _run_mirror(sync.transfer, src, dst, no_snapshot, dry_run, wait, out,
                 remote_settings(rsh, remote_path, compress, bwlimit), mkpath)
 
@@ -701,8 +699,8 @@ def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, comp
 def serve(stdio: bool, restrict: tuple[str, ...], read_only: bool) -> None:
     """Speak the volsync protocol on stdin/stdout; ssh runs this on the far side.
 
-    For a key that may only mirror into /srv/mirrors, in authorized_keys:
-    command="volsync serve --stdio --restrict-to-path /srv/mirrors",restrict ssh-ed25519 ..."""
+    The example is a line of ~/.ssh/authorized_keys on the far side: a key that may only
+    mirror into /srv/mirrors."""
     if not stdio:
         raise BadArgument("serve speaks only on stdin/stdout: pass --stdio")
     sys.exit(serve_stdio(list(restrict), read_only, served_command))
@@ -720,9 +718,7 @@ def serve(stdio: bool, restrict: tuple[str, ...], read_only: bool) -> None:
 def send(src: str, base: str | None, to: str | None, compress: bool, bwlimit: str | None,
          rsh: str | None, remote_path: str | None, out: Output) -> None:
     """Write a stream of SRC's snapshots after --from up to --to, with every block the
-    receiver needs, to stdout; the summary goes to stderr.
-
-    Example: volsync send /srv/data --from 7 | ssh backup volsync receive /srv/mirror"""
+    receiver needs, to stdout; the summary goes to stderr."""
     if sys.stdout.isatty():
         raise BadArgument("send writes a binary stream: redirect stdout to a file or a pipe")
     r = stream.send(src, sys.stdout.buffer, base_name=base, to_name=to,
@@ -764,8 +760,8 @@ def receive(dst: str, mkpath: bool, wait: float, rsh: str | None, remote_path: s
              + not_restored_text(r.not_restored))
 
 
-for _command in cli.commands.values():  # every command's --help lists the exit codes
-    _command.epilog = EXIT_CODES
+for _name, _command in cli.commands.items():  # --help: an example, what SNAP may be, exit codes
+    _command.epilog = "\n\n".join(filter(None, [cli_help.epilog(_name), EXIT_CODES]))
 
 
 # --- entry point ----------------------------------------------------------------------------
