@@ -166,3 +166,22 @@ def test_every_example_names_its_command():
     assert {"cat", "ls", "holds", "release", "destroy"} <= set(EXAMPLES)
     for name, example in EXAMPLES.items():
         assert all(f"volsync {name} " in line for line in example.splitlines()), name
+
+
+# --- the contract in the repository ---------------------------------------------------------
+
+def test_the_contract_is_in_the_repository():
+    # README and the docs point to docs/contract.md, which holds the contract (with its exit
+    # codes and JSON keys) and ends with what volsync added to it; nothing points outside
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    contract = (root / "docs" / "contract.md").read_text()
+    assert contract.startswith("# volsync command-line contract")
+    for heading in ("## Commands", "## Exit codes", "## JSON"):
+        assert heading in contract, heading
+    changes = contract.split("## Changes to the contract", 1)[1]
+    assert "--mkpath" in changes and "exit 1" in changes
+    assert "[docs/contract.md](docs/contract.md)" in (root / "README.md").read_text()
+    docs = [root / "README.md", *(root / "docs").glob("*.md"), root / "docs" / "gen_cli.py"]
+    assert not [p.name for p in docs if "../shared" in p.read_text()]
