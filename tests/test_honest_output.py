@@ -185,3 +185,22 @@ def test_the_contract_is_in_the_repository():
     assert "[docs/contract.md](docs/contract.md)" in (root / "README.md").read_text()
     docs = [root / "README.md", *(root / "docs").glob("*.md"), root / "docs" / "gen_cli.py"]
     assert not [p.name for p in docs if "../shared" in p.read_text()]
+
+
+def test_the_quick_start_shows_the_scripts_closing_lines():
+    # the README shows a short output, the closing line each example script prints, and says
+    # how long the test command takes; the line .ci/run takes stays as it is
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    quick = readme.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    for script in ("quickstart", "failover-drill", "remote-drill"):
+        text = (root / "examples" / f"{script}.sh").read_text()
+        closing = re.findall(r'^echo "(.*: all steps passed.*)"$', text, re.MULTILINE)
+        assert closing, script
+        expected = closing[-1].replace("$RSH", "ssh")
+        assert expected in quick, expected
+    assert len([line for line in quick.splitlines() if "all steps passed" in line]) == 3
+    assert "minutes" in quick.split("<!-- test-command -->")[0].rstrip().rsplit("\n\n", 1)[-1]
