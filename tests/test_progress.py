@@ -235,3 +235,16 @@ def test_progress_of_a_push_to_a_remote_mirror(tmp_path, rsh_shim):
     total = out.splitlines()[-1].rsplit(", ", 1)[1]
     assert f"{total} / {total}  100%" in plain(shown), shown
     assert screen(shown) == []
+
+
+def test_role_swap_progress(tmp_path):
+    # role-swap sends A's last changes to B first: that step shows the plan's total
+    a = make_volume(tmp_path / "A", {"f": os.urandom(100_000)})
+    ok("transfer", a, tmp_path / "B")
+    write(a, {f"g{i}": os.urandom(80_000) for i in range(4)})
+    code, out, shown = on_terminal("role-swap", a, tmp_path / "B")
+    assert code == 0, (out, shown)
+    sent = next(line for line in out.splitlines() if line.startswith("send:"))
+    total = sent.rsplit(", ", 1)[1]
+    assert f"{total} / {total}  100%" in plain(shown), shown
+    assert screen(shown) == []
