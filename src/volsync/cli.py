@@ -125,7 +125,8 @@ class ProgressDisplay:
 
 
 def _counts_column():
-    """The text after the bar: done [of total (percent), rate, time left]."""
+    """The text after the bar: done and rate; with a total, done / total, percent, rate and
+    time left; for a step done elsewhere, the time it has taken."""
     from rich.progress import ProgressColumn
     from rich.text import Text
 
