@@ -12,7 +12,7 @@ def render() -> str:
     parts = [
         "# volsync command reference\n",
         "Generated from `volsync --help` by `python docs/gen_cli.py > docs/cli.md`; "
-        "the contract these follow is `../shared/CLI-CONTRACT.md`.\n",
+        "the contract these follow is [contract.md](contract.md).\n",
         "```\n" + _help(cli, "volsync") + "```\n",
     ]
     for name in sorted(cli.commands):

@@ -1,5 +1,5 @@
 """Mirroring through the command line: transfer, break, resync, role-swap and their refusals,
-each as a small scenario checked against the contract (../shared/CLI-CONTRACT.md)."""
+each as a small scenario checked against the contract (docs/contract.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Volumes on other machines, through the real command line (CLI-CONTRACT.md, "Volumes on other
+"""Volumes on other machines, through the real command line (docs/contract.md, "Volumes on other
 machines"): transfer/resync/role-swap between a local and a remote volume in both directions
 (push: local SRC, remote DST; pull: remote SRC, local DST), refusals and their exit codes over
 the wire, single-volume commands on a remote VOL, verify --repair-from a remote volume,

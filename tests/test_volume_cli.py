@@ -1,4 +1,4 @@
-"""Single-volume behaviour through the command line (CLI-CONTRACT.md)."""
+"""Single-volume behaviour through the command line (docs/contract.md)."""
 
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from . import __version__, ops, retention, stream, sync
+from . import __version__, cli_help, ops, retention, stream, sync
 from .errors import BadArgument, Diverged, VolsyncError
 from .model import DEFAULT_HASH, HASHES
 from .plan import TransferPlan, lineage_picture
@@ -43,9 +43,11 @@ class Output:
     def __init__(self, as_json: bool, quiet: bool):
         self.json = as_json
         self.quiet = quiet
+        self.displays: list[ProgressDisplay] = []
 
     def emit(self, data: dict, text: str | Callable[[], str], err: bool = False) -> None:
         """The result: stdout, or stderr for `send` (whose stdout carries the stream)."""
+        self.close_progress()  # erased before the result line
         if self.json:
             click.echo(json.dumps(data, sort_keys=True), err=err)
         elif not self.quiet:
@@ -58,43 +60,105 @@ class Output:
         if not self.quiet:
             click.echo(f"volsync: warning: {message}", err=True)
 
-    def progress(self, label: str) -> Callable[[int], None] | None:
-        """A byte counter on stderr when it is a terminal, shown once a run passes 1 s."""
+    def progress(self, label: str) -> ProgressDisplay | None:
+        """A progress display on stderr when it is a terminal (never with --json or --quiet);
+        cleared when the result is printed or the command fails."""
         if self.quiet or self.json or not sys.stderr.isatty():
             return None
-        return ProgressLine(label)
+        display = ProgressDisplay(label)
+        self.displays.append(display)
+        ctx = click.get_current_context(silent=True)
+        if ctx is not None:  # also on an error or Ctrl-C, before its message is printed
+            ctx.call_on_close(display.close)
+        return display
+
+    def close_progress(self) -> None:
+        for display in self.displays:
+            display.close()
 
 
-class ProgressLine:
-    """Bytes, rate and, once the plan's total is known, percent and time left."""
+class ProgressDisplay:
+    """rich's live progress on stderr: one line per step of the command (as the engine names
+    them, `progress_step`; else one named for the command), with the bytes done and rate and,
+    when the step's total is known, the total, percent and time left. Started at the first
+    step or count; transient: the lines are erased when it closes."""
 
     def __init__(self, label: str):
         self.label = label
-        self.start = time.monotonic()
-        self.done = 0
-        self.total: int | None = None
-        self.shown = 0.0
+        self.bar = None  # a rich Progress, once started (None also when it cannot be shown)
+        self.task = None
+        self.closed = False
 
-    def set_total(self, total: int) -> None:
-        self.total, self.done, self.start = total, 0, time.monotonic()
+    def step(self, label: str, total: int | None = None, counted: bool = True) -> None:
+        bar = self._started()
+        if bar is None:
+            return
+        if self.task is not None:
+            bar.stop_task(self.task)
+        self.task = bar.add_task(label or self.label, total=total, counted=counted)
 
     def __call__(self, n: int) -> None:
-        self.done += n
-        now = time.monotonic()
-        if now - self.start > 1.0 and now - self.shown > 0.1:
-            self.shown = now
-            sys.stderr.write(f"\r{self.text(now)}   ")
-            sys.stderr.flush()
+        if self.task is None:  # a command that counts in one step, unnamed
+            self.step("")
+        if self.bar is not None:
+            self.bar.advance(self.task, n)
 
-    def text(self, now: float) -> str:
-        rate = self.done / max(now - self.start, 1e-6)
-        line = f"{self.label}: {human_bytes(self.done)} ({human_bytes(int(rate))}/s)"
-        if self.total:
-            left = max(self.total - self.done, 0) / rate if rate else 0
-            line = (f"{self.label}: {human_bytes(self.done)} of {human_bytes(self.total)} "
-                    f"({100 * self.done // self.total}%, {human_bytes(int(rate))}/s, "
-                    f"{int(left) // 60}:{int(left) % 60:02d} left)")
-        return line
+    def _started(self):
+        if self.bar is None and not self.closed:
+            from rich.console import Console
+            from rich.progress import BarColumn, Progress, TextColumn
+
+            console = Console(file=sys.stderr)
+            if not console.is_interactive:  # TERM=dumb: no cursor movement to redraw with
+                self.closed = True
+                return None
+            self.bar = Progress(TextColumn("{task.description}"), BarColumn(bar_width=10),
+                                _counts_column(), console=console, transient=True,
+                                redirect_stdout=False, redirect_stderr=False,
+                                refresh_per_second=5)
+            self.bar.start()
+        return self.bar
+
+    def close(self) -> None:
+        """Erase the lines (idempotent)."""
+        self.closed = True
+        if self.bar is not None:
+            self.bar.stop()
+            self.bar = None
+
+
+def _counts_column():
+    """The text after the bar: done and rate; with a total, done / total, percent, rate and
+    time left; for a step done elsewhere, the time it has taken."""
+    from rich.progress import ProgressColumn
+    from rich.text import Text
+
+    class Counts(ProgressColumn):
+        def render(self, task) -> Text:
+            return Text(progress_text(task.completed, task.total, task.speed,
+                                      task.time_remaining, task.elapsed,
+                                      task.fields.get("counted", True)),
+                        no_wrap=True, overflow="ellipsis")
+
+    return Counts()
+
+
+def progress_text(done: float, total: float | None, rate: float | None, left: float | None,
+                  elapsed: float | None, counted: bool) -> str:
+    if not counted:  # done on another machine: only the time it takes shows here
+        return f"{_minutes(elapsed or 0)} elapsed"
+    shown = human_bytes(int(done))
+    speed = f"{human_bytes(int(rate or 0))}/s"
+    if total is None:
+        return f"{shown}  {speed}"
+    percent = 100 * done / total if total else 100
+    eta = f"{_minutes(left)} left" if left is not None else "-:-- left"
+    return f"{shown} / {human_bytes(int(total))}  {percent:.0f}%  {speed}  {eta}"
+
+
+def _minutes(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 60}:{s % 60:02d}"
 
 
 def common_options(fn):
@@ -272,9 +336,7 @@ def cli() -> None:
 @common_options
 @served("directory")
 def init(directory: str, block_size: str | None, hash_name: str, out: Output) -> None:
-    """Make DIRECTORY a read-write volume in place, keeping its files.
-
-    Example: volsync init /srv/data"""
+    """Make DIRECTORY a read-write volume in place, keeping its files."""
     size = parse_size(block_size) if block_size else DEFAULT_BLOCK
     vol = ops.init_volume(directory, size, hash_name)
     out.emit({"path": str(vol.root), "block_size": size, "mode": "read-write",
@@ -296,7 +358,7 @@ def upgrade(volume: str, hash_name: str | None, wait: float, out: Output) -> Non
 
     Snapshot numbers and ids are kept, so a source and its mirror upgraded on their own still
     share their newest common snapshot. Killed at any point, the volume is left in the old
-    or the new format; running it again completes it. Example: volsync upgrade /srv/data"""
+    or the new format; running it again completes it."""
     r = ops.upgrade(volume, hash_name, wait, out.progress("upgrade"))
     data = {"path": r.path, "status": r.status, "format": 2, "hash": r.hash,
             "snapshots": r.snapshots, "blocks": r.blocks, "holes": r.holes, "trees": r.trees}
@@ -408,11 +470,14 @@ def status(volume: str, check_upstream: bool, prometheus: bool, metrics_file: st
         lines += [f"  {c.status[0].upper()} {c.path}" for c in st.changed_paths[:50]]
         if len(st.changed_paths) > 50:
             lines.append(f"  ... and {len(st.changed_paths) - 50} more (see 'volsync diff')")
+        holder = None
         if st.lock_holder:
             holder = (f"volsync process {st.lock_holder}" if st.lock_holder > 0
                       else "another process (no pid recorded)")
             lines.append(f"locked:   by {holder}")
-        if st.pending:
+        if st.pending and holder:  # the journal of a run that is still going
+            lines.append(f"pending:  a {st.pending} step in progress ({holder})")
+        elif st.pending:
             lines.append(f"pending:  an interrupted {st.pending} step; the next command "
                          "finishes it")
         for h in holds:
@@ -540,7 +605,7 @@ def verify(volume: str, repair_from: str | None, wait: float, out: Output) -> No
         other = others[0] if others else None
         if other is not None:
             other.info("src")
-        report = ops.verify(Volume.open(volume), other, wait)
+        report = ops.verify(Volume.open(volume), other, wait, out.progress("verify"))
     data = {"ok": report.ok, "blocks_checked": report.blocks_checked, "errors": report.errors,
             "repaired": report.repaired, "unrepaired": report.notes}
     if not report.ok:
@@ -580,11 +645,11 @@ def prune(volume: str, keep_last: int | None, keep: str | None, preserved: bool,
             "preserved_removed": [s.id for s in r.plan.drop_preserved],
             "held": [s.number for s in r.plan.held],
             "blocks_freed": r.blocks_freed, "bytes_freed": r.bytes_freed, "dry_run": dry_run}
-    verb = "would remove" if dry_run else "removed"
+    verb, freed = ("would remove", "would free") if dry_run else ("removed", "freed")
     held = (f"; kept {len(r.plan.held)} held by a mirror ({_numbers(r.plan.held)})"
             if r.plan.held else "")
     out.emit(data, f"{verb} {len(r.plan.remove)} lineage and {len(r.plan.drop_preserved)} "
-                   f"preserved snapshot(s){held}; freed {r.blocks_freed} blocks "
+                   f"preserved snapshot(s){held}; {freed} {r.blocks_freed} blocks "
                    f"({human_bytes(r.bytes_freed)})")
 
 
@@ -649,8 +714,8 @@ def destroy(volume: str, snap: str, force: bool, dry_run: bool, wait: float,
     data = {"destroyed": snap_ref(r.snapshot), "name": r.name,
             "held_by": [h.mirror_id for h in r.held_by], "blocks_freed": r.blocks_freed,
             "bytes_freed": r.bytes_freed, "dry_run": dry_run}
-    verb = "would destroy" if dry_run else "destroyed"
-    out.emit(data, f"{verb} snapshot {r.name} ({r.snapshot.id[:12]}); freed {r.blocks_freed} "
+    verb, freed = ("would destroy", "would free") if dry_run else ("destroyed", "freed")
+    out.emit(data, f"{verb} snapshot {r.name} ({r.snapshot.id[:12]}); {freed} {r.blocks_freed} "
                    f"blocks ({human_bytes(r.bytes_freed)})")
 
 
@@ -734,7 +799,7 @@ def transfer(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rs
 
     Creates DST as a mirror if it does not exist or is an empty directory. Refuses (exit 5)
     when DST is read-write, was written to, or has snapshots SRC lacks; exit 4 when they share
-    no snapshot. Example: volsync transfer /srv/data /backup/data"""
+    no snapshot."""
     _run_mirror(sync.transfer, src, dst, no_snapshot, dry_run, wait, out,
                 remote_settings(rsh, remote_path, compress, bwlimit), mkpath)
 
@@ -839,8 +904,8 @@ def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, comp
 def serve(stdio: bool, restrict: tuple[str, ...], read_only: bool) -> None:
     """Speak the volsync protocol on stdin/stdout; ssh runs this on the far side.
 
-    For a key that may only mirror into /srv/mirrors, in authorized_keys:
-    command="volsync serve --stdio --restrict-to-path /srv/mirrors",restrict ssh-ed25519 ..."""
+    The example is a line of ~/.ssh/authorized_keys on the far side: a key that may only
+    mirror into /srv/mirrors."""
     if not stdio:
         raise BadArgument("serve speaks only on stdin/stdout: pass --stdio")
     sys.exit(serve_stdio(list(restrict), read_only, served_command))
@@ -858,9 +923,7 @@ def serve(stdio: bool, restrict: tuple[str, ...], read_only: bool) -> None:
 def send(src: str, base: str | None, to: str | None, compress: bool, bwlimit: str | None,
          rsh: str | None, remote_path: str | None, out: Output) -> None:
     """Write a stream of SRC's snapshots after --from up to --to, with every block the
-    receiver needs, to stdout; the summary goes to stderr.
-
-    Example: volsync send /srv/data --from 7 | ssh backup volsync receive /srv/mirror"""
+    receiver needs, to stdout; the summary goes to stderr."""
     if sys.stdout.isatty():
         raise BadArgument("send writes a binary stream: redirect stdout to a file or a pipe")
     r = stream.send(src, sys.stdout.buffer, base_name=base, to_name=to,
@@ -902,8 +965,8 @@ def receive(dst: str, mkpath: bool, wait: float, rsh: str | None, remote_path: s
              + not_restored_text(r.not_restored))
 
 
-for _command in cli.commands.values():  # every command's --help lists the exit codes
-    _command.epilog = EXIT_CODES
+for _name, _command in cli.commands.items():  # --help: an example, what SNAP may be, exit codes
+    _command.epilog = "\n\n".join(filter(None, [cli_help.epilog(_name), EXIT_CODES]))
 
 
 # --- entry point ----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Typed errors. Each kind carries the exit code of ../shared/CLI-CONTRACT.md."""
+"""Typed errors. Each kind carries the exit code of docs/contract.md."""
 
 from __future__ import annotations
 

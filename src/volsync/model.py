@@ -141,3 +141,13 @@ def newest_common(src: list[Snapshot], dst: list[Snapshot]) -> Snapshot | None:
     src_ids = {s.id for s in src}
     common = [s for s in dst if s.id in src_ids]
     return max(common, key=lambda s: s.number, default=None)
+
+
+def progress_step(progress: Callable[[int], None] | None, label: str,
+                  total: int | None = None, counted: bool = True) -> None:
+    """Tell a progress display that a new step starts, with its total bytes when known; the
+    byte counts after it (`progress(n)`) are that step's. `counted` is False for a step whose
+    bytes are not counted here (done on another machine). A plain callable just counts."""
+    start = getattr(progress, "step", None)
+    if start is not None:
+        start(label, total, counted)

@@ -26,6 +26,7 @@ from .model import (
     Snapshot,
     SnapshotId,
     VolumeState,
+    progress_step,
 )
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
@@ -186,12 +187,12 @@ def take_snapshot(volume: Volume, label: str | None = None, wait: float = 0.0,
         return snap, warnings
 
 
-def live_changes(volume: Volume, state: VolumeState | None = None, trust_cache: bool = True
-                 ) -> tuple[list[Change], BlockId]:
+def live_changes(volume: Volume, state: VolumeState | None = None, trust_cache: bool = True,
+                 progress: Progress | None = None) -> tuple[list[Change], BlockId]:
     """What differs between the latest snapshot and the live tree (hashing, storing nothing).
     A mirror's live tree is compared as this process could have written it."""
     state = state or volume.state()
-    result, objects = scan(volume, write=False, trust_cache=trust_cache)
+    result, objects = scan(volume, write=False, progress=progress, trust_cache=trust_cache)
     latest = latest_root(volume, state)
     if state.mode == READ_ONLY:
         return live_differs(objects, latest, result.root), result.root
@@ -296,6 +297,7 @@ def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None
         (tmp / RESTORE_MARK).touch()
         fsync_dir(tmp)
         fsync_dir(tmp.parent)
+        progress_step(progress, "write files", snap.size)
         m = Materializer(Objects(volume, write=False), volume.fmt, {}, None, progress)
         m.run(bytes(tmp), None, snap.root)  # durable when it returns
         os.unlink(tmp / RESTORE_MARK)
@@ -370,9 +372,10 @@ class VerifyReport:
         return not self.errors
 
 
-def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set[str]]:
+def check_store(volume: Volume, report: VerifyReport, progress: Progress | None = None
+                ) -> tuple[set[BlockId], set[str]]:
     """Re-hash every stored object. Returns the ids that are bad or unreadable and the packs
-    that hold damage."""
+    that hold damage. Progress: the bytes of the pack files read, of their total."""
     bad: set[BlockId] = set()
     damaged: set[str] = set()
     packs = volume.packs
@@ -382,10 +385,16 @@ def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set
         report.errors.append(f"pack index {name}: {problem}")
         damaged.add(name[: -len(".idx")])
     located: set[tuple[BlockId, str, int]] = set()
-    for name in packs.pack_names():
+    sizes = {name: _file_size(packs.dir / f"{name}.pack") for name in packs.pack_names()}
+    progress_step(progress, "check blocks", sum(sizes.values()))
+    for name, size in sizes.items():
+        read = 0
         try:
             for block_id, off, data in packs.scan_pack(name):
                 report.blocks_checked += 1
+                if progress:
+                    progress(off + len(data) - read)
+                    read = off + len(data)
                 if digest(data) != block_id:
                     bad.add(block_id)
                     damaged.add(name)
@@ -395,12 +404,21 @@ def check_store(volume: Volume, report: VerifyReport) -> tuple[set[BlockId], set
         except (OSError, IntegrityError) as exc:
             damaged.add(name)
             report.errors.append(f"pack {name}: {exc}")
+        if progress:
+            progress(size - read)  # the rest of the file: its end, or what damage hid
     for block_id, (name, off, _) in index.items():
         if (block_id, name, off) not in located and block_id not in bad:
             bad.add(block_id)
             damaged.add(name)
             report.errors.append(f"block {block_id.hex()}: unreadable in pack {name}")
     return bad, damaged
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
 
 
 def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> None:
@@ -465,41 +483,45 @@ def _file_problem(volume: Volume, entry, bad: set[BlockId]) -> str | None:
     return f"{len(damaged)} block(s) or block list(s) missing or corrupt" if damaged else None
 
 
-def verify(volume: Volume, repair_from=None, wait: float = 0.0) -> VerifyReport:
+def verify(volume: Volume, repair_from=None, wait: float = 0.0,
+           progress: Progress | None = None) -> VerifyReport:
     """Check under a shared lock (a writer never commits in the middle of a verify), or under
     the exclusive one when something is to be repaired or finished."""
     report = VerifyReport()
     if repair_from is not None or volume.state().journal:
         with writing(volume, wait):
-            _verify(volume, report, repair_from)
+            _verify(volume, report, repair_from, progress)
     else:
         with volume.shared(wait):
-            _verify(volume, report, None)
+            _verify(volume, report, None, progress)
     return report
 
 
-def _verify(volume: Volume, report: VerifyReport, repair_from) -> None:
-    bad, damaged = check_store(volume, report)
+def _verify(volume: Volume, report: VerifyReport, repair_from,
+            progress: Progress | None = None) -> None:
+    bad, damaged = check_store(volume, report, progress)
     if repair_from is not None:
         repair_records(volume, repair_from, report)
     if repair_from is not None and (damaged or _missing(volume)):
         volume.packs.salvage(damaged)
         repair(volume, repair_from, report)
         report.errors, report.blocks_checked = [], 0
-        bad, damaged = check_store(volume, report)
+        bad, damaged = check_store(volume, report, progress)
     check_snapshots(volume, bad, report)
     state = volume.state()
     if state.mode == READ_ONLY and state.lineage and not report.errors:
         # every live file is read again: damage that left its inode unchanged shows too
-        changes, _ = live_changes(volume, state, trust_cache=False)
+        progress_step(progress, "read live tree")
+        changes, _ = live_changes(volume, state, trust_cache=False, progress=progress)
         for change in changes:
             report.errors.append(f"live tree: {change.path} {change.status} since the latest "
                                  "snapshot of this mirror")
 
 
-def needed_blocks(volume: Volume) -> set[BlockId]:
-    """Every object id the volume's snapshots refer to (trees walked once each)."""
-    state = volume.state()
+def needed_blocks(volume: Volume, state: VolumeState | None = None) -> set[BlockId]:
+    """Every object id the snapshots of `state` (default: the volume's) refer to (trees
+    walked once each)."""
+    state = state or volume.state()
     roots = []
     for snap_id in state.lineage + state.preserved:
         try:
@@ -596,13 +618,19 @@ def received_packs(volume: Volume) -> set[str]:
     RECEIVE_GRACE, so that the rerun resends nothing of them; the list is kept tidy."""
     state = volume.state()
     received = state.extra.get(RECEIVED_PACKS) or {}
-    now = time.time()
-    fresh = {n: t for n, t in received.items() if isinstance(t, float | int)
-             and now - t < RECEIVE_GRACE}
+    fresh = fresh_received(state)
     if fresh != received:
         extra = {k: v for k, v in state.extra.items() if k != RECEIVED_PACKS}
         volume.commit(state.with_(extra=extra | ({RECEIVED_PACKS: fresh} if fresh else {})))
     return set(fresh)
+
+
+def fresh_received(state: VolumeState) -> dict[str, float]:
+    """The packs received less than RECEIVE_GRACE ago (name -> time)."""
+    received = state.extra.get(RECEIVED_PACKS) or {}
+    now = time.time()
+    return {n: t for n, t in received.items() if isinstance(t, float | int)
+            and now - t < RECEIVE_GRACE}
 
 
 def cached_trees(volume: Volume) -> set[BlockId]:

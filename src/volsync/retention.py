@@ -17,7 +17,7 @@ from datetime import datetime
 
 from .errors import BadArgument, Diverged
 from .model import Snapshot, VolumeState
-from .ops import cached_trees, needed_blocks, received_packs, writing
+from .ops import cached_trees, fresh_received, needed_blocks, received_packs, writing
 from .store.fsutil import fsync_dir
 from .store.volume import Volume, preserved_names
 
@@ -193,7 +193,8 @@ def prune(volume: Volume, keep_last: int | None, preserved: bool, wait: float = 
     with writing(volume, wait):
         plan = plan_prune(volume, keep_last, preserved, keep)
         if dry_run:
-            return PruneResult(plan, 0, 0)
+            return PruneResult(plan, *would_free(volume, {s.id for s in plan.remove
+                                                            + plan.drop_preserved}))
         freed = drop_snapshots(volume, {s.id for s in plan.remove + plan.drop_preserved}, wait)
         return PruneResult(plan, *freed)
 
@@ -212,6 +213,15 @@ def drop_snapshots(volume: Volume, gone: set[str], wait: float) -> tuple[int, in
         fsync_dir(volume.meta / "snapshots")
         live = needed_blocks(volume) | cached_trees(volume)
         return volume.packs.repack(live, spare=received_packs(volume))
+
+
+def would_free(volume: Volume, gone: set[str]) -> tuple[int, int]:
+    """What drop_snapshots(gone) would free, by the same reachability, changing nothing."""
+    state = volume.state()
+    state = state.with_(lineage=tuple(i for i in state.lineage if i not in gone),
+                        preserved=tuple(i for i in state.preserved if i not in gone))
+    live = needed_blocks(volume, state) | cached_trees(volume)
+    return volume.packs.garbage(live, spare=set(fresh_received(state)))
 
 
 @dataclass(frozen=True)
@@ -241,6 +251,6 @@ def destroy(volume: Volume, target: Snapshot, force: bool = False, wait: float =
                            "force that mirror's next transfer into a full baseline; pass "
                            "--force, or 'volsync release' the hold first")
         if dry_run:
-            return DestroyResult(target, name, held_by, 0, 0)
+            return DestroyResult(target, name, held_by, *would_free(volume, {target.id}))
         freed = drop_snapshots(volume, {target.id}, wait)
         return DestroyResult(target, name, held_by, *freed)

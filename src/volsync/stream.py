@@ -20,7 +20,7 @@ from typing import BinaryIO
 import blake3
 
 from .errors import BadArgument, IntegrityError, NoCommonSnapshot
-from .model import HASHES, READ_ONLY, Snapshot
+from .model import HASHES, READ_ONLY, Snapshot, progress_step
 from .ops import resolve_in
 from .plan import (
     TRANSFER,
@@ -102,11 +102,12 @@ def send(src_text: str, out: BinaryIO, *, base_name: str | None = None,
                                           [s.root for s in snaps], info.fmt)
         ch = _Digesting(None, out, compress=options.compress, bwlimit=options.bwlimit,
                         peer="stdout")
+        size = sum(n for _, n in objects)
         header = pack({"version": VERSION, "volume_id": info.volume_id, "hash": info.hash,
                        "block_size": info.block_size, "source": src.address,
                        "base": snap_out(base), "snapshots": [snap_out(s) for s in snaps],
-                       "objects": len(objects), "blocks": blocks,
-                       "bytes": sum(n for _, n in objects)})
+                       "objects": len(objects), "blocks": blocks, "bytes": size})
+        progress_step(progress, "send", size)
         # the header has its own digest: a damaged one is refused before it is believed
         ch.send([MAGIC, header, blake3.blake3(header).digest()])
 
@@ -151,6 +152,7 @@ class StreamHeader:
     snapshots: tuple[Snapshot, ...]
     source: str
     blocks: int = 0  # file blocks the stream says it carries
+    size: int | None = None  # the bytes of the objects it carries, as its header says
 
 
 def read_header(ch: Channel) -> StreamHeader:
@@ -189,6 +191,8 @@ def read_header(ch: Channel) -> StreamHeader:
         base = snap_in(body["base"], size)
         source = str(body.get("source") or "a stream")[:4096]
         blocks = int(body.get("blocks", 0))
+        size = body.get("bytes")
+        size = int(size) if isinstance(size, int) and size >= 0 else None
     except (KeyError, TypeError, ValueError):
         raise IntegrityError("stream header is malformed") from None
     numbers = [s.number for s in ([base] if base else []) + list(snapshots)]
@@ -196,7 +200,7 @@ def read_header(ch: Channel) -> StreamHeader:
         raise IntegrityError("stream header is malformed (snapshot numbers out of order)")
     info = VolumeInfo(source, True, body["volume_id"], hash_name, block_size, READ_ONLY,
                       lineage=(((base,) if base else ()) + snapshots))
-    return StreamHeader(info, base, snapshots, source, blocks)
+    return StreamHeader(info, base, snapshots, source, blocks, size)
 
 
 def _objects(ch: _Digesting, checked: dict) -> Iterator[tuple[bytes, bytes]]:
@@ -281,12 +285,14 @@ def _apply_stream(head: StreamHeader, ch: _Digesting, dst, progress) -> StreamRe
     checked: dict = {}
     with receiving(dst):
         dst.begin([])
+        progress_step(progress, "receive", head.size)
         count = dst.receive(_objects(ch, checked), progress)
         if not checked:
             raise IntegrityError("the stream ended without its trailer; nothing committed")
         if lineages.add:
             dst.add_snapshots(list(lineages.add))
-            skipped = dst.materialize(src_lineage[-1].root)
+            progress_step(progress, "write DST", counted=dst.is_local)
+            skipped = dst.materialize(src_lineage[-1].root, progress)
         else:
             skipped = NotRestored()
         common = lineages.common

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import BadArgument, Diverged, VolsyncError
-from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState, newest_common
+from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState, newest_common, progress_step
 from .ops import writing
 from .plan import (
     RESYNC,
@@ -215,8 +215,12 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
         _confirm_takeover(src_info, dst_info, facts, confirm)
     src_snap = None
     if not no_snapshot and src_info.mode == READ_WRITE:
+        progress_step(progress, "snapshot SRC", counted=src.is_local)
         src_snap = src.snapshot_source(progress=progress)
-    live_snap = dst.keep_live_changes(progress=progress) if kind == RESYNC else None
+    live_snap = None
+    if kind == RESYNC:
+        progress_step(progress, "scan DST", counted=dst.is_local)
+        live_snap = dst.keep_live_changes(progress=progress)
     src_lineage = list(src_info.lineage) + ([src_snap] if src_snap else [])
     hold = _Hold(src, dst, dst_info, src_lineage) if share_src and src_lineage else None
     if hold:
@@ -229,8 +233,9 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
         return SyncResult(plan, False, src_snap, None, bytes_on_wire=wire_bytes(src, dst))
     if hold:
         src.share(hold_wait)
-    if progress is not None and hasattr(progress, "set_total"):
-        progress.set_total(plan.bytes)
+    # the bytes counted from here are the planned objects' (the scans above were steps of
+    # their own): the total is the plan's, as the result line reports it
+    progress_step(progress, "send", plan.bytes)
     with receiving(dst):
         dst.begin([live_snap.id] if live_snap else [])
         skipped = _copy_and_write(plan, src, dst, progress)
@@ -298,7 +303,8 @@ def _copy_and_write(plan: TransferPlan, src: Endpoint, dst: Endpoint,
         return dst.receive_local(src, ids, snaps, target, progress)
     dst.receive(src.export(ids), progress)
     dst.add_snapshots(snaps)
-    return dst.materialize(target)
+    progress_step(progress, "write DST", counted=dst.is_local)
+    return dst.materialize(target, progress)
 
 
 # --- how far a mirror is behind ------------------------------------------------------------

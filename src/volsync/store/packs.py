@@ -500,19 +500,9 @@ class PackStore:
         rewritten data is durable; packs in `spare` are left as they are. Returns (objects
         freed, bytes freed)."""
         index = self.index()
-        doomed = []
+        doomed = self._to_rewrite(live, spare)
         freed = freed_bytes = 0
-        for name in self.pack_names():
-            if name in spare:
-                continue
-            try:
-                _, entries = read_index(self.dir / f"{name}.idx", self.algo.size)
-            except (IntegrityError, OSError):
-                continue  # a damaged pack is verify's business, not prune's
-            own = [e for e in entries if index.get(e[0], ("",))[0] == name]
-            if all(e[0] in live for e in own) and len(own) == len(entries):
-                continue
-            doomed.append(name)
+        for name, own in doomed:
             for block_id, _, length in own:
                 if block_id in live:
                     data = self.get(block_id)
@@ -523,11 +513,34 @@ class PackStore:
                     freed += 1
                     freed_bytes += length
         self.flush()
-        for name in doomed:
+        for name, _ in doomed:
             self._drop_pack(name)
         if doomed:
             fsync_dir(self.dir)  # the space is freed for good only once the unlinks are durable
         return freed, freed_bytes
+
+    def garbage(self, live: set[BlockId], spare: set[str] = frozenset()) -> tuple[int, int]:
+        """What `repack(live, spare)` would free, (objects, bytes), changing nothing."""
+        dead = [length for _, own in self._to_rewrite(live, spare)
+                for block_id, _, length in own if block_id not in live]
+        return len(dead), sum(dead)
+
+    def _to_rewrite(self, live: set[BlockId], spare: set[str]) -> list[tuple[str, list]]:
+        """The packs holding garbage or copies that live elsewhere, each with the records the
+        index locates in it (id, offset, length): the ones a repack keeps or frees."""
+        index = self.index()
+        found = []
+        for name in self.pack_names():
+            if name in spare:
+                continue
+            try:
+                _, entries = read_index(self.dir / f"{name}.idx", self.algo.size)
+            except (IntegrityError, OSError):
+                continue  # a damaged pack is verify's business, not prune's
+            own = [e for e in entries if index.get(e[0], ("",))[0] == name]
+            if not (all(e[0] in live for e in own) and len(own) == len(entries)):
+                found.append((name, own))
+        return found
 
     def _drop_pack(self, name: str) -> None:
         self._close_pack(name)

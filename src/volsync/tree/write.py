@@ -398,9 +398,11 @@ class Materializer:
     def write_content(self, fd: int, entry: Entry) -> None:
         hole = self.fmt.algo.hole
         bs = self.fmt.block_size
-        for start, block_id, _count in self.objects.runs(entry.ref, entry.size):
+        for start, block_id, count in self.objects.runs(entry.ref, entry.size):
             if block_id != hole:
                 self.count(self.objects.copy_block(block_id, fd, start * bs))
+            else:  # nothing to write, but that much of the file is done
+                self.advance(min(entry.size, (start + count) * bs) - start * bs)
         os.ftruncate(fd, entry.size)
 
     def link_member(self, dfd: int, rel: bytes, entry: Entry) -> list | None:
@@ -431,6 +433,7 @@ class Materializer:
             pass
         os.rename(tmp, entry.name, src_dir_fd=link_dir, dst_dir_fd=dfd)
         crashpoint("live-entry-written")
+        self.advance(entry.size)  # its bytes were written once, for the group's first name
         return stat_key(os.lstat(entry.name, dir_fd=dfd), self.scan_start)
 
     def open_first(self, rel: bytes, entry: Entry) -> tuple[int, bytes]:
@@ -467,6 +470,11 @@ class Materializer:
 
     def count(self, n: int) -> None:
         self.bytes_written += n
+        self.advance(n)
+
+    def advance(self, n: int) -> None:
+        """Progress in the files' bytes: written, or a hole or a hard link that needs none
+        (a restore's total is its snapshot's size, every file's bytes)."""
         if self.progress:
             self.progress(n)
 
