@@ -656,7 +656,9 @@ def resync(src, dst, no_snapshot, mkpath, strict, dry_run, wait, compress, bwlim
 
     DST reverts to the newest common snapshot; its later snapshots and live changes become
     preserved snapshots; SRC's newer snapshots are sent. After 'volsync break B', 'volsync
-    resync B A' carries B's writes back to A (reverse resync)."""
+    resync B A' carries B's writes back to A (reverse resync). A file of SRC that keeps
+    changing or cannot be read is sent as in SRC's latest snapshot, with a warning (exit 7),
+    unless --strict."""
     _run_mirror(sync.resync, src, dst, no_snapshot, dry_run, wait, out,
                 remote_settings(rsh, remote_path, compress, bwlimit), mkpath, strict)
 
