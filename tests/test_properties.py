@@ -97,7 +97,7 @@ def test_snapshots_restore_and_revert(ops_list, revert_pick, final_edits):
         captured: dict[str, dict] = {}  # snapshot id -> tree at that moment
 
         def take():
-            snap, _ = ops.take_snapshot(vol)
+            snap, _, _ = ops.take_snapshot(vol)
             captured[snap.id] = read_tree(root, mtimes=True)
 
         for op in ops_list:

@@ -359,7 +359,8 @@ def test_snapshot_never_tears_rewritten_files(tmp_path):
         captured = reported = 0
         try:
             for _ in range(12):
-                r = subprocess.run([sys.executable, "-m", "volsync", "snapshot", str(vol)],
+                r = subprocess.run([sys.executable, "-m", "volsync", "snapshot", str(vol),
+                                    "--strict"],
                                    env=_env(), capture_output=True, text=True, check=False)
                 if r.returncode == 0:
                     captured += 1

@@ -478,8 +478,9 @@ def test_same_size_same_mtime_rewrite_detected(run, make_volume, tmp_path):
 
 
 def test_file_changing_on_every_read_reported(run, make_volume, monkeypatch):
-    """A file that changes during every read makes snapshot fail (exit 1, naming it) rather
-    than record a torn file; nothing is committed and the volume verifies clean."""
+    """A file that changes during every read makes `snapshot --strict` fail (exit 1, naming
+    it) rather than record a torn file; nothing is committed and the volume verifies clean.
+    (Without --strict: tests/test_busy_files.py.)"""
     v = make_volume({"stable": "s", "hot": "h" * 10_000})
     original = vtree.Scanner.hash_blocks
 
@@ -492,7 +493,7 @@ def test_file_changing_on_every_read_reported(run, make_volume, monkeypatch):
         return out
 
     monkeypatch.setattr(vtree.Scanner, "hash_blocks", changing)
-    r = run("snapshot", v)
+    r = run("snapshot", v, "--strict")
     assert r.code == 1, r
     one_error_line(r)
     assert "hot" in r.err

@@ -15,13 +15,22 @@ import click
 
 from . import __version__, cli_help, ops, retention, stream, sync
 from .errors import BadArgument, Diverged, VolsyncError
-from .model import DEFAULT_HASH, HASHES
+from .model import DEFAULT_HASH, HASHES, FileWarning
 from .plan import TransferPlan, lineage_picture
 from .remote.address import RemoteAddress, parse_address
 from .remote.client import RemoteEndpoint, RemoteOptions
 from .remote.server import Refused, serve_stdio
 from .remote.spawn import VALUED
-from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
+from .render import (
+    human_bytes,
+    iso,
+    quote_path,
+    snap_json,
+    snap_ref,
+    snapshot_table,
+    warning_json,
+    warning_text,
+)
 from .store.fsutil import atomic_write
 from .store.volume import DEFAULT_BLOCK, Volume, preserved_names
 from .tree import NotRestored
@@ -34,7 +43,11 @@ Exit codes:
   3  a volume is locked by another volsync process
   4  no common snapshot
   5  refused: it would diverge or overwrite changes; resync is the way
-  6  integrity: a block or manifest failed its check"""
+  6  integrity: a block or manifest failed its check
+  7  done with warnings: a file kept changing or could not be read and was
+     recorded otherwise (see stderr; --strict makes it an error, exit 1)"""
+WARNINGS_EXIT = 7
+SHOWN_WARNINGS = 20  # warning lines on stderr; the rest are counted (all are in --json)
 
 
 class Output:
@@ -175,6 +188,38 @@ def wait_option(fn):
     return click.option("--wait", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
                         help="Wait up to SECONDS for another volsync run's lock "
                              "(default: fail at once, exit 3).")(fn)
+
+
+def strict_option(fn):
+    return click.option("--strict", is_flag=True,
+                        help="Fail (exit 1) on a file that keeps changing while read or cannot "
+                             "be read, instead of recording its previous version (or, without "
+                             "one, its last read bytes, or nothing) and exiting 7.")(fn)
+
+
+def report_warnings(out: Output, warnings: tuple[FileWarning, ...] | list[FileWarning],
+                    root: str | os.PathLike, omitted: int = 0) -> int:
+    """One `volsync: warning:` line per file (at most SHOWN_WARNINGS, then a count), each
+    with its full path (under `root`) quoted as git does. Returns how many there were."""
+    base = os.fsencode(os.fspath(root)).rstrip(b"/")
+    for w in warnings[:SHOWN_WARNINGS]:
+        out.warn(f"{warning_text(w)}: {quote_path(base + b'/' + w.path)}")
+    total = len(warnings) + omitted
+    if total > SHOWN_WARNINGS:
+        out.warn(f"{total - SHOWN_WARNINGS} more file(s) not captured as they are "
+                 "(--json lists them)")
+    return total
+
+
+def warnings_json(warnings, omitted: int = 0) -> dict:
+    data = {"warnings": [warning_json(w) for w in warnings]}
+    return data | ({"warnings_omitted": omitted} if omitted else {})
+
+
+def exit_if_warned(count: int) -> None:
+    """Done, with warnings: the distinct exit status (errors have exited before)."""
+    if count:
+        sys.exit(WARNINGS_EXIT)
 
 
 def dry_run_option(fn):
@@ -376,19 +421,28 @@ def upgrade(volume: str, hash_name: str | None, wait: float, out: Output) -> Non
 @cli.command()
 @click.argument("volume")
 @click.option("--label", default=None, help="A label to name the snapshot by.")
+@strict_option
 @wait_option
 @common_options
 @served("volume")
-def snapshot(volume: str, label: str | None, wait: float, out: Output) -> None:
-    """Capture the live tree as the next snapshot; prints its number."""
+def snapshot(volume: str, label: str | None, strict: bool, wait: float, out: Output) -> None:
+    """Capture the live tree as the next snapshot; prints its number.
+
+    A file that keeps changing while read, or cannot be read, is recorded as in the latest
+    snapshot and named in a warning (exit 7), unless --strict."""
     if label is not None and (not label or label.isdigit() or label == "latest"):
         raise BadArgument(f"bad label {label!r}: it must not be empty, a number or 'latest'")
-    snap, warnings = ops.take_snapshot(Volume.open(volume), label, wait, out.progress("snapshot"))
-    for w in warnings:
-        out.warn(w)
-    out.emit(snap_ref(snap) | {"label": snap.label, "size": snap.size, "files": snap.files},
+    vol = Volume.open(volume)
+    snap, notes, warnings = ops.take_snapshot(vol, label, wait, out.progress("snapshot"),
+                                              strict)
+    for note in notes:
+        out.warn(note)
+    count = report_warnings(out, warnings, vol.root)
+    out.emit(snap_ref(snap) | {"label": snap.label, "size": snap.size, "files": snap.files}
+             | warnings_json(warnings),
              f"snapshot {snap.number} ({snap.id[:12]}): {snap.files} files, "
-             f"{human_bytes(snap.size)}")
+             f"{human_bytes(snap.size)}" + (f"; {count} warning(s)" if count else ""))
+    exit_if_warned(count)
 
 
 @cli.command()
@@ -417,15 +471,20 @@ def snapshots(volume: str, show_all: bool, out: Output) -> None:
 @click.option("--metrics-file", default=None, metavar="PATH",
               help="Also write the metrics to PATH, atomically (node-exporter's textfile "
                    "collector).")
+@strict_option
 @common_options
 @served("volume")
 def status(volume: str, check_upstream: bool, prometheus: bool, metrics_file: str | None,
-           out: Output) -> None:
+           strict: bool, out: Output) -> None:
     """Mode, upstream, latest snapshot, live-tree changes since it, lock holder if any; for a
     mirror, when it was last updated and how far (snapshots, bytes) it is behind its upstream;
-    the holds of mirrors on its snapshots."""
+    the holds of mirrors on its snapshots.
+
+    A file that keeps changing or cannot be read is compared as in the latest snapshot and
+    named in a warning (exit 7), unless --strict."""
     vol = Volume.open(volume)
-    st = ops.status(vol)
+    st = ops.status(vol, strict)
+    count = report_warnings(out, st.warnings, vol.root)
     lag = (sync.lag(str(vol.root), st.upstream, check_upstream,
                     click.get_current_context().find_root().obj["remote"])
            if st.mode == "read-only" and st.upstream else None)
@@ -447,12 +506,13 @@ def status(volume: str, check_upstream: bool, prometheus: bool, metrics_file: st
         "behind_unknown": lag.why if lag else None,
         "holds": [{"mirror_id": h.mirror_id, "address": h.address, "updated": iso(h.time),
                    "snapshot_ids": list(h.snapshots)} for h in holds],
-    }
+    } | warnings_json(st.warnings)
     metrics = status_metrics(str(vol.root), st, lag, updated, holds)
     if metrics_file:
         write_metrics(metrics_file, metrics)
     if prometheus:
         click.echo(metrics, nl=False)
+        exit_if_warned(count)
         return
 
     def text() -> str:
@@ -482,9 +542,13 @@ def status(volume: str, check_upstream: bool, prometheus: bool, metrics_file: st
                          "finishes it")
         for h in holds:
             lines.append(f"held:     by mirror {h.address} ({h.mirror_id[:12]})")
+        if count:
+            lines.append(f"warnings: {count} file(s) could not be read as they are (see "
+                         "the warnings above)")
         return "\n".join(lines)
 
     out.emit(data, text)
+    exit_if_warned(count)
 
 
 def status_metrics(volume: str, st, lag, updated, holds) -> str:
@@ -764,18 +828,31 @@ def plan_text(plan: TransferPlan, src: str, dst: str, dry_run: bool, src_snapsho
     return "\n".join(lines)
 
 
+def source_root(text: str) -> str:
+    """SRC as its warnings name it: an absolute path here, or the address of a remote one."""
+    return text if parse_address(text) is not None else os.path.abspath(text)
+
+
+def warnings_text(count: int) -> str:
+    return (f"\nwarnings: {count} file(s) of SRC not captured as they are (see the warnings "
+            "above)") if count else ""
+
+
 def _run_mirror(engine, src: str, dst: str, no_snapshot: bool, dry_run: bool, wait: float,
                 out: Output, options: RemoteOptions, mkpath: bool = False,
-                confirm: sync.Confirm | None = None) -> None:
+                strict: bool = False, confirm: sync.Confirm | None = None) -> None:
     """transfer and resync: one engine call, then its plan as JSON or text."""
     result = engine(src, dst, no_snapshot=no_snapshot, dry_run=dry_run, wait=wait,
                     progress=out.progress(engine.__name__), options=options, mkpath=mkpath,
-                    confirm=confirm)
+                    strict=strict, confirm=confirm)
     snap = result.src_snapshot
+    count = report_warnings(out, result.warnings, source_root(src), result.warnings_omitted)
     data = plan_json(result.plan, dry_run, snap) | {
-        "not_restored": result.not_restored.as_dict(), "bytes_on_wire": result.bytes_on_wire}
+        "not_restored": result.not_restored.as_dict(), "bytes_on_wire": result.bytes_on_wire,
+    } | warnings_json(result.warnings, result.warnings_omitted)
     out.emit(data, lambda: plan_text(result.plan, src, dst, dry_run, snap)
-             + not_restored_text(result.not_restored))
+             + not_restored_text(result.not_restored) + warnings_text(count))
+    exit_if_warned(count)
 
 
 def mirror_options(fn):
@@ -785,7 +862,8 @@ def mirror_options(fn):
                      help="Do not snapshot SRC's live changes first."),
         click.option("--mkpath", is_flag=True,
                      help="Create DST's missing parent directories (else only DST itself)."),
-        dry_run_option, wait_option, wire_options, remote_options, common_options,
+        strict_option, dry_run_option, wait_option, wire_options, remote_options,
+        common_options,
     ]):
         fn = deco(fn)
     return fn
@@ -793,15 +871,16 @@ def mirror_options(fn):
 
 @cli.command()
 @mirror_options
-def transfer(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rsh, remote_path,
-             out) -> None:
+def transfer(src, dst, no_snapshot, mkpath, strict, dry_run, wait, compress, bwlimit, rsh,
+             remote_path, out) -> None:
     """Update mirror DST from SRC, sending only blocks DST lacks.
 
     Creates DST as a mirror if it does not exist or is an empty directory. Refuses (exit 5)
     when DST is read-write, was written to, or has snapshots SRC lacks; exit 4 when they share
-    no snapshot."""
+    no snapshot. A file of SRC that keeps changing or cannot be read is sent as in SRC's
+    latest snapshot, with a warning (exit 7), unless --strict."""
     _run_mirror(sync.transfer, src, dst, no_snapshot, dry_run, wait, out,
-                remote_settings(rsh, remote_path, compress, bwlimit), mkpath)
+                remote_settings(rsh, remote_path, compress, bwlimit), mkpath, strict)
 
 
 @cli.command()
@@ -809,19 +888,21 @@ def transfer(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rs
 @click.option("--force", is_flag=True,
               help="Do not ask before a read-write DST's own snapshots or live changes leave "
                    "its lineage (they are kept as preserved snapshots).")
-def resync(src, dst, no_snapshot, mkpath, dry_run, wait, compress, bwlimit, rsh, remote_path,
-           out, force) -> None:
+def resync(src, dst, no_snapshot, mkpath, strict, dry_run, wait, compress, bwlimit, rsh,
+           remote_path, out, force) -> None:
     """Make DST a read-only, up-to-date mirror of SRC again after they diverged.
 
     DST reverts to the newest common snapshot; its later snapshots and live changes become
     preserved snapshots; SRC's newer snapshots are sent. After 'volsync break B', 'volsync
-    resync B A' carries B's writes back to A (reverse resync).
+    resync B A' carries B's writes back to A (reverse resync). A file of SRC that keeps
+    changing or cannot be read is sent as in SRC's latest snapshot, with a warning (exit 7),
+    unless --strict.
 
     When DST is read-write and has work of its own to lose from its lineage (the wrong
     direction after a failover?), resync shows both lineages and asks on a terminal; with no
     terminal it refuses (exit 5) unless --force. 'volsync revert DST pN' undoes it."""
     _run_mirror(sync.resync, src, dst, no_snapshot, dry_run, wait, out,
-                remote_settings(rsh, remote_path, compress, bwlimit), mkpath,
+                remote_settings(rsh, remote_path, compress, bwlimit), mkpath, strict,
                 None if force else ask_takeover)
 
 
@@ -865,33 +946,41 @@ def break_(dst: str, wait: float, out: Output) -> None:
 @click.argument("b")
 @click.option("--link", default=None, metavar="PATH",
               help="A symlink flipped atomically to point at the new read-write volume.")
+@strict_option
 @dry_run_option
 @wait_option
 @wire_options
 @remote_options
 @common_options
-def role_swap(a: str, b: str, link: str | None, dry_run: bool, wait: float, compress: bool,
-              bwlimit: str | None, rsh: str | None, remote_path: str | None,
+def role_swap(a: str, b: str, link: str | None, strict: bool, dry_run: bool, wait: float,
+              compress: bool, bwlimit: str | None, rsh: str | None, remote_path: str | None,
               out: Output) -> None:
     """Planned switchover: A read-write with mirror B becomes B read-write with mirror A.
 
-    A's last changes are snapshotted and sent to B first, so nothing is lost."""
+    A's last changes are snapshotted and sent to B first, so nothing is lost; a file of A
+    that keeps changing or cannot be read is sent as in A's latest snapshot, with a warning
+    (exit 7), unless --strict (then nothing changes)."""
     r = sync.role_swap(a, b, link, dry_run=dry_run, wait=wait, progress=out.progress("role-swap"),
-                       options=remote_settings(rsh, remote_path, compress, bwlimit))
+                       options=remote_settings(rsh, remote_path, compress, bwlimit),
+                       strict=strict)
     data = plan_json(r.sync.plan, dry_run, r.sync.src_snapshot) if r.sync else {}
     if r.sync:
         data["bytes_on_wire"] = r.sync.bytes_on_wire
+    warned = (r.sync.warnings, r.sync.warnings_omitted) if r.sync else ((), 0)
+    count = report_warnings(out, warned[0], source_root(a), warned[1])
     data |= {"read_write": r.read_write, "read_only": r.read_only,
              "link": link, "already_done": r.already_done, "dry_run": dry_run}
+    data |= warnings_json(*warned)
 
     def text() -> str:
         lines = [plan_text(r.sync.plan, a, b, dry_run, r.sync.src_snapshot)] if r.sync else []
         verb = "would make" if dry_run else ("already" if r.already_done else "now")
         lines.append(f"{verb}: {b} read-write, {a} its read-only mirror"
                      + (f"; {link} -> {r.read_write}" if link else ""))
-        return "\n".join(lines)
+        return "\n".join(lines) + warnings_text(count)
 
     out.emit(data, text)
+    exit_if_warned(count)
 
 
 # --- other machines -----------------------------------------------------------------------------

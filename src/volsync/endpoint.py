@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import BadArgument, IntegrityError, NoCommonSnapshot, VolumeLocked
-from .model import READ_ONLY, READ_WRITE, BlockId, Snapshot, VolumeState
+from .model import READ_ONLY, READ_WRITE, BlockId, FileWarning, Snapshot, VolumeState
 from .ops import (
     JOURNAL_MATERIALIZE,
     latest_root,
@@ -64,6 +64,8 @@ class LocalEndpoint:
         self._objects: Objects | None = None  # SRC: reads, through a dry run's scan
         self._live = None  # DST: (ScanResult, Objects) of its live tree
         self._received: set[BlockId] = set()  # objects this run received, each re-hashed
+        self.scan_warnings: tuple[FileWarning, ...] = ()  # of snapshot_source's scan
+        self.scan_warnings_omitted = 0  # (a remote SRC sends at most a bounded number)
 
     # --- facts ------------------------------------------------------------------------------
     @property
@@ -163,23 +165,27 @@ class LocalEndpoint:
         vol.commit(_updated(vol.state()))
 
     # --- the sending side -------------------------------------------------------------------
-    def snapshot_source(self, dry_run: bool = False, progress: Progress | None = None
-                        ) -> Snapshot | None:
+    def snapshot_source(self, dry_run: bool = False, progress: Progress | None = None,
+                        strict: bool = True) -> Snapshot | None:
         """Capture a read-write SRC's live changes as its next snapshot, if it changed (a dry
-        run: the snapshot it would take, its trees kept in memory for planning)."""
+        run: the snapshot it would take, its trees kept in memory for planning). Unless
+        `strict`, busy or unreadable files are recorded otherwise, in `scan_warnings`."""
         vol = self.volume
         state = vol.state()
+        self.scan_warnings = ()
         if state.mode != READ_WRITE or state.journal:
             return None
         latest = vol.lineage(state)[-1].root if state.lineage else None
         if dry_run:
-            result, objects = scan(vol, write=False)
+            result, objects = scan(vol, write=False, strict=strict)
+            self.scan_warnings = tuple(result.file_warnings)
             if result.root == latest:
                 return None
             self._objects = objects
             return Snapshot(new_snapshot_id(), next_number(vol, state), 0.0, None, result.root,
                             result.size, result.files, vol.config.volume_id)
-        result, _ = scan(vol, write=True, progress=progress)
+        result, _ = scan(vol, write=True, progress=progress, strict=strict)
+        self.scan_warnings = tuple(result.file_warnings)
         if result.root == latest:
             vol.packs.flush()
             vol.save_statcache(result.cache)

@@ -120,6 +120,22 @@ class Snapshot:
     origin: str  # id of the volume that captured it
 
 
+BUSY, UNREADABLE = "busy", "unreadable"  # FileWarning.problem
+PREVIOUS, CURRENT, SKIPPED = "previous", "current", "skipped"  # FileWarning.recorded
+
+
+@dataclass(frozen=True, slots=True)
+class FileWarning:
+    """A file (or directory) a scan could not capture as it is, and what it recorded instead:
+    `problem` BUSY (it kept changing while read) or UNREADABLE (it could not be opened);
+    `recorded` PREVIOUS (its entry in the latest snapshot), CURRENT (the bytes last read,
+    possibly inconsistent) or SKIPPED (left out). `path` is relative to the volume root."""
+
+    path: bytes
+    problem: str
+    recorded: str
+
+
 @dataclass(frozen=True)
 class VolumeState:
     """The mutable part of a volume, replaced as a whole by one atomic rename."""

@@ -22,6 +22,7 @@ from .model import (
     JOURNAL_MATERIALIZE,
     READ_ONLY,
     BlockId,
+    FileWarning,
     Kind,
     Snapshot,
     SnapshotId,
@@ -157,10 +158,10 @@ def next_number(volume: Volume, state: VolumeState) -> int:
 
 
 def capture(volume: Volume, state: VolumeState, number: int, label: str | None,
-            progress: Progress | None = None) -> tuple[Snapshot, list[str]]:
+            progress: Progress | None = None, strict: bool = True) -> tuple[Snapshot, ScanResult]:
     """Scan the live tree into the store and write (not yet commit) a snapshot record."""
-    result, _ = scan(volume, write=True, progress=progress)
-    return record_scan(volume, result, number, label), result.warnings
+    result, _ = scan(volume, write=True, progress=progress, strict=strict)
+    return record_scan(volume, result, number, label), result
 
 
 def record_scan(volume: Volume, result: ScanResult, number: int, label: str | None) -> Snapshot:
@@ -173,7 +174,10 @@ def record_scan(volume: Volume, result: ScanResult, number: int, label: str | No
 
 
 def take_snapshot(volume: Volume, label: str | None = None, wait: float = 0.0,
-                  progress: Progress | None = None) -> tuple[Snapshot, list[str]]:
+                  progress: Progress | None = None, strict: bool = True
+                  ) -> tuple[Snapshot, list[str], list[FileWarning]]:
+    """The next snapshot, the scan's notes (sockets skipped, ...) and its file warnings (see
+    tree/scan.py: with `strict`, a busy or unreadable file is an error instead)."""
     with writing(volume, wait):
         state = volume.state()
         if state.mode == READ_ONLY:
@@ -182,21 +186,29 @@ def take_snapshot(volume: Volume, label: str | None = None, wait: float = 0.0,
         if named:
             raise BadArgument(f"label {label!r} already names snapshot {named[0].number}: a "
                               "label names one snapshot (choose another)")
-        snap, warnings = capture(volume, state, next_number(volume, state), label, progress)
+        snap, result = capture(volume, state, next_number(volume, state), label, progress,
+                               strict)
         volume.commit(state.with_(lineage=state.lineage + (snap.id,)))
-        return snap, warnings
+        return snap, result.warnings, result.file_warnings
 
 
 def live_changes(volume: Volume, state: VolumeState | None = None, trust_cache: bool = True,
                  progress: Progress | None = None) -> tuple[list[Change], BlockId]:
     """What differs between the latest snapshot and the live tree (hashing, storing nothing).
     A mirror's live tree is compared as this process could have written it."""
-    state = state or volume.state()
-    result, objects = scan(volume, write=False, progress=progress, trust_cache=trust_cache)
+    changes, result = live_scan(volume, state or volume.state(), trust_cache, progress=progress)
+    return changes, result.root
+
+
+def live_scan(volume: Volume, state: VolumeState, trust_cache: bool = True, strict: bool = True,
+              progress: Progress | None = None) -> tuple[list[Change], ScanResult]:
+    """live_changes, with the whole scan result (its file warnings when not `strict`)."""
+    result, objects = scan(volume, write=False, progress=progress, trust_cache=trust_cache,
+                           strict=strict)
     latest = latest_root(volume, state)
     if state.mode == READ_ONLY:
-        return live_differs(objects, latest, result.root), result.root
-    return list(diff_trees(objects, latest, result.root)), result.root
+        return live_differs(objects, latest, result.root), result
+    return list(diff_trees(objects, latest, result.root)), result
 
 
 # --- revert and restore -------------------------------------------------------------------------
@@ -347,15 +359,16 @@ class Status:
     lock_holder: int | None
     pending: str | None
     state: VolumeState
+    warnings: tuple[FileWarning, ...] = ()  # files the live scan could not read as they are
 
 
-def status(volume: Volume) -> Status:
+def status(volume: Volume, strict: bool = True) -> Status:
     state = volume.state()
     lineage = volume.lineage(state)
-    changes, _ = live_changes(volume, state)
+    changes, live = live_scan(volume, state, strict=strict)
     return Status(state.mode, state.upstream, lineage[-1] if lineage else None, changes,
                   volume.lock_holder(), state.journal.get("op") if state.journal else None,
-                  state)
+                  state, tuple(live.file_warnings))
 
 
 # --- verify -------------------------------------------------------------------------------------

@@ -18,11 +18,19 @@ import os
 import secrets
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from .errors import BadArgument, Diverged, VolsyncError
-from .model import READ_ONLY, READ_WRITE, Snapshot, VolumeState, newest_common, progress_step
+from .model import (
+    READ_ONLY,
+    READ_WRITE,
+    FileWarning,
+    Snapshot,
+    VolumeState,
+    newest_common,
+    progress_step,
+)
 from .ops import writing
 from .plan import (
     RESYNC,
@@ -55,6 +63,8 @@ class SyncResult:
     live_preserved: Snapshot | None  # DST's live changes kept as a preserved snapshot
     not_restored: NotRestored = field(default_factory=NotRestored)  # what DST could not get
     bytes_on_wire: int = 0  # what crossed connections (local: the bytes copied)
+    warnings: tuple[FileWarning, ...] = ()  # SRC's files not captured as they are
+    warnings_omitted: int = 0  # more of them, not sent by a remote SRC
 
 
 # --- opening endpoints ----------------------------------------------------------------------
@@ -145,23 +155,23 @@ Confirm = Callable[[Takeover], None]  # returns to go on, raises to refuse
 def transfer(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
              wait: float = 0.0, progress: Progress | None = None,
              options: RemoteOptions | None = None, mkpath: bool = False,
-             confirm: Confirm | None = None) -> SyncResult:
+             strict: bool = True, confirm: Confirm | None = None) -> SyncResult:
     return _sync(TRANSFER, src_path, dst_path, no_snapshot, dry_run, wait, progress, options,
-                 mkpath, None)
+                 mkpath, strict, None)
 
 
 def resync(src_path: str, dst_path: str, *, no_snapshot: bool = False, dry_run: bool = False,
            wait: float = 0.0, progress: Progress | None = None,
            options: RemoteOptions | None = None, mkpath: bool = False,
-           confirm: Confirm | None = None) -> SyncResult:
+           strict: bool = True, confirm: Confirm | None = None) -> SyncResult:
     """`confirm` is asked before a read-write DST's own work leaves its lineage (None: go on
     without asking, as --force)."""
     return _sync(RESYNC, src_path, dst_path, no_snapshot, dry_run, wait, progress, options,
-                 mkpath, confirm)
+                 mkpath, strict, confirm)
 
 
 def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, options, mkpath,
-          confirm) -> SyncResult:
+          strict, confirm) -> SyncResult:
     with opened(src_text, dst_text, options=options) as (src, dst):
         _refuse_same(src, dst)
         src_info, dst_info = src.info("src"), dst.info("dst")
@@ -169,7 +179,7 @@ def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, option
         check_compatible(src_info, dst_info)
         check_parent(dst_info, mkpath)
         if dry_run:
-            return _dry_run(kind, src, dst, src_info, dst_info, no_snapshot)
+            return _dry_run(kind, src, dst, src_info, dst_info, no_snapshot, strict)
         if (not dst_info.exists and not src_info.lineage
                 and (no_snapshot or src_info.mode != READ_WRITE)):
             raise BadArgument(f"{src.address} has no snapshots to send")  # before DST exists
@@ -177,15 +187,15 @@ def _sync(kind, src_text, dst_text, no_snapshot, dry_run, wait, progress, option
             dst.create_mirror(upstream_of(src, dst), src_info.volume_id, src_info.hash,
                               src_info.block_size)
         with _locked_pair(src, dst, wait, resume=dst if kind == TRANSFER else None):
-            return apply_sync(kind, src, dst, no_snapshot, progress, confirm=confirm,
+            return apply_sync(kind, src, dst, no_snapshot, progress, strict, confirm=confirm,
                               hold_wait=wait, share_src=True)
 
 
 def _dry_run(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
-             dst_info: VolumeInfo, no_snapshot: bool) -> SyncResult:
+             dst_info: VolumeInfo, no_snapshot: bool, strict: bool = True) -> SyncResult:
     extra = None
     if not no_snapshot and src_info.mode == READ_WRITE and not src_info.journal:
-        extra = src.snapshot_source(dry_run=True)
+        extra = src.snapshot_source(dry_run=True, strict=strict)
     src_lineage = list(src_info.lineage) + ([extra] if extra else [])
     facts = dst.inspect_live() if dst_info.exists else None
     problem = refusal(kind, src_info, src_lineage, dst_info, facts)
@@ -197,12 +207,19 @@ def _dry_run(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
         live_number = dst_info.lineage[-1].number + 1
     plan = _plan(kind, src, dst, src_info, src_lineage, dst_info, live_number=live_number,
                  snapshot_src=extra is not None)
-    return SyncResult(plan, True, extra, None, bytes_on_wire=wire_bytes(src, dst))
+    return _warned(SyncResult(plan, True, extra, None, bytes_on_wire=wire_bytes(src, dst)),
+                   src)
+
+
+def _warned(result: SyncResult, src: Endpoint) -> SyncResult:
+    """The result with the warnings of SRC's snapshot scan, if it made one."""
+    return replace(result, warnings=src.scan_warnings, warnings_omitted=src.scan_warnings_omitted)
 
 
 def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
-               progress: Progress | None, *, confirm: Confirm | None = None,
-               hold_wait: float = 0.0, share_src: bool = False) -> SyncResult:
+               progress: Progress | None, strict: bool = True, *,
+               confirm: Confirm | None = None, hold_wait: float = 0.0,
+               share_src: bool = False) -> SyncResult:
     """Both volumes locked: refuse, or snapshot SRC, keep DST's live changes, plan, copy
     the objects, write DST's live tree and commit (see the module's docstring). With
     `share_src`, SRC records DST's hold and lets go of its exclusive lock before sending."""
@@ -216,7 +233,7 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
     src_snap = None
     if not no_snapshot and src_info.mode == READ_WRITE:
         progress_step(progress, "snapshot SRC", counted=src.is_local)
-        src_snap = src.snapshot_source(progress=progress)
+        src_snap = src.snapshot_source(progress=progress, strict=strict)
     live_snap = None
     if kind == RESYNC:
         progress_step(progress, "scan DST", counted=dst.is_local)
@@ -230,7 +247,8 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
     upstream = upstream_of(src, dst)
     if _nothing_to_do(plan, dst_info, src_info, upstream, live_snap):
         dst.mark_updated()
-        return SyncResult(plan, False, src_snap, None, bytes_on_wire=wire_bytes(src, dst))
+        return _warned(SyncResult(plan, False, src_snap, None,
+                                  bytes_on_wire=wire_bytes(src, dst)), src)
     if hold:
         src.share(hold_wait)
     # the bytes counted from here are the planned objects' (the scans above were steps of
@@ -246,7 +264,7 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
     if hold:
         hold.settle(hold_wait)
     on_wire = wire_bytes(src, dst) if not (src.is_local and dst.is_local) else plan.bytes
-    return SyncResult(plan, False, src_snap, live_snap, skipped, on_wire)
+    return _warned(SyncResult(plan, False, src_snap, live_snap, skipped, on_wire), src)
 
 
 def _confirm_takeover(src: VolumeInfo, dst: VolumeInfo, facts, confirm: Confirm) -> None:
@@ -366,7 +384,7 @@ class RoleSwapResult:
 
 def role_swap(a_text: str, b_text: str, link: str | None = None, *, dry_run: bool = False,
               wait: float = 0.0, progress: Progress | None = None,
-              options: RemoteOptions | None = None) -> RoleSwapResult:
+              options: RemoteOptions | None = None, strict: bool = True) -> RoleSwapResult:
     """A (read-write) and its mirror B swap roles with no write lost: last snapshot of A,
     transfer A->B, A becomes a mirror of B (journalled), B read-write, link flipped."""
     with opened(a_text, b_text, options=options) as (a, b):
@@ -378,7 +396,7 @@ def role_swap(a_text: str, b_text: str, link: str | None = None, *, dry_run: boo
         names = (_shown(b), _shown(a))
         if dry_run:
             _check_swap_roles(ia, ib)
-            result = _dry_run(TRANSFER, a, b, ia, ib, no_snapshot=False)
+            result = _dry_run(TRANSFER, a, b, ia, ib, no_snapshot=False, strict=strict)
             return RoleSwapResult(result, False, link, *names)
         with _locked_pair(a, b, wait):
             ia, ib = a.info("src"), b.info("src")
@@ -389,7 +407,7 @@ def role_swap(a_text: str, b_text: str, link: str | None = None, *, dry_run: boo
             result = None
             if not _swap_half_done(ia, ib):
                 _check_swap_roles(ia, ib)
-                result = apply_sync(TRANSFER, a, b, False, progress)
+                result = apply_sync(TRANSFER, a, b, False, progress, strict)
                 a.set_role(READ_ONLY, upstream_of(b, a), ib.volume_id,
                            {"op": JOURNAL_ROLE_SWAP, "peer": b.address})
                 crashpoint("role-swap-source-demoted")

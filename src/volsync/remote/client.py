@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from .. import __version__
 from ..endpoint import ReceiveCount
 from ..errors import BadArgument
-from ..model import BlockId, Snapshot
+from ..model import BlockId, FileWarning, Snapshot
 from ..plan import LiveFacts, VolumeInfo
 from ..tree import NotRestored, Progress
 from ..wire import (
@@ -279,6 +279,8 @@ class RemoteEndpoint:
         self._conn: Connection | None = None
         self._opened = False
         self.id_size = 0
+        self.scan_warnings: tuple[FileWarning, ...] = ()  # of snapshot_source's far scan
+        self.scan_warnings_omitted = 0
 
     @property
     def conn(self) -> Connection:
@@ -339,10 +341,17 @@ class RemoteEndpoint:
         self.conn.call("mark_updated")
 
     # --- the sending side -------------------------------------------------------------------
-    def snapshot_source(self, dry_run: bool = False, progress: Progress | None = None
-                        ) -> Snapshot | None:
+    def snapshot_source(self, dry_run: bool = False, progress: Progress | None = None,
+                        strict: bool = True) -> Snapshot | None:
+        """The far side snapshots; its file warnings come back (from a server without the
+        "file_warnings" capability the scan is strict, as before)."""
         method = "snapshot_source_dry" if dry_run else "snapshot_source"
-        return p.snap_in(self.conn.call(method), self.id_size)
+        self.scan_warnings, self.scan_warnings_omitted = (), 0
+        if "file_warnings" not in self.conn.caps:
+            return p.snap_in(self.conn.call(method), self.id_size)
+        snap, self.scan_warnings, self.scan_warnings_omitted = p.source_snapshot_in(
+            self.conn.call(method, strict=strict), self.id_size)
+        return snap
 
     def read(self, ids: list[BlockId]) -> list[bytes]:
         got = dict(self.conn.stream("read", ids=[bytes(i) for i in ids]))

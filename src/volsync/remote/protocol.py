@@ -12,7 +12,16 @@ Everything decoded here is checked: a peer is hostile input."""
 from __future__ import annotations
 
 from ..errors import Diverged, IntegrityError, VolsyncError
-from ..model import HASHES, Snapshot
+from ..model import (
+    BUSY,
+    CURRENT,
+    HASHES,
+    PREVIOUS,
+    SKIPPED,
+    UNREADABLE,
+    FileWarning,
+    Snapshot,
+)
 from ..plan import LiveFacts, VolumeInfo
 from ..store.volume import snapshot_body, snapshot_from_body, valid_snapshot_id
 from ..tree import NotRestored
@@ -20,7 +29,11 @@ from ..wire import ProtocolError
 
 MAGIC = "volsync-protocol"
 VERSIONS = (1,)
-CAPABILITIES = ("zstd", "bwlimit", "run")
+# "file_warnings": snapshot_source(_dry) take `strict` and answer {"snapshot", "warnings",
+# "omitted"} (a server without it fails on a busy or unreadable file, as --strict does)
+CAPABILITIES = ("zstd", "bwlimit", "run", "file_warnings")
+MAX_WARNINGS = 10_000  # file warnings in one answer; the rest are only counted
+MAX_WARNING_PATH = 1 << 16
 
 # methods that change nothing; a `serve --read-only` answers only these
 READ_METHODS = frozenset({
@@ -130,6 +143,41 @@ def _opt_str(value: object) -> str | None:
     if value is not None and not isinstance(value, str):
         raise ProtocolError("malformed volume description from peer")
     return value
+
+
+def source_snapshot_out(snap: Snapshot | None, warnings: tuple[FileWarning, ...]) -> dict:
+    """snapshot_source's answer: the snapshot taken (or None) and the scan's warnings, at
+    most MAX_WARNINGS of them (the rest counted)."""
+    sent = warnings[:MAX_WARNINGS]
+    return {"snapshot": snap_out(snap),
+            "warnings": [[w.path, w.problem, w.recorded] for w in sent],
+            "omitted": len(warnings) - len(sent)}
+
+
+def source_snapshot_in(body: object, id_size: int
+                       ) -> tuple[Snapshot | None, tuple[FileWarning, ...], int]:
+    if body is None:  # a read-only server: nothing snapshotted, nothing to say
+        return None, (), 0
+    try:
+        items, omitted = body["warnings"], body["omitted"]
+        if not (isinstance(items, list) and len(items) <= MAX_WARNINGS
+                and isinstance(omitted, int) and 0 <= omitted < 1 << 62):
+            raise ValueError
+        warnings = tuple(_warning_in(item) for item in items)
+        return snap_in(body["snapshot"], id_size), warnings, omitted
+    except (KeyError, TypeError, ValueError):
+        raise ProtocolError("malformed snapshot answer from peer") from None
+
+
+def _warning_in(item: object) -> FileWarning:
+    if not (isinstance(item, list) and len(item) == 3):
+        raise ValueError
+    path, problem, recorded = item
+    if not (isinstance(path, bytes) and 0 < len(path) <= MAX_WARNING_PATH
+            and b"\0" not in path and not path.startswith(b"/")
+            and problem in (BUSY, UNREADABLE) and recorded in (PREVIOUS, CURRENT, SKIPPED)):
+        raise ValueError
+    return FileWarning(path, problem, recorded)
 
 
 def facts_out(facts: LiveFacts) -> list:

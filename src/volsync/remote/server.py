@@ -174,17 +174,27 @@ class Session:
     def do_mark_updated(self) -> None:
         self.endpoint.mark_updated()
 
-    def do_snapshot_source(self) -> dict | None:
-        return p.snap_out(self.endpoint.snapshot_source())
+    def do_snapshot_source(self, strict: bool | None = None) -> dict | None:
+        """strict None: a client without "file_warnings" (just the snapshot, strict)."""
+        return self._source_snapshot(False, strict)
 
-    def do_snapshot_source_read_only(self) -> None:
+    def do_snapshot_source_read_only(self, strict: bool | None = None) -> None:
         """A read-only server sends what is snapshotted; unsnapshotted changes refuse."""
         if self.endpoint.would_change_source():
             raise Refused(f"{self.endpoint.root} has changes that are not snapshotted and "
                           "this server is read-only: snapshot it there, or pass --no-snapshot")
 
-    def do_snapshot_source_dry(self) -> dict | None:
-        return p.snap_out(self.endpoint.snapshot_source(dry_run=True))
+    def do_snapshot_source_dry(self, strict: bool | None = None) -> dict | None:
+        return self._source_snapshot(True, strict)
+
+    def _source_snapshot(self, dry_run: bool, strict: bool | None) -> dict | None:
+        if strict is not None and not isinstance(strict, bool):
+            raise ProtocolError("bad snapshot_source request")
+        ep = self.endpoint
+        snap = ep.snapshot_source(dry_run=dry_run, strict=strict is not False)
+        if strict is None:
+            return p.snap_out(snap)
+        return p.source_snapshot_out(snap, ep.scan_warnings)
 
     def do_would_change_source(self) -> bool:
         return self.endpoint.would_change_source()

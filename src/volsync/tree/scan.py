@@ -12,11 +12,21 @@ walk meets it (sorted, depth first: the order in which a live-tree write visits 
 group's key is the path of its first member; a group with one member inside the volume (the
 other links are outside) records no link. Since that is known only at the end, directories
 holding linked files are finished last (their trees are built then, children first).
+
+A file that keeps changing over READ_ATTEMPTS reads, or a file or directory that cannot be
+opened (EACCES, EPERM), stops a strict scan with an error naming it. Otherwise it is recorded
+as its entry in the volume's latest snapshot if it has one (a busy file with none: the bytes
+last read, possibly inconsistent; an unreadable one with none: left out), a `FileWarning` says
+so, and its stat key is not kept, so the next scan reads it again. Before retrying a busy file,
+a scan clones it (FICLONE into an unnamed temp file in `.volsync/tmp/`) where the filesystem
+can, and reads the clone: a consistent copy, no warning. A failing read (EIO) is an error
+either way.
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import time
@@ -26,7 +36,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from ..errors import VolsyncError
-from ..model import BlockId, Entry, Kind, Tree
+from ..model import (
+    BUSY,
+    CURRENT,
+    PREVIOUS,
+    SKIPPED,
+    UNREADABLE,
+    BlockId,
+    Entry,
+    FileWarning,
+    Kind,
+    Tree,
+)
 from ..store.crash import fault
 from ..store.trees import META_NAME
 from ..store.volume import Volume
@@ -41,6 +62,8 @@ ROOT_KEY_NAME = b""  # the volume root's own key, beside its entries' keys
 SPECIAL_KINDS = {stat.S_IFIFO: Kind.FIFO, stat.S_IFCHR: Kind.CHR, stat.S_IFBLK: Kind.BLK}
 SEEK_DATA, SEEK_HOLE = getattr(os, "SEEK_DATA", 3), getattr(os, "SEEK_HOLE", 4)
 MAX_EXTENTS = 4096
+UNREADABLE_ERRNOS = (errno.EACCES, errno.EPERM)
+FICLONE = 0x40049409  # linux/fs.h: _IOW(0x94, 9, int)
 
 Progress = Callable[[int], None]
 
@@ -88,6 +111,7 @@ class ScanResult:
     cache: dict
     warnings: list[str] = field(default_factory=list)
     bytes_read: int = 0
+    file_warnings: list[FileWarning] = field(default_factory=list)
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
@@ -114,10 +138,11 @@ class _Pending:
 
 class Scanner:
     """One pass over a live tree, reading only what the stat cache cannot vouch for. With
-    `trust_cache` False every file is read again (verify of a mirror's live tree)."""
+    `trust_cache` False every file is read again (verify of a mirror's live tree). With
+    `strict` False a busy or unreadable file is recorded otherwise, with a FileWarning."""
 
     def __init__(self, volume: Volume, objects: Objects, progress: Progress | None = None,
-                 trust_cache: bool = True):
+                 trust_cache: bool = True, strict: bool = True):
         self.volume = volume
         self.objects = objects
         self.fmt = volume.fmt
@@ -133,6 +158,12 @@ class Scanner:
         self.pending: dict[bytes, _Pending] = {}
         self.placeholders: dict[bytes, bytes] = {}  # rel -> placeholder id until finished
         self.root_dev = 0
+        self.strict = strict
+        self.file_warnings: list[FileWarning] = []
+        self.kept: dict[bytes, tuple[Entry, int, int]] = {}  # rel -> previous entry, totals
+        self.unlinked: set[int] = set()  # inodes recorded otherwise than read: no hard link
+        self.previous_dirs: dict[bytes, dict[bytes, Entry]] = {}
+        self.can_clone = True
 
     def run(self) -> ScanResult:
         fd = os.open(os.path.realpath(bytes(self.volume.root)), os.O_RDONLY | os.O_DIRECTORY)
@@ -144,7 +175,8 @@ class Scanner:
             os.close(fd)
         if self.pending:
             tree_id = self.finish_pending().get(b"", tree_id)
-        return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read)
+        return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read,
+                          self.file_warnings)
 
     # --- directories ---------------------------------------------------------------------
     def scan_dir(self, rel: bytes, dfd: int, own: os.stat_result) -> tuple[BlockId, int, int]:
@@ -168,9 +200,20 @@ class Scanner:
                 st = os.lstat(name, dir_fd=dfd)
             except FileNotFoundError:
                 continue
+            except PermissionError as exc:  # a directory that may be listed, not searched
+                if self.keep_previous(rel, name, exc, tuple(Kind)):
+                    keys[name] = None
+                    stats.append((name, None))
+                continue
             mode = st.st_mode
             if stat.S_ISDIR(mode):
-                sub[name] = self.scan_subdir(_join(rel, name), dfd, name)
+                got = self.scan_subdir(_join(rel, name), dfd, name)
+                if got is None:  # unreadable: its previous version kept, or left out
+                    if _join(rel, name) in self.kept:
+                        keys[name] = None
+                        stats.append((name, st))
+                    continue
+                sub[name] = got
                 keys[name] = stat_key(st, self.scan_start, sub[name][0])
             elif stat.S_ISSOCK(mode):
                 self.warnings.append(f"skipped socket {os.fsdecode(_join(rel, name))}")
@@ -205,10 +248,16 @@ class Scanner:
             group.count += 1
         return ino
 
-    def scan_subdir(self, rel: bytes, dfd: int, name: bytes) -> tuple[BlockId, int, int]:
+    def scan_subdir(self, rel: bytes, dfd: int, name: bytes) -> tuple[BlockId, int, int] | None:
+        """The directory's tree and totals; None when it cannot be opened (see
+        `keep_previous`)."""
         try:
             fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dfd)
         except OSError as exc:
+            if exc.errno in UNREADABLE_ERRNOS:
+                parent, _, _ = rel.rpartition(b"/")
+                self.keep_previous(parent, name, exc, (Kind.DIR,))
+                return None
             if exc.errno not in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
                 raise
             # removed or replaced since its lstat: captured as it was then, empty
@@ -226,6 +275,11 @@ class Scanner:
         entries: list[Entry] = []
         size = files = 0
         for name, st in stats:
+            kept = self.kept.pop(_join(rel, name), None)
+            if kept is not None:  # could not be read: its previous version
+                entries.append(kept[0])
+                size, files = size + kept[1], files + kept[2]
+                continue
             old = old_entries.get(name)
             same = old is not None and old_keys.get(name) == keys[name] and keys[name] is not None
             if stat.S_ISDIR(st.st_mode):
@@ -281,8 +335,10 @@ class Scanner:
             entries = []
             for e in p.entries:
                 if e.kind is Kind.FILE and e.name in p.linked:
-                    group = self.groups[p.linked[e.name]]
-                    e = e.with_(link=group.first if group.count > 1 else None)
+                    ino = p.linked[e.name]
+                    group = self.groups[ino]
+                    linked = group.count > 1 and ino not in self.unlinked
+                    e = e.with_(link=group.first if linked else None)
                 elif e.kind is Kind.DIR and e.ref in by_placeholder:
                     e = e.with_(ref=by_placeholder[e.ref])
                 entries.append(e)
@@ -310,7 +366,7 @@ class Scanner:
         """The entry and its stat key, or None when it vanished since its lstat."""
         mode = st.st_mode
         if stat.S_ISREG(mode):
-            return self.read_file(rel, dfd, name)
+            return self.read_file(rel, dfd, name, st.st_ino)
         path = entry_path(dfd, name)
         try:
             xattrs = read_xattrs(path)
@@ -324,35 +380,147 @@ class Scanner:
                        rdev=st.st_rdev if kind is not Kind.FIFO else 0)
         return entry, stat_key(st, self.scan_start)
 
-    def read_file(self, rel: bytes, dfd: int, name: bytes) -> tuple[Entry, list | None] | None:
-        """Hash (and store) a file's blocks; a file that changes while read is read again."""
-        for _ in range(READ_ATTEMPTS):
+    def read_file(self, rel: bytes, dfd: int, name: bytes, ino: int = 0
+                  ) -> tuple[Entry, list | None] | None:
+        """Hash (and store) a file's blocks; a file that changes while read is read again
+        (from a clone, where the filesystem makes one), then recorded otherwise (`busy`)."""
+        last = None
+        for attempt in range(READ_ATTEMPTS):
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=dfd)
             except OSError as exc:
                 if exc.errno in (errno.ENOENT, errno.ELOOP):
                     return None  # vanished or replaced by a link: not in this snapshot
+                if exc.errno in UNREADABLE_ERRNOS:
+                    return self.unreadable_file(rel, name, ino, exc)
                 raise
             try:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     return None
+                if attempt == 1 and self.can_clone:
+                    cloned = self.read_clone(fd, name)
+                    if cloned is not None:
+                        return cloned
                 ids, length = self.hash_blocks(fd, before.st_size)
                 xattrs = read_xattrs(fd)
                 after = os.fstat(fd)
             except SourceReadError as exc:  # say which file could not be read
-                path = os.path.join(os.fsencode(self.volume.root), _join(rel, name))
-                raise OSError(exc.errno, exc.strerror, os.fsdecode(path)) from None
+                if exc.errno in UNREADABLE_ERRNOS:
+                    return self.unreadable_file(rel, name, ino, exc)
+                raise OSError(exc.errno, exc.strerror, self.full_path(_join(rel, name))) from None
             finally:
                 os.close(fd)
-            same = (before.st_size, before.st_mtime_ns, before.st_ctime_ns) == (
-                after.st_size, after.st_mtime_ns, after.st_ctime_ns)
-            if same and length == before.st_size:
+            if _same_stat(before, after) and length == before.st_size:
                 ref = self.objects.content_ref(ids)
                 entry = _entry(name, Kind.FILE, before, length, ref, xattrs)
                 return entry, stat_key(before, self.scan_start)
-        shown = _join(rel, name).decode(errors="replace")
-        raise VolsyncError(f"{shown}: file kept changing while being read; try again later")
+            last = (before, ids, length, xattrs)
+        return self.busy_file(rel, name, ino, last)
+
+    def read_clone(self, fd: int, name: bytes) -> tuple[Entry, list | None] | None:
+        """Read a copy-on-write clone of the open file (a consistent copy), or None when the
+        filesystem cannot make one (then no clone is tried again in this scan)."""
+        before = os.fstat(fd)
+        clone = clone_file(fd, self.volume.tmp)
+        if clone is None:
+            self.can_clone = False
+            return None
+        try:
+            after = os.fstat(fd)
+            ids, length = self.hash_blocks(clone, os.fstat(clone).st_size)
+            xattrs = read_xattrs(fd)
+        finally:
+            os.close(clone)
+        entry = _entry(name, Kind.FILE, after, length, self.objects.content_ref(ids), xattrs)
+        # the clone is the file as this stat describes only if nothing changed around it
+        return entry, stat_key(after, self.scan_start) if _same_stat(before, after) else None
+
+    def busy_file(self, rel: bytes, name: bytes, ino: int, last) -> tuple[Entry, None]:
+        """A file that kept changing: an error when strict; else its previous version, or
+        the bytes last read (possibly inconsistent)."""
+        path = _join(rel, name)
+        if self.strict:
+            raise VolsyncError(f"{path.decode(errors='replace')}: file kept changing while "
+                               "being read; try again later")
+        self.unlinked.add(ino)
+        old = self.previous(rel, name)
+        if old is not None and old.kind is Kind.FILE:
+            self.file_warnings.append(FileWarning(path, BUSY, PREVIOUS))
+            return old.with_(link=None), None
+        before, ids, length, xattrs = last
+        self.file_warnings.append(FileWarning(path, BUSY, CURRENT))
+        return _entry(name, Kind.FILE, before, length, self.objects.content_ref(ids), xattrs), None
+
+    def unreadable_file(self, rel: bytes, name: bytes, ino: int, exc: OSError
+                        ) -> tuple[Entry, None] | None:
+        self.unlinked.add(ino)
+        if not self.keep_previous(rel, name, exc, (Kind.FILE,)):
+            return None
+        entry, _, _ = self.kept.pop(_join(rel, name))
+        return entry, None
+
+    def keep_previous(self, rel: bytes, name: bytes, exc: OSError, kinds: tuple[Kind, ...]
+                      ) -> bool:
+        """An entry that cannot be opened: an error when strict; else its version in the
+        latest snapshot (of one of `kinds`) goes to `self.kept` (True), or it is left out."""
+        path = _join(rel, name)
+        if self.strict:
+            raise VolsyncError(f"cannot read {os.fsdecode(self.full_path(path))}: "
+                               f"{exc.strerror or exc}")
+        old = self.previous(rel, name)
+        if old is not None and old.kind in kinds:
+            try:
+                self.kept[path] = self.unlinked_previous(old)
+            except VolsyncError:  # the old subtree cannot be read either
+                old = None
+        recorded = PREVIOUS if old is not None and old.kind in kinds else SKIPPED
+        self.file_warnings.append(FileWarning(path, UNREADABLE, recorded))
+        return recorded == PREVIOUS
+
+    def unlinked_previous(self, old: Entry) -> tuple[Entry, int, int]:
+        """A previous entry with its totals, without hard links (its group may have changed
+        since): a directory's whole subtree, rewritten only where it had links."""
+        if old.kind is not Kind.DIR:
+            return old.with_(link=None), old.size if old.kind is Kind.FILE else 0, \
+                int(old.kind is Kind.FILE)
+        tree = self.objects.tree(BlockId(old.ref))
+        entries, size, files = [], 0, 0
+        for e in tree.entries:
+            e, s, f = self.unlinked_previous(e)
+            entries.append(e)
+            size, files = size + s, files + f
+        if tuple(entries) == tree.entries:
+            return old, size, files
+        return old.with_(ref=self.objects.put_tree(Tree(tuple(entries), tree.meta))), size, files
+
+    def previous(self, rel: bytes, name: bytes) -> Entry | None:
+        """The entry at rel/name in the volume's latest snapshot, if there is one."""
+        return self.previous_dir(rel).get(name)
+
+    def previous_dir(self, rel: bytes) -> dict[bytes, Entry]:
+        if rel not in self.previous_dirs:
+            tree_id = None
+            if not rel:
+                state = self.volume.state()
+                if state.lineage:
+                    try:
+                        tree_id = self.volume.snapshot(state.lineage[-1]).root
+                    except VolsyncError:
+                        tree_id = None
+            else:
+                parent, _, name = rel.rpartition(b"/")
+                entry = self.previous_dir(parent).get(name)
+                tree_id = BlockId(entry.ref) if entry and entry.kind is Kind.DIR else None
+            try:
+                entries = self.objects.tree(tree_id).entries if tree_id else ()
+            except VolsyncError:
+                entries = ()
+            self.previous_dirs[rel] = {e.name: e for e in entries}
+        return self.previous_dirs[rel]
+
+    def full_path(self, rel: bytes) -> bytes:
+        return os.path.join(os.fsencode(self.volume.root), rel)
 
     def hash_blocks(self, fd: int, size: int) -> tuple[list[BlockId], int]:
         """Read a file block by block; a block inside a hole is not read, and a block of
@@ -460,6 +628,26 @@ def _digests(digest, blocks: list[bytes]) -> list[bytes]:
     return [digest(b) for b in blocks]
 
 
+def _same_stat(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_size, a.st_mtime_ns, a.st_ctime_ns) == (b.st_size, b.st_mtime_ns, b.st_ctime_ns)
+
+
+def clone_file(fd: int, tmp_dir) -> int | None:
+    """An fd of a copy-on-write clone of the open file, made by FICLONE into an unnamed
+    temp file in `tmp_dir` (gone when closed, even after a crash); None where the filesystem
+    (ext4, tmpfs, ...) or the temp directory cannot make one."""
+    try:
+        clone = os.open(tmp_dir, os.O_TMPFILE | os.O_RDWR, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.ioctl(clone, FICLONE, fd)
+    except OSError:
+        os.close(clone)
+        return None
+    return clone
+
+
 def _entry(name: bytes, kind: Kind, st: os.stat_result, size: int, ref: bytes,
            xattrs: tuple, rdev: int = 0) -> Entry:
     mode = 0o777 if kind is Kind.LINK else stat.S_IMODE(st.st_mode)
@@ -522,6 +710,6 @@ def _read_block(fd: int, size: int, offset: int) -> bytes:
 
 
 def scan(volume: Volume, write: bool = True, progress: Progress | None = None,
-         trust_cache: bool = True) -> tuple[ScanResult, Objects]:
+         trust_cache: bool = True, strict: bool = True) -> tuple[ScanResult, Objects]:
     objects = Objects(volume, write)
-    return Scanner(volume, objects, progress, trust_cache).run(), objects
+    return Scanner(volume, objects, progress, trust_cache, strict).run(), objects
