@@ -4,6 +4,7 @@ mapped in one place (`main`), as listed in `volsync --help`."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import sys
@@ -61,6 +62,17 @@ class Output:
         if self.quiet or self.json or not sys.stderr.isatty():
             return None
         return ProgressLine(label)
+
+
+def write_stdout(data: bytes) -> None:
+    """Bytes to stdout as they are (a stdout without a binary side, as in tests, gets them
+    decoded)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(data.decode("utf-8", "surrogateescape"))
+        return
+    sys.stdout.flush()
+    buffer.write(data)
 
 
 class ProgressLine:
@@ -160,6 +172,7 @@ SERVED = {"init": ("directory",), "snapshot": ("volume",), "snapshots": ("volume
           "restore": ("volume", "directory"), "verify": ("volume",), "prune": ("volume",),
           "upgrade": ("volume",), "break": ("dst",)}
 SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify"}
+OUT_BUFFER = 1 << 18  # a served command's stdout is sent on in pieces of about this size
 
 
 def served(param: str):
@@ -183,10 +196,9 @@ def _run_remote(address: RemoteAddress, text: str, options: RemoteOptions) -> No
     argv = _remote_argv(click.get_current_context().find_root().obj["argv"], text, address.path)
     endpoint = RemoteEndpoint(address, options)
     try:
-        code, out, err = endpoint.run(argv)
+        code, err = endpoint.run(argv, write_stdout)
     finally:
         endpoint.close()
-    sys.stdout.write(out)
     sys.stderr.write(err)
     sys.exit(code)
 
@@ -213,11 +225,28 @@ def _remote_argv(argv: list[str], text: str, path: str) -> list[str]:
     return out
 
 
-def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, str, str]:
+class _StdoutSink(io.RawIOBase):
+    """A served command's stdout: every write is handed on as bytes (to the client)."""
+
+    def __init__(self, write_out: Callable[[bytes], None]):
+        super().__init__()
+        self.write_out = write_out
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.write_out(bytes(data))
+        return len(data)
+
+
+def served_command(argv: list[str], check_path, read_only: bool,
+                   write_out: Callable[[bytes], None]) -> tuple[int, str]:
     """`serve`'s side of a remote single-volume command: parse it as this CLI would, check
-    every path it names against --restrict-to-path and --read-only, run it and capture."""
+    every path it names against --restrict-to-path and --read-only, and run it, its stdout
+    (text or bytes) handed to `write_out` as it is written; returns the exit code and the
+    captured stderr."""
     import contextlib
-    import io
 
     name = argv[0] if argv else ""
     if name not in SERVED:
@@ -226,7 +255,7 @@ def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, s
     try:
         ctx = command.make_context(name, list(argv[1:]), obj={"argv": argv})
     except click.ClickException as exc:
-        return exc.exit_code, "", f"volsync: error: {exc.format_message()}\n"
+        return exc.exit_code, f"volsync: error: {exc.format_message()}\n"
     for param in SERVED[name]:
         value = ctx.params.get(param)
         if value is None or parse_address(value) is not None:
@@ -236,14 +265,18 @@ def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, s
         raise Refused("verify --repair-from runs where VOL is: run it on VOL's machine")
     if read_only and name not in SERVED_READ_ONLY and not ctx.params.get("dry_run"):
         raise Refused(f"this server is read-only: {name} refused")
-    out, err = io.StringIO(), io.StringIO()
+    out = io.TextIOWrapper(io.BufferedWriter(_StdoutSink(write_out), OUT_BUFFER),
+                           encoding="utf-8", errors="backslashreplace")
+    err = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main(list(argv))
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
+        finally:
+            out.flush()
+    return code, err.getvalue()
 
 
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
