@@ -17,6 +17,7 @@ from . import __version__, ops, stream, sync
 from .errors import BadArgument, Diverged, VolsyncError
 from .model import DEFAULT_HASH, HASHES
 from .plan import TransferPlan, lineage_picture
+from .quoting import display_path, path_fields, quote_path
 from .remote.address import RemoteAddress, parse_address
 from .remote.client import RemoteEndpoint, RemoteOptions
 from .remote.server import Refused, serve_stdio
@@ -382,8 +383,8 @@ def status(volume: str, out: Output) -> None:
         "mode": st.mode, "upstream": st.upstream,
         "latest": st.latest.number if st.latest else None,
         "latest_id": st.latest.id if st.latest else None,
-        "changed_paths": [c.path for c in st.changed_paths],
-        "changes": [{"status": c.status, "path": c.path} for c in st.changed_paths],
+        "changed_paths": [display_path(c.path) for c in st.changed_paths],
+        "changes": [{"status": c.status} | path_fields(c.path) for c in st.changed_paths],
         "lock_holder": st.lock_holder if st.lock_holder and st.lock_holder > 0 else None,
         "locked": bool(st.lock_holder), "behind": st.behind, "pending": st.pending,
     }
@@ -397,7 +398,7 @@ def status(volume: str, out: Output) -> None:
                   if st.latest else "none")
         lines.append(f"latest:   {latest}")
         lines.append(f"changes:  {len(st.changed_paths)} path(s) since the latest snapshot")
-        lines += [f"  {c.status[0].upper()} {c.path}" for c in st.changed_paths[:50]]
+        lines += [f"  {c.status[0].upper()} {quote_path(c.path)}" for c in st.changed_paths[:50]]
         if len(st.changed_paths) > 50:
             lines.append(f"  ... and {len(st.changed_paths) - 50} more (see 'volsync diff')")
         if st.lock_holder:
@@ -419,11 +420,20 @@ def status(volume: str, out: Output) -> None:
 @common_options
 @served("volume")
 def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
-    """Paths added, modified, deleted: A to B, A to the live tree, or latest to the live tree."""
+    """Paths added, modified, deleted: A to B, A to the live tree, or latest to the live tree.
+
+    A and B are snapshots: a number, a label, 'latest' or an id prefix. A line is 'A PATH',
+    'M PATH' or 'D PATH' (a directory ends in '/'); a path with a control character, '"',
+    '\\' or a byte beyond ASCII is quoted as git quotes it. In JSON, "changes" gives each path
+    and, when it is not valid UTF-8, its exact bytes as "path_b64".
+
+    Example: volsync diff /srv/data 11 12"""
     changes = ops.diff(Volume.open(volume), a, b)
-    data = {k: [c.path for c in changes if c.status == k] for k in ("added", "modified", "deleted")}
-    out.emit(data, lambda: "\n".join(f"{c.status[0].upper()} {c.path}" for c in changes)
-             or "no changes")
+    data = {k: [display_path(c.path) for c in changes if c.status == k]
+            for k in ("added", "modified", "deleted")}
+    data["changes"] = [{"status": c.status} | path_fields(c.path) for c in changes]
+    out.emit(data, lambda: "\n".join(f"{c.status[0].upper()} {quote_path(c.path)}"
+                                     for c in changes) or "no changes")
 
 
 @cli.command()

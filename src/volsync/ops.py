@@ -27,6 +27,7 @@ from .model import (
     SnapshotId,
     VolumeState,
 )
+from .quoting import quote_path
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
 from .store.trees import META_NAME
@@ -409,7 +410,7 @@ def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> 
             if any(e.name == META_NAME for e in volume.tree(snap.root).entries):
                 report.errors.append(f"{where}: its top directory names {META_NAME!r}")
         for sub, problem in _subtree_problems(volume, snap.root, bad, memo):
-            report.errors.append(f"{where}: {os.fsdecode(sub) or '/'}: {problem}")
+            report.errors.append(f"{where}: {quote_path(sub) if sub else '/'}: {problem}")
 
 
 def _join_rel(rel: bytes, sub: bytes) -> bytes:
@@ -484,8 +485,8 @@ def _verify(volume: Volume, report: VerifyReport, repair_from) -> None:
         # every live file is read again: damage that left its inode unchanged shows too
         changes, _ = live_changes(volume, state, trust_cache=False)
         for change in changes:
-            report.errors.append(f"live tree: {change.path} {change.status} since the latest "
-                                 "snapshot of this mirror")
+            report.errors.append(f"live tree: {quote_path(change.path)} {change.status} since "
+                                 "the latest snapshot of this mirror")
 
 
 def needed_blocks(volume: Volume) -> set[BlockId]:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from ..errors import VolsyncError
 from ..model import BlockId, Entry, Kind, Tree
+from ..quoting import quote_path
 from ..store.crash import fault
 from ..store.trees import META_NAME
 from ..store.volume import Volume
@@ -173,7 +174,7 @@ class Scanner:
                 sub[name] = self.scan_subdir(_join(rel, name), dfd, name)
                 keys[name] = stat_key(st, self.scan_start, sub[name][0])
             elif stat.S_ISSOCK(mode):
-                self.warnings.append(f"skipped socket {os.fsdecode(_join(rel, name))}")
+                self.warnings.append(f"skipped socket {quote_path(_join(rel, name))}")
                 continue
             else:
                 keys[name] = stat_key(st, self.scan_start)
@@ -194,7 +195,7 @@ class Scanner:
         except OSError:
             return False
         self.warnings.append(f"skipped the volume metadata of nested volume "
-                             f"{os.fsdecode(rel)} ({os.fsdecode(_join(rel, META_NAME))})")
+                             f"{quote_path(rel)} ({quote_path(_join(rel, META_NAME))})")
         return True
 
     def register_link(self, ino: int, path: bytes) -> int:
@@ -351,7 +352,7 @@ class Scanner:
                 ref = self.objects.content_ref(ids)
                 entry = _entry(name, Kind.FILE, before, length, ref, xattrs)
                 return entry, stat_key(before, self.scan_start)
-        shown = _join(rel, name).decode(errors="replace")
+        shown = quote_path(_join(rel, name))
         raise VolsyncError(f"{shown}: file kept changing while being read; try again later")
 
     def hash_blocks(self, fd: int, size: int) -> tuple[list[BlockId], int]:
