@@ -9,7 +9,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import click
 
@@ -22,9 +22,9 @@ from .remote.address import RemoteAddress, parse_address
 from .remote.client import RemoteEndpoint, RemoteOptions
 from .remote.server import Refused, serve_stdio
 from .remote.spawn import VALUED
-from .render import human_bytes, iso, snap_json, snap_ref, snapshot_table
+from .render import human_bytes, iso, ls_json, ls_line, snap_json, snap_ref, snapshot_table
 from .store.volume import DEFAULT_BLOCK, Volume
-from .tree import NotRestored
+from .tree import NotRestored, outermost, parse_path
 
 EXIT_CODES = """\b
 Exit codes:
@@ -49,10 +49,20 @@ class Output:
         if self.json:
             click.echo(json.dumps(data, sort_keys=True), err=err)
         elif not self.quiet:
-            shown = text() if callable(text) else text
-            # non-UTF-8 names (surrogate-escaped) print as \xNN instead of crashing the write
-            click.echo(shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
-                       err=err)
+            click.echo(_writable(text() if callable(text) else text), err=err)
+
+    def lines(self, lines: Iterable[str]) -> None:
+        """A text result printed as its lines come (a long listing streams); with --quiet
+        they are still produced, so that an error on the way still ends the command."""
+        batch: list[str] = []
+        for line in lines:
+            if not self.quiet:
+                batch.append(line)
+            if len(batch) >= LINES_PER_WRITE:
+                click.echo(_writable("\n".join(batch)))
+                batch = []
+        if batch:
+            click.echo(_writable("\n".join(batch)))
 
     def warn(self, message: str) -> None:
         if not self.quiet:
@@ -63,6 +73,15 @@ class Output:
         if self.quiet or self.json or not sys.stderr.isatty():
             return None
         return ProgressLine(label)
+
+
+LINES_PER_WRITE = 512
+
+
+def _writable(text: str) -> str:
+    """Text safe to write: a surrogate-escaped byte left anywhere prints as \\xNN instead of
+    crashing the write (paths are quoted before they get here)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def write_stdout(data: bytes) -> None:
@@ -171,8 +190,8 @@ def remote_settings(rsh, remote_path, compress=False, bwlimit=None) -> RemoteOpt
 SERVED = {"init": ("directory",), "snapshot": ("volume",), "snapshots": ("volume",),
           "status": ("volume",), "diff": ("volume",), "revert": ("volume",),
           "restore": ("volume", "directory"), "verify": ("volume",), "prune": ("volume",),
-          "upgrade": ("volume",), "break": ("dst",)}
-SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify"}
+          "upgrade": ("volume",), "break": ("dst",), "ls": ("volume",), "cat": ("volume",)}
+SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify", "ls", "cat"}
 OUT_BUFFER = 1 << 18  # a served command's stdout is sent on in pieces of about this size
 
 
@@ -461,15 +480,75 @@ def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> N
 @click.argument("volume")
 @click.argument("snap")
 @click.argument("directory", type=click.Path())
+@click.option("--path", "paths", multiple=True, metavar="PATH",
+              help="Restore only PATH (relative to the snapshot's top): a file, or a directory "
+                   "with everything under it; repeatable. Only its blocks are read.")
 @common_options
 @served("volume")
-def restore(volume: str, snap: str, directory: str, out: Output) -> None:
-    """Write the content of any snapshot (lineage or preserved) to a new directory."""
-    s, skipped = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"))
+def restore(volume: str, snap: str, directory: str, paths: tuple[str, ...], out: Output
+            ) -> None:
+    """Write the content of any snapshot (lineage or preserved), or only the paths given with
+    --path, to a new directory.
+
+    SNAP is a number, a label, 'latest' or an id prefix. With --path, the directories that
+    lead to each path are created with their recorded metadata, and a hard-linked file whose
+    other names are not restored becomes a plain file. A path not in the snapshot is refused
+    (exit 1) before anything is written.
+
+    Example: volsync restore /srv/data 12 /tmp/r --path etc/app.conf"""
+    s, skipped = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"),
+                             paths)
+    chosen = outermost([parse_path(p) for p in paths])
+    what = (", ".join(quote_path(p) for p in chosen) + " of snapshot") if chosen else "snapshot"
     out.emit({"snapshot": snap_ref(s), "path": os.path.abspath(directory),
-              "not_restored": skipped.as_dict()},
-             f"restored snapshot {s.number} ({s.id[:12]}) to {directory}"
+              "paths": [display_path(p) for p in chosen], "not_restored": skipped.as_dict()},
+             f"restored {what} {s.number} ({s.id[:12]}) to {quote_path(directory)}"
              f"{not_restored_text(skipped)}")
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("snap")
+@click.argument("path", required=False)
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="List everything under PATH, or only what is directly in it.")
+@common_options
+@served("volume")
+def ls(volume: str, snap: str, path: str | None, recursive: bool, out: Output) -> None:
+    """List what is under PATH in snapshot SNAP (the whole snapshot without PATH), as
+    'restic ls -l' does: type and permissions, owner and group (numeric), size, mtime (ISO,
+    local time), path; a symlink also shows its target.
+
+    SNAP is a number, a label, 'latest' or an id prefix; PATH is relative to the snapshot's
+    top (a file lists itself). Paths are quoted as in 'volsync diff'. Only the directories
+    listed are read. With --json: {"entries": [{"path", "type", "mode", "permissions", "uid",
+    "gid", "size", "mtime_ns", ...}]}, "path_b64" beside a path that is not UTF-8.
+
+    Example: volsync ls /srv/data latest etc --no-recursive"""
+    s, entries = ops.list_snapshot(Volume.open(volume), snap, path, recursive)
+    if out.json:
+        out.emit({"snapshot": snap_ref(s), "entries": [ls_json(p, e) for p, e in entries]}, "")
+    else:
+        out.lines(ls_line(p, e) for p, e in entries)
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("snap")
+@click.argument("path")
+@served("volume")
+def cat(volume: str, snap: str, path: str) -> None:
+    """Write one file of snapshot SNAP to stdout, byte for byte (holes come out as zeros).
+
+    SNAP is a number, a label, 'latest' or an id prefix; PATH is relative to the snapshot's
+    top. Only the file's blocks are read, one at a time, each checked against its id (exit 6
+    where one fails, after the bytes before it). A directory or anything but a regular file is
+    refused (exit 1). No --json: stdout carries the file.
+
+    Example: volsync cat /srv/data 12 etc/app.conf > app.conf"""
+    for chunk in ops.file_content(Volume.open(volume), snap, path):
+        write_stdout(chunk)
+    sys.stdout.flush()
 
 
 @cli.command()
