@@ -152,6 +152,12 @@ def files_only(c: dict[str, tuple]) -> dict[str, bytes]:
     return {k: v[1] for k, v in c.items() if v[0] == "f"}
 
 
+def diff_lists(j: dict) -> dict[str, list[str]]:
+    """The added/modified/deleted lists of diff's JSON (its "changes" list says the same with
+    each path's exact bytes)."""
+    return {k: j[k] for k in ("added", "modified", "deleted")}
+
+
 def snapshots(vol, all_: bool = True) -> list[dict]:
     args = ["snapshots", vol] + (["--all"] if all_ else [])
     return okj(*args)["snapshots"]

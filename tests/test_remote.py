@@ -885,7 +885,7 @@ def test_read_only_server(shim, monkeypatch, tmp_path, ro_setup):
     assert okj("status", scp(a))["mode"] == "read-write"
     assert [s["number"] for s in okj("snapshots", scp(m))["snapshots"]] == [1]
     assert okj("verify", scp(m))["ok"] is True
-    assert okj("diff", scp(a)) == {"added": [], "modified": [], "deleted": []}
+    assert okj("diff", scp(a)) == {"added": [], "modified": [], "deleted": [], "changes": []}
     assert both(a, m) == before
 
     b = make_volume(tmp_path / "B", {"b": "b"})

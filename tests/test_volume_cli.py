@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import age_tree, assert_same_tree, read_tree, spec_to_flat, write_tree
+from helpers import diff_lists
 
 from volsync import tree as vtree
 from volsync.model import Kind
@@ -176,15 +178,16 @@ def test_diff_latest_a_and_b(run, make_volume):
     (v / "docs" / "readme").unlink()
     (v / "new").write_text("n")
     j = run("diff", v, "--json").json
-    assert j == {"added": ["new"], "modified": ["a.txt"], "deleted": ["docs/readme"]}
+    assert diff_lists(j) == {"added": ["new"], "modified": ["a.txt"], "deleted": ["docs/readme"]}
     snap(run, v)
     (v / "new").unlink()
-    assert run("diff", v, "--json").json == {"added": [], "modified": [], "deleted": ["new"]}
-    assert run("diff", v, "1", "--json").json == {
+    assert diff_lists(run("diff", v, "--json").json) == {
+        "added": [], "modified": [], "deleted": ["new"]}
+    assert diff_lists(run("diff", v, "1", "--json").json) == {
         "added": [], "modified": ["a.txt"], "deleted": ["docs/readme"]}
-    assert run("diff", v, "1", "2", "--json").json == {
+    assert diff_lists(run("diff", v, "1", "2", "--json").json) == {
         "added": ["new"], "modified": ["a.txt"], "deleted": ["docs/readme"]}
-    assert run("diff", v, "2", "1", "--json").json == {
+    assert diff_lists(run("diff", v, "2", "1", "--json").json) == {
         "added": ["docs/readme"], "modified": ["a.txt"], "deleted": ["new"]}
     r = run("diff", v, "1", "2")
     assert r.code == 0 and "a.txt" in r.out and "new" in r.out
@@ -376,8 +379,9 @@ def test_odd_names_round_trip(run, make_volume, tmp_path):
     r = run("diff", v)
     assert r.code == 0, r
     j = run("diff", v, "--json").json
-    assert [os.fsencode(p) for p in j["added"]] == [b"new\xffname"]
-    assert [os.fsencode(p) for p in j["deleted"]] == [b"\xff\xfe"]
+    assert j["added"] == ["new\ufffdname"] and j["deleted"] == ["\ufffd\ufffd"]
+    assert [(c["status"], base64.b64decode(c["path_b64"])) for c in j["changes"]] == [
+        ("added", b"new\xffname"), ("deleted", b"\xff\xfe")]
     assert run("status", v).code == 0
     assert run("revert", v, "1").code == 0
     assert read_tree(v) == spec_to_flat(spec)
@@ -428,7 +432,8 @@ def test_volsync_dir_never_captured(run, make_volume, tmp_path):
     assert run("restore", v, "1", out).code == 0
     assert not (out / ".volsync").exists()
     assert (out / "sub" / ".volsync" / "x").read_text() == "data"
-    assert run("diff", v, "--json").json == {"added": [], "modified": [], "deleted": []}
+    assert diff_lists(run("diff", v, "--json").json) == {
+        "added": [], "modified": [], "deleted": []}
 
 
 def test_unchanged_files_not_reread(run, make_volume):
@@ -584,7 +589,8 @@ def test_revert_replaces_type_changes(run, make_volume):
     assert run("revert", v, "1").code == 0
     assert read_tree(v) == spec_to_flat(spec)
     assert run("revert", v, "1").code == 0
-    assert run("diff", v, "--json").json == {"added": [], "modified": [], "deleted": []}
+    assert diff_lists(run("diff", v, "--json").json) == {
+        "added": [], "modified": [], "deleted": []}
 
 
 # --- verify ---------------------------------------------------------------------------------

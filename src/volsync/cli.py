@@ -4,11 +4,12 @@ mapped in one place (`main`), as listed in `volsync --help`."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import click
@@ -17,6 +18,7 @@ from . import __version__, cli_help, ops, retention, stream, sync
 from .errors import BadArgument, Diverged, VolsyncError
 from .model import DEFAULT_HASH, HASHES, FileWarning
 from .plan import TransferPlan, lineage_picture
+from .quoting import display_path, path_fields, quote_path
 from .remote.address import RemoteAddress, parse_address
 from .remote.client import RemoteEndpoint, RemoteOptions
 from .remote.server import Refused, serve_stdio
@@ -24,7 +26,8 @@ from .remote.spawn import VALUED
 from .render import (
     human_bytes,
     iso,
-    quote_path,
+    ls_json,
+    ls_line,
     snap_json,
     snap_ref,
     snapshot_table,
@@ -33,7 +36,7 @@ from .render import (
 )
 from .store.fsutil import atomic_write
 from .store.volume import DEFAULT_BLOCK, Volume, preserved_names
-from .tree import NotRestored
+from .tree import NotRestored, outermost, parse_path
 
 EXIT_CODES = """\b
 Exit codes:
@@ -64,10 +67,20 @@ class Output:
         if self.json:
             click.echo(json.dumps(data, sort_keys=True), err=err)
         elif not self.quiet:
-            shown = text() if callable(text) else text
-            # non-UTF-8 names (surrogate-escaped) print as \xNN instead of crashing the write
-            click.echo(shown.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"),
-                       err=err)
+            click.echo(_writable(text() if callable(text) else text), err=err)
+
+    def lines(self, lines: Iterable[str]) -> None:
+        """A text result printed as its lines come (a long listing streams); with --quiet
+        they are still produced, so that an error on the way still ends the command."""
+        batch: list[str] = []
+        for line in lines:
+            if not self.quiet:
+                batch.append(line)
+            if len(batch) >= LINES_PER_WRITE:
+                click.echo(_writable("\n".join(batch)))
+                batch = []
+        if batch:
+            click.echo(_writable("\n".join(batch)))
 
     def warn(self, message: str) -> None:
         if not self.quiet:
@@ -88,6 +101,26 @@ class Output:
     def close_progress(self) -> None:
         for display in self.displays:
             display.close()
+
+
+LINES_PER_WRITE = 512
+
+
+def _writable(text: str) -> str:
+    """Text safe to write: a surrogate-escaped byte left anywhere prints as \\xNN instead of
+    crashing the write (paths are quoted before they get here)."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def write_stdout(data: bytes) -> None:
+    """Bytes to stdout as they are (a stdout without a binary side, as in tests, gets them
+    decoded)."""
+    buffer = getattr(sys.stdout, "buffer", None)
+    if buffer is None:
+        sys.stdout.write(data.decode("utf-8", "surrogateescape"))
+        return
+    sys.stdout.flush()
+    buffer.write(data)
 
 
 class ProgressDisplay:
@@ -270,8 +303,9 @@ SERVED = {"init": ("directory",), "snapshot": ("volume",), "snapshots": ("volume
           "status": ("volume",), "diff": ("volume",), "revert": ("volume",),
           "restore": ("volume", "directory"), "verify": ("volume",), "prune": ("volume",),
           "upgrade": ("volume",), "break": ("dst",), "holds": ("volume",),
-          "release": ("volume",), "destroy": ("volume",)}
-SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify", "holds"}
+          "release": ("volume",), "destroy": ("volume",), "ls": ("volume",), "cat": ("volume",)}
+SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify", "holds", "ls", "cat"}
+OUT_BUFFER = 1 << 18  # a served command's stdout is sent on in pieces of about this size
 
 
 def served(param: str):
@@ -295,10 +329,9 @@ def _run_remote(address: RemoteAddress, text: str, options: RemoteOptions) -> No
     argv = _remote_argv(click.get_current_context().find_root().obj["argv"], text, address.path)
     endpoint = RemoteEndpoint(address, options)
     try:
-        code, out, err = endpoint.run(argv)
+        code, err = endpoint.run(argv, write_stdout)
     finally:
         endpoint.close()
-    sys.stdout.write(out)
     sys.stderr.write(err)
     sys.exit(code)
 
@@ -325,11 +358,28 @@ def _remote_argv(argv: list[str], text: str, path: str) -> list[str]:
     return out
 
 
-def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, str, str]:
+class _StdoutSink(io.RawIOBase):
+    """A served command's stdout: every write is handed on as bytes (to the client)."""
+
+    def __init__(self, write_out: Callable[[bytes], None]):
+        super().__init__()
+        self.write_out = write_out
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:
+        self.write_out(bytes(data))
+        return len(data)
+
+
+def served_command(argv: list[str], check_path, read_only: bool,
+                   write_out: Callable[[bytes], None]) -> tuple[int, str]:
     """`serve`'s side of a remote single-volume command: parse it as this CLI would, check
-    every path it names against --restrict-to-path and --read-only, run it and capture."""
+    every path it names against --restrict-to-path and --read-only, and run it, its stdout
+    (text or bytes) handed to `write_out` as it is written; returns the exit code and the
+    captured stderr."""
     import contextlib
-    import io
 
     name = argv[0] if argv else ""
     if name not in SERVED:
@@ -338,7 +388,7 @@ def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, s
     try:
         ctx = command.make_context(name, list(argv[1:]), obj={"argv": argv})
     except click.ClickException as exc:
-        return exc.exit_code, "", f"volsync: error: {exc.format_message()}\n"
+        return exc.exit_code, f"volsync: error: {exc.format_message()}\n"
     for param in SERVED[name]:
         value = ctx.params.get(param)
         if value is None or parse_address(value) is not None:
@@ -351,14 +401,18 @@ def served_command(argv: list[str], check_path, read_only: bool) -> tuple[int, s
                       "redirect 'status --prometheus' here")
     if read_only and name not in SERVED_READ_ONLY and not ctx.params.get("dry_run"):
         raise Refused(f"this server is read-only: {name} refused")
-    out, err = io.StringIO(), io.StringIO()
+    out = io.TextIOWrapper(io.BufferedWriter(_StdoutSink(write_out), OUT_BUFFER),
+                           encoding="utf-8", errors="backslashreplace")
+    err = io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main(list(argv))
             code = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return code, out.getvalue(), err.getvalue()
+        finally:
+            out.flush()
+    return code, err.getvalue()
 
 
 @click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
@@ -494,8 +548,8 @@ def status(volume: str, check_upstream: bool, prometheus: bool, metrics_file: st
         "mode": st.mode, "upstream": st.upstream,
         "latest": st.latest.number if st.latest else None,
         "latest_id": st.latest.id if st.latest else None,
-        "changed_paths": [c.path for c in st.changed_paths],
-        "changes": [{"status": c.status, "path": c.path} for c in st.changed_paths],
+        "changed_paths": [display_path(c.path) for c in st.changed_paths],
+        "changes": [{"status": c.status} | path_fields(c.path) for c in st.changed_paths],
         "lock_holder": st.lock_holder if st.lock_holder and st.lock_holder > 0 else None,
         "locked": bool(st.lock_holder), "pending": st.pending,
         "last_update": iso(updated) if isinstance(updated, float | int) else None,
@@ -527,7 +581,7 @@ def status(volume: str, check_upstream: bool, prometheus: bool, metrics_file: st
                   if st.latest else "none")
         lines.append(f"latest:   {latest}")
         lines.append(f"changes:  {len(st.changed_paths)} path(s) since the latest snapshot")
-        lines += [f"  {c.status[0].upper()} {c.path}" for c in st.changed_paths[:50]]
+        lines += [f"  {c.status[0].upper()} {quote_path(c.path)}" for c in st.changed_paths[:50]]
         if len(st.changed_paths) > 50:
             lines.append(f"  ... and {len(st.changed_paths) - 50} more (see 'volsync diff')")
         holder = None
@@ -600,11 +654,20 @@ def write_metrics(path: str, text: str) -> None:
 @common_options
 @served("volume")
 def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
-    """Paths added, modified, deleted: A to B, A to the live tree, or latest to the live tree."""
+    """Paths added, modified, deleted: A to B, A to the live tree, or latest to the live tree.
+
+    A and B are snapshots: a number, a label, 'latest' or an id prefix. A line is 'A PATH',
+    'M PATH' or 'D PATH' (a directory ends in '/'); a path with a control character, '"',
+    '\\' or a byte beyond ASCII is quoted as git quotes it. In JSON, "changes" gives each path
+    and, when it is not valid UTF-8, its exact bytes as "path_b64".
+
+    Example: volsync diff /srv/data 11 12"""
     changes = ops.diff(Volume.open(volume), a, b)
-    data = {k: [c.path for c in changes if c.status == k] for k in ("added", "modified", "deleted")}
-    out.emit(data, lambda: "\n".join(f"{c.status[0].upper()} {c.path}" for c in changes)
-             or "no changes")
+    data = {k: [display_path(c.path) for c in changes if c.status == k]
+            for k in ("added", "modified", "deleted")}
+    data["changes"] = [{"status": c.status} | path_fields(c.path) for c in changes]
+    out.emit(data, lambda: "\n".join(f"{c.status[0].upper()} {quote_path(c.path)}"
+                                     for c in changes) or "no changes")
 
 
 @cli.command()
@@ -644,15 +707,75 @@ def revert(volume: str, snap: str, dry_run: bool, wait: float, out: Output) -> N
 @click.argument("volume")
 @click.argument("snap")
 @click.argument("directory", type=click.Path())
+@click.option("--path", "paths", multiple=True, metavar="PATH",
+              help="Restore only PATH (relative to the snapshot's top): a file, or a directory "
+                   "with everything under it; repeatable. Only its blocks are read.")
 @common_options
 @served("volume")
-def restore(volume: str, snap: str, directory: str, out: Output) -> None:
-    """Write the content of any snapshot (lineage or preserved) to a new directory."""
-    s, skipped = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"))
+def restore(volume: str, snap: str, directory: str, paths: tuple[str, ...], out: Output
+            ) -> None:
+    """Write the content of any snapshot (lineage or preserved), or only the paths given with
+    --path, to a new directory.
+
+    SNAP is a number, a label, 'latest' or an id prefix. With --path, the directories that
+    lead to each path are created with their recorded metadata, and a hard-linked file whose
+    other names are not restored becomes a plain file. A path not in the snapshot is refused
+    (exit 1) before anything is written.
+
+    Example: volsync restore /srv/data 12 /tmp/r --path etc/app.conf"""
+    s, skipped = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"),
+                             paths)
+    chosen = outermost([parse_path(p) for p in paths])
+    what = (", ".join(quote_path(p) for p in chosen) + " of snapshot") if chosen else "snapshot"
     out.emit({"snapshot": snap_ref(s), "path": os.path.abspath(directory),
-              "not_restored": skipped.as_dict()},
-             f"restored snapshot {s.number} ({s.id[:12]}) to {directory}"
+              "paths": [display_path(p) for p in chosen], "not_restored": skipped.as_dict()},
+             f"restored {what} {s.number} ({s.id[:12]}) to {quote_path(directory)}"
              f"{not_restored_text(skipped)}")
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("snap")
+@click.argument("path", required=False)
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="List everything under PATH, or only what is directly in it.")
+@common_options
+@served("volume")
+def ls(volume: str, snap: str, path: str | None, recursive: bool, out: Output) -> None:
+    """List what is under PATH in snapshot SNAP (the whole snapshot without PATH), as
+    'restic ls -l' does: type and permissions, owner and group (numeric), size, mtime (ISO,
+    local time), path; a symlink also shows its target.
+
+    SNAP is a number, a label, 'latest' or an id prefix; PATH is relative to the snapshot's
+    top (a file lists itself). Paths are quoted as in 'volsync diff'. Only the directories
+    listed are read. With --json: {"entries": [{"path", "type", "mode", "permissions", "uid",
+    "gid", "size", "mtime_ns", ...}]}, "path_b64" beside a path that is not UTF-8.
+
+    Example: volsync ls /srv/data latest etc --no-recursive"""
+    s, entries = ops.list_snapshot(Volume.open(volume), snap, path, recursive)
+    if out.json:
+        out.emit({"snapshot": snap_ref(s), "entries": [ls_json(p, e) for p, e in entries]}, "")
+    else:
+        out.lines(ls_line(p, e) for p, e in entries)
+
+
+@cli.command()
+@click.argument("volume")
+@click.argument("snap")
+@click.argument("path")
+@served("volume")
+def cat(volume: str, snap: str, path: str) -> None:
+    """Write one file of snapshot SNAP to stdout, byte for byte (holes come out as zeros).
+
+    SNAP is a number, a label, 'latest' or an id prefix; PATH is relative to the snapshot's
+    top. Only the file's blocks are read, one at a time, each checked against its id (exit 6
+    where one fails, after the bytes before it). A directory or anything but a regular file is
+    refused (exit 1). No --json: stdout carries the file.
+
+    Example: volsync cat /srv/data 12 etc/app.conf > app.conf"""
+    for chunk in ops.file_content(Volume.open(volume), snap, path):
+        write_stdout(chunk)
+    sys.stdout.flush()
 
 
 @cli.command()

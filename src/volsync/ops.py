@@ -11,7 +11,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +22,7 @@ from .model import (
     JOURNAL_MATERIALIZE,
     READ_ONLY,
     BlockId,
+    Entry,
     FileWarning,
     Kind,
     Snapshot,
@@ -29,12 +30,14 @@ from .model import (
     VolumeState,
     progress_step,
 )
+from .quoting import quote_path
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
 from .store.trees import META_NAME
 from .store.volume import DEFAULT_BLOCK, Volume, preserved_names
 from .store.walk import objects_under
 from .tree import (
+    KIND_WORDS,
     Change,
     Materializer,
     NotRestored,
@@ -42,8 +45,13 @@ from .tree import (
     Progress,
     ScanResult,
     diff_trees,
+    file_chunks,
     live_differs,
+    lookup,
+    parse_path,
     scan,
+    select,
+    walk,
 )
 
 # --- opening and locking ------------------------------------------------------------------------
@@ -279,11 +287,13 @@ def revert(volume: Volume, snap_name: str, wait: float = 0.0, dry_run: bool = Fa
         return plan, written.skipped
 
 
-def check_readable(volume: Volume, root: BlockId) -> None:
+def check_readable(volume: Volume, root: BlockId, objects: Objects | None = None) -> None:
     """Every tree and block list under root decodes (names and fields validated) and every
-    block is stored; else an IntegrityError naming the first problem."""
-    for object_id, _, _ in objects_under([root], volume.fmt, volume.packs.get):
-        if not volume.packs.has(object_id):
+    block is stored; else an IntegrityError naming the first problem. `objects` may hold
+    trees built in memory (a selection)."""
+    objects = objects or Objects(volume, write=False)
+    for object_id, _, _ in objects_under([root], volume.fmt, objects.raw):
+        if not objects.has(object_id):
             raise IntegrityError(f"snapshot tree {root.hex()[:12]}: object "
                                  f"{object_id.hex()} is missing")
 
@@ -291,17 +301,24 @@ def check_readable(volume: Volume, root: BlockId) -> None:
 RESTORE_MARK = ".volsync-restore"  # inside restore's temp directory: proof that it is ours
 
 
-def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None = None
-            ) -> tuple[Snapshot, NotRestored]:
-    """Write a snapshot's content to a new directory: built in a temp directory beside it,
-    made durable, renamed into place, and the rename made durable."""
+def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None = None,
+            paths: Sequence[str] = ()) -> tuple[Snapshot, NotRestored]:
+    """Write a snapshot's content, or only `paths` in it (with the directories leading to
+    them), to a new directory: built in a temp directory beside it, made durable, renamed
+    into place, and the rename made durable. A selection reads only its own trees and
+    blocks; a path not in the snapshot is refused before anything is written."""
     snap = resolve(volume, snap_name)
+    wanted = [parse_path(p) for p in paths]
     target = Path(dest).absolute()
     if target.is_symlink() or (target.exists() and (not target.is_dir() or any(target.iterdir()))):
-        raise BadArgument(f"{dest} exists and is not an empty directory")
+        raise BadArgument(f"{quote_path(dest)} exists and is not an empty directory")
     if not target.parent.is_dir():
-        raise BadArgument(f"{target.parent}: no such directory")
-    check_readable(volume, snap.root)
+        raise BadArgument(f"{quote_path(str(target.parent))}: no such directory")
+    objects = Objects(volume, write=False)
+    root = snap.root
+    if wanted:
+        root = select(objects, snap.root, wanted, f"snapshot {snap.number}")
+    check_readable(volume, root, objects)
     _remove_restore_leftovers(target)
     tmp = target.with_name(f".{target.name}.volsync-restore-{secrets.token_hex(4)}")
     tmp.mkdir(0o700)
@@ -309,11 +326,11 @@ def restore(volume: Volume, snap_name: str, dest: str, progress: Progress | None
         (tmp / RESTORE_MARK).touch()
         fsync_dir(tmp)
         fsync_dir(tmp.parent)
-        progress_step(progress, "write files", snap.size)
-        m = Materializer(Objects(volume, write=False), volume.fmt, {}, None, progress)
-        m.run(bytes(tmp), None, snap.root)  # durable when it returns
+        progress_step(progress, "write files", None if wanted else snap.size)
+        m = Materializer(objects, volume.fmt, {}, None, progress)
+        m.run(bytes(tmp), None, root)  # durable when it returns
         os.unlink(tmp / RESTORE_MARK)
-        meta = volume.tree(snap.root).meta
+        meta = objects.tree(root).meta
         if meta is not None:  # the unlink changed the directory's mtime
             os.utime(tmp, ns=(meta.mtime_ns, meta.mtime_ns))
         fsync_dir(tmp)
@@ -334,6 +351,35 @@ def _remove_restore_leftovers(target: Path) -> None:
         if (p.name.startswith(prefix) and len(p.name) == len(prefix) + 8 and not p.is_symlink()
                 and p.is_dir() and (p / RESTORE_MARK).is_file()):
             shutil.rmtree(p, ignore_errors=True)
+
+
+# --- reading a snapshot by path (ls, cat) -------------------------------------------------------
+
+def list_snapshot(volume: Volume, snap_name: str, path_text: str | None, recursive: bool = True
+                  ) -> tuple[Snapshot, Iterator[tuple[bytes, Entry]]]:
+    """What is under a path of a snapshot (the top by default), as (path, entry) in walk
+    order, read lazily; a path not in the snapshot is refused at once."""
+    snap = resolve(volume, snap_name)
+    objects = Objects(volume, write=False)
+    path = parse_path(path_text or "")
+    entry = lookup(objects, snap.root, path, f"snapshot {snap.number}")
+    return snap, walk(objects, entry, path, recursive)
+
+
+def file_content(volume: Volume, snap_name: str, path_text: str) -> Iterator[bytes]:
+    """A regular file's bytes in a snapshot, block by block (holes as zeros); anything but a
+    regular file is refused before a byte is read."""
+    snap = resolve(volume, snap_name)
+    objects = Objects(volume, write=False)
+    path = parse_path(path_text)
+    where = f"snapshot {snap.number}"
+    if not path:
+        raise BadArgument(f"the top of {where} is a directory, not a file")
+    entry = lookup(objects, snap.root, path, where)
+    if entry.kind is not Kind.FILE:
+        raise BadArgument(f"{quote_path(path)} is a {KIND_WORDS[entry.kind]} in {where}, "
+                          "not a regular file")
+    return file_chunks(objects, entry)
 
 
 # --- diff and status ----------------------------------------------------------------------------
@@ -449,7 +495,7 @@ def check_snapshots(volume: Volume, bad: set[BlockId], report: VerifyReport) -> 
             if any(e.name == META_NAME for e in volume.tree(snap.root).entries):
                 report.errors.append(f"{where}: its top directory names {META_NAME!r}")
         for sub, problem in _subtree_problems(volume, snap.root, bad, memo):
-            report.errors.append(f"{where}: {os.fsdecode(sub) or '/'}: {problem}")
+            report.errors.append(f"{where}: {quote_path(sub) if sub else '/'}: {problem}")
 
 
 def _join_rel(rel: bytes, sub: bytes) -> bytes:
@@ -527,8 +573,8 @@ def _verify(volume: Volume, report: VerifyReport, repair_from,
         progress_step(progress, "read live tree")
         changes, _ = live_changes(volume, state, trust_cache=False, progress=progress)
         for change in changes:
-            report.errors.append(f"live tree: {change.path} {change.status} since the latest "
-                                 "snapshot of this mirror")
+            report.errors.append(f"live tree: {quote_path(change.path)} {change.status} since "
+                                 "the latest snapshot of this mirror")
 
 
 def needed_blocks(volume: Volume, state: VolumeState | None = None) -> set[BlockId]:

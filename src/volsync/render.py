@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import base64
 import datetime as dt
+import os
+import stat
 
-from .model import BUSY, PREVIOUS, FileWarning, Snapshot
+from .model import BUSY, PREVIOUS, Entry, FileWarning, Kind, Snapshot
+from .quoting import path_fields, quote_path
+from .tree import KIND_NAMES
 
 
 def iso(ts: float) -> str:
@@ -43,34 +46,10 @@ def snapshot_table(rows: list[tuple[Snapshot, str | None]]) -> str:
     return "\n".join(lines)
 
 
-_C_ESCAPES = {7: "a", 8: "b", 9: "t", 10: "n", 11: "v", 12: "f", 13: "r", 34: '"', 92: "\\"}
-
-
-def quote_path(path: bytes) -> str:
-    """A path as git shows it (core.quotePath): as it is, unless it holds a control byte,
-    `"`, `\\` or a byte >= 0x80; then in double quotes with C escapes (\\n, \\t, \\", \\\\, ...)
-    and the other such bytes in octal (\\303\\251)."""
-    if not any(b < 0x20 or b >= 0x7F or b in (34, 92) for b in path):
-        return path.decode("ascii")
-    out = []
-    for b in path:
-        if b in _C_ESCAPES:
-            out.append("\\" + _C_ESCAPES[b])
-        elif b < 0x20 or b >= 0x7F:
-            out.append(f"\\{b:03o}")
-        else:
-            out.append(chr(b))
-    return '"' + "".join(out) + '"'
-
-
 def warning_json(w: FileWarning) -> dict:
-    """A file warning in JSON: `path` relative to the volume (its git-quoted form when it is
-    not UTF-8, and then the exact bytes as `path_b64` too)."""
-    try:
-        data = {"path": w.path.decode("utf-8")}
-    except UnicodeDecodeError:
-        data = {"path": quote_path(w.path), "path_b64": base64.b64encode(w.path).decode()}
-    return data | {"problem": w.problem, "recorded": w.recorded}
+    """A file warning in JSON: `path` relative to the volume (shown as UTF-8, and its
+    exact bytes as `path_b64` too when it is not UTF-8)."""
+    return path_fields(w.path) | {"problem": w.problem, "recorded": w.recorded}
 
 
 def warning_text(w: FileWarning) -> str:
@@ -83,3 +62,56 @@ def warning_text(w: FileWarning) -> str:
     if w.recorded == PREVIOUS:
         return "cannot read it (permission denied); its previous version was kept"
     return "cannot read it (permission denied); left out"
+
+
+# --- ls -------------------------------------------------------------------------------------------
+
+FILE_TYPE_BITS = {Kind.FILE: stat.S_IFREG, Kind.DIR: stat.S_IFDIR, Kind.LINK: stat.S_IFLNK,
+                  Kind.FIFO: stat.S_IFIFO, Kind.CHR: stat.S_IFCHR, Kind.BLK: stat.S_IFBLK}
+
+
+def local_iso(mtime_ns: int) -> str:
+    """An mtime as ISO 8601 in local time with its offset, to the second."""
+    try:
+        return dt.datetime.fromtimestamp(mtime_ns // 10**9).astimezone().isoformat()
+    except (OverflowError, OSError, ValueError):  # beyond what this platform's clock shows
+        return f"@{mtime_ns // 10**9}"
+
+
+def permissions(entry: Entry) -> str:
+    """Type and mode as `ls -l` shows them: drwxr-xr-x, -rwsr-xr-x, lrwxrwxrwx, ..."""
+    return stat.filemode(FILE_TYPE_BITS[entry.kind] | entry.mode)
+
+
+def entry_size(entry: Entry) -> int:
+    """Bytes as lstat counts them: a file's length, a symlink's target's, else 0."""
+    return len(entry.ref) if entry.kind is Kind.LINK else entry.size
+
+
+def _shown_size(entry: Entry) -> str:
+    if entry.kind in (Kind.CHR, Kind.BLK):
+        return f"{os.major(entry.rdev)},{os.minor(entry.rdev)}"
+    return str(entry_size(entry))
+
+
+def ls_line(path: bytes, entry: Entry) -> str:
+    """One entry as a line of `volsync ls` (an owner not recorded shows as '-')."""
+    uid = "-" if entry.uid is None else str(entry.uid)
+    gid = "-" if entry.gid is None else str(entry.gid)
+    line = (f"{permissions(entry)} {uid:>6} {gid:>6} {_shown_size(entry):>12} "
+            f"{local_iso(entry.mtime_ns)} {quote_path(path)}")
+    if entry.kind is Kind.LINK:
+        line += f" -> {quote_path(entry.ref)}"
+    return line
+
+
+def ls_json(path: bytes, entry: Entry) -> dict:
+    """One entry of `volsync ls --json`; a symlink adds its target, a device its number."""
+    out = path_fields(path) | {
+        "type": KIND_NAMES[entry.kind], "mode": entry.mode, "permissions": permissions(entry),
+        "uid": entry.uid, "gid": entry.gid, "size": entry_size(entry), "mtime_ns": entry.mtime_ns}
+    if entry.kind is Kind.LINK:
+        out |= path_fields(entry.ref, "target")
+    if entry.kind in (Kind.CHR, Kind.BLK):
+        out["rdev"] = entry.rdev
+    return out

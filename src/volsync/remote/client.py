@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass
 
@@ -194,8 +194,29 @@ class Connection:
             self.broken = True
             raise
 
+    def call_streaming(self, method: str, on_out: Callable[[bytes], None], **args) -> object:
+        """A request whose answer is preceded by ["out", bytes] frames, each handed to
+        `on_out` as it comes (if `on_out` fails, as on a closed stdout, the session is not
+        used again)."""
+        self.ch.send([method, args])
+        self.ch.flush()
+        while True:
+            reply = self._recv()
+            if not (isinstance(reply, list) and len(reply) == 2 and reply[0] == "out"):
+                return self._answer(reply)
+            if not isinstance(reply[1], bytes):
+                self.broken = True
+                raise ProtocolError(f"malformed output from {self.address.host}")
+            try:
+                on_out(reply[1])
+            except BaseException:
+                self.broken = True
+                raise
+
     def _reply(self) -> object:
-        reply = self._recv()
+        return self._answer(self._recv())
+
+    def _answer(self, reply: object) -> object:
         if isinstance(reply, list) and len(reply) == 2 and reply[0] == "ok":
             return reply[1]
         if isinstance(reply, list) and reply[:1] == ["err"] and len(reply) == 4:
@@ -436,12 +457,22 @@ class RemoteEndpoint:
         self.conn.call("clear_journal")
 
     # --- whole commands run on the far side -------------------------------------------------
-    def run(self, argv: list[str]) -> tuple[int, str, str]:
-        reply = self.conn.call("run", argv=list(argv))
+    def run(self, argv: list[str], write_out: Callable[[bytes], None]) -> tuple[int, str]:
+        """Run a whole command there: its stdout goes to `write_out` as it comes (bytes as
+        they are), its exit code and stderr are returned. A far side too old for
+        `run_stream` answers with its whole stdout as text."""
+        streaming = "run_stream" in self.conn.caps
+        if streaming:
+            reply = self.conn.call_streaming("run_stream", write_out, argv=list(argv))
+        else:
+            reply = self.conn.call("run", argv=list(argv))
         if not (isinstance(reply, dict) and isinstance(reply.get("code"), int)
-                and isinstance(reply.get("out"), str) and isinstance(reply.get("err"), str)):
+                and isinstance(reply.get("err"), str)
+                and (streaming or isinstance(reply.get("out"), str))):
             raise ProtocolError(f"malformed reply from {self.remote.host}")
-        return reply["code"], reply["out"], reply["err"]
+        if not streaming:
+            write_out(reply["out"].encode("utf-8", "surrogateescape"))
+        return reply["code"], reply["err"]
 
 
 __all__ = ["Connection", "Pacer", "RemoteEndpoint", "RemoteOptions"]

@@ -5,7 +5,10 @@ the client answers with its HELLO, and both use the highest version both know, i
 capabilities they do not know (rsync, git protocol v2). Then the client sends requests
 `[method, {args}]` and the server answers each with `["ok", value]` or
 `["err", code, message, extra]`; the server never sends a request of its own (borg's rule).
-Object streams are frames `["objs", [[id, data], ...]]` ended by `["end", {}]`.
+Object streams are frames `["objs", [[id, data], ...]]` ended by `["end", {}]`. A whole
+command run on the far side (`run_stream`) sends its stdout as `["out", bytes]` frames while it
+runs, then the usual answer with its exit code and stderr; the older `run` (kept for clients
+that do not know `run_stream`) answers with the whole stdout as text.
 
 Everything decoded here is checked: a peer is hostile input."""
 
@@ -29,9 +32,10 @@ from ..wire import ProtocolError
 
 MAGIC = "volsync-protocol"
 VERSIONS = (1,)
+# "run_stream": a single-volume command's stdout comes back as it is written (see server.py)
 # "file_warnings": snapshot_source(_dry) take `strict` and answer {"snapshot", "warnings",
 # "omitted"} (a server without it fails on a busy or unreadable file, as --strict does)
-CAPABILITIES = ("zstd", "bwlimit", "run", "file_warnings")
+CAPABILITIES = ("zstd", "bwlimit", "run", "file_warnings", "run_stream")
 MAX_WARNINGS = 10_000  # file warnings in one answer; the rest are only counted
 MAX_WARNING_PATH = 1 << 16
 
@@ -39,7 +43,7 @@ MAX_WARNING_PATH = 1 << 16
 READ_METHODS = frozenset({
     "open", "info", "lock", "release", "read", "export", "has", "inspect_live",
     "snapshot_record", "snapshot_source_dry", "would_change_source", "interrupted", "run",
-    "bye", "share", "hold", "settle_hold",
+    "run_stream", "bye", "share", "hold", "settle_hold",
 })
 WRITE_METHODS = frozenset({
     "create_mirror", "snapshot_source", "keep_live_changes", "begin", "receive",

@@ -22,8 +22,11 @@ from ..store.fsutil import nearest_real
 from ..wire import Channel, ConnectionLost, ProtocolError, object_batches
 from . import protocol as p
 
-RunCommand = Callable[[list[str], Callable[[str], str], bool], tuple[int, str, str]]
+# a whole command: (argv, check_path, read_only, write_stdout) -> (exit code, stderr)
+RunCommand = Callable[[list[str], Callable[[str], str], bool, Callable[[bytes], None]],
+                      tuple[int, str]]
 EXPORT_MAX_IDS = 1 << 16
+OUT_CHUNK = 1 << 20  # stdout bytes per "out" frame
 
 
 class Refused(VolsyncError):
@@ -108,7 +111,7 @@ class Session:
                 method = "snapshot_source_read_only"
             elif self.read_only and method in p.WRITE_METHODS:
                 raise Refused(f"this server is read-only: {method} refused")
-            if method != "open" and method != "run" and self.endpoint is None:
+            if method not in ("open", "run", "run_stream") and self.endpoint is None:
                 raise ProtocolError("no volume opened")
             result = getattr(self, "do_" + method)(**args)
             if method in ("read", "export"):
@@ -310,11 +313,27 @@ class Session:
         return p.snap_out(self.endpoint.snapshot_record(_snap_id(snap_id)))
 
     def do_run(self, argv: list) -> dict:
-        if self.run_command is None or not all(isinstance(a, str) for a in argv):
+        """A whole command, its stdout answered at the end as text (for older clients)."""
+        out = bytearray()
+        code, err = self._run(argv, out.extend)
+        return {"code": code, "out": out.decode("utf-8", "replace"), "err": err}
+
+    def do_run_stream(self, argv: list) -> dict:
+        """A whole command, its stdout sent as it is written, bytes as they are, in
+        ["out", bytes] frames (`cat` of a big file needs no more memory than a frame)."""
+        def send(data: bytes) -> None:
+            for start in range(0, len(data), OUT_CHUNK):
+                self.ch.send(["out", bytes(data[start : start + OUT_CHUNK])])
+
+        code, err = self._run(argv, send)
+        return {"code": code, "err": err}
+
+    def _run(self, argv: object, write_out: Callable[[bytes], None]) -> tuple[int, str]:
+        if (self.run_command is None or not isinstance(argv, list)
+                or not all(isinstance(a, str) for a in argv)):
             raise ProtocolError("bad run request")
-        code, out, err = self.run_command(
-            argv, lambda path: resolve_inside(path, self.restrict), self.read_only)
-        return {"code": code, "out": out, "err": err}
+        return self.run_command(argv, lambda path: resolve_inside(path, self.restrict),
+                                self.read_only, write_out)
 
 
 def _hold_args(mirror_id: object, address: object, snapshots: object

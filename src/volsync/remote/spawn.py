@@ -21,8 +21,10 @@ KEEPALIVE = ["-o", "ServerAliveInterval=15", "-o", "ServerAliveCountMax=4"]
 # options whose next argument is a value (never an address to connect to)
 VALUED = {"--label", "--wait", "--keep-last", "--repair-from", "--block-size", "--hash",
           "--rsh", "--remote-path", "--link", "--from", "--to", "--bwlimit",
-          "--restrict-to-path"}
+          "--restrict-to-path", "--path"}
 NO_PRESTART = {"serve", "--help", "-h", "--version"}
+# commands whose arguments after VOL name things inside a snapshot, never an address
+ONE_ADDRESS = {"cat", "ls"}
 
 _started: dict[tuple[str, ...], subprocess.Popen] = {}
 
@@ -55,10 +57,14 @@ def prestart(args: list[str]) -> None:
     rsh = rsh or os.environ.get("VOLSYNC_RSH") or "ssh"
     remote_path = remote_path or os.environ.get("VOLSYNC_REMOTE_PATH") or "volsync"
     skip = False
+    positional = 0
     for arg in args[1:]:
         if skip or arg.startswith("-"):
             skip = arg in VALUED
             continue
+        positional += 1
+        if args[0] in ONE_ADDRESS and positional > 1:
+            break
         with suppress(Exception):  # any problem is found, and reported, later
             address = parse_address(arg)
             argv = ssh_argv(address, rsh, remote_path) if address else None

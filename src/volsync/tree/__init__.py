@@ -1,6 +1,7 @@
 """The tree layer: scan a live tree into tree objects, write a tree back safely, and compare
 trees. Imports only the store."""
 
+from .browse import KIND_NAMES, KIND_WORDS, file_chunks, lookup, outermost, parse_path, select, walk
 from .diff import Change, diff_trees, live_differs
 from .meta import PRIVILEGED, NotRestored
 from .objects import Cancelled, Objects
@@ -18,6 +19,8 @@ from .scan import (
 from .write import Materializer
 
 __all__ = [
+    "KIND_NAMES",
+    "KIND_WORDS",
     "PRIVILEGED",
     "RACY_COARSE_NS",
     "RACY_NS",
@@ -32,7 +35,13 @@ __all__ = [
     "Scanner",
     "SourceReadError",
     "diff_trees",
+    "file_chunks",
     "is_racy",
     "live_differs",
+    "lookup",
+    "outermost",
+    "parse_path",
     "scan",
+    "select",
+    "walk",
 ]

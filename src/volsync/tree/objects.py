@@ -71,6 +71,10 @@ class Objects:
                 return packs
         return self.readers[-1]  # raises the missing-block IntegrityError
 
+    def block(self, block_id: BlockId) -> bytes:
+        """A block's bytes, checked against its id (IntegrityError otherwise)."""
+        return self._reader(block_id).get(block_id, verify=True)
+
     def put_block(self, block_id: BlockId, data: bytes) -> None:
         if self.write:
             self.volume.packs.put(block_id, data)

@@ -48,6 +48,7 @@ from ..model import (
     Kind,
     Tree,
 )
+from ..quoting import quote_path
 from ..store.crash import fault
 from ..store.trees import META_NAME
 from ..store.volume import Volume
@@ -216,7 +217,7 @@ class Scanner:
                 sub[name] = got
                 keys[name] = stat_key(st, self.scan_start, sub[name][0])
             elif stat.S_ISSOCK(mode):
-                self.warnings.append(f"skipped socket {os.fsdecode(_join(rel, name))}")
+                self.warnings.append(f"skipped socket {quote_path(_join(rel, name))}")
                 continue
             else:
                 keys[name] = stat_key(st, self.scan_start)
@@ -237,7 +238,7 @@ class Scanner:
         except OSError:
             return False
         self.warnings.append(f"skipped the volume metadata of nested volume "
-                             f"{os.fsdecode(rel)} ({os.fsdecode(_join(rel, META_NAME))})")
+                             f"{quote_path(rel)} ({quote_path(_join(rel, META_NAME))})")
         return True
 
     def register_link(self, ino: int, path: bytes) -> int:
@@ -441,8 +442,8 @@ class Scanner:
         the bytes last read (possibly inconsistent)."""
         path = _join(rel, name)
         if self.strict:
-            raise VolsyncError(f"{path.decode(errors='replace')}: file kept changing while "
-                               "being read; try again later")
+            raise VolsyncError(f"{quote_path(path)}: file kept changing while being read; "
+                               "try again later")
         self.unlinked.add(ino)
         old = self.previous(rel, name)
         if old is not None and old.kind is Kind.FILE:
@@ -466,7 +467,7 @@ class Scanner:
         latest snapshot (of one of `kinds`) goes to `self.kept` (True), or it is left out."""
         path = _join(rel, name)
         if self.strict:
-            raise VolsyncError(f"cannot read {os.fsdecode(self.full_path(path))}: "
+            raise VolsyncError(f"cannot read {quote_path(self.full_path(path))}: "
                                f"{exc.strerror or exc}")
         old = self.previous(rel, name)
         if old is not None and old.kind in kinds:

@@ -32,6 +32,7 @@ from contextlib import suppress
 
 from ..errors import IntegrityError
 from ..model import BlockId, Entry, Format, Kind
+from ..quoting import quote_path
 from ..store.blocklist import zip_runs
 from ..store.crash import crashpoint, fault
 from ..store.fsutil import fsync
@@ -412,7 +413,8 @@ class Materializer:
         try:
             st_first = os.lstat(first_name, dir_fd=first_dir)
             if not stat.S_ISREG(st_first.st_mode):
-                raise IntegrityError(f"hard-link group {entry.link!r} names no regular file")
+                raise IntegrityError(f"hard-link group {quote_path(entry.link)} names no "
+                                     "regular file")
             try:
                 st = os.lstat(entry.name, dir_fd=dfd)
                 if (st.st_dev, st.st_ino) == (st_first.st_dev, st_first.st_ino):
@@ -441,18 +443,18 @@ class Materializer:
         depth first) met before this member; a tree naming anything else is damage."""
         here = _join(rel, entry.name)
         if entry.link.split(b"/") >= here.split(b"/"):
-            raise IntegrityError(f"{os.fsdecode(here)}: hard-link group {entry.link!r} names "
-                                 "no earlier file")
+            raise IntegrityError(f"{quote_path(here)}: hard-link group "
+                                 f"{quote_path(entry.link)} names no earlier file")
         try:
             return self.open_parent(entry.link)
         except (FileNotFoundError, NotADirectoryError) as exc:
-            raise IntegrityError(f"{os.fsdecode(here)}: hard-link group {entry.link!r} names "
-                                 "no file") from exc
+            raise IntegrityError(f"{quote_path(here)}: hard-link group "
+                                 f"{quote_path(entry.link)} names no file") from exc
         except OSError as exc:
             if exc.errno != errno.ELOOP:
                 raise
-            raise IntegrityError(f"{os.fsdecode(here)}: hard-link group {entry.link!r} "
-                                 "passes through a symlink") from None
+            raise IntegrityError(f"{quote_path(here)}: hard-link group "
+                                 f"{quote_path(entry.link)} passes through a symlink") from None
 
     def open_parent(self, path: bytes) -> tuple[int, bytes]:
         """An fd of the directory holding `path` (relative to the root), never following."""
