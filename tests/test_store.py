@@ -13,7 +13,7 @@ import pytest
 import xxhash
 
 from volsync.errors import IntegrityError, VolumeLocked
-from volsync.model import BLAKE3, XXH3, Entry, Format, Kind, Tree
+from volsync.model import BLAKE3, XXH3, BlockId, Entry, Format, Kind, Tree
 from volsync.store import fsutil
 from volsync.store.blocklist import DIRECT_MAX, FANOUT, build_ref
 from volsync.store.codec import FORMAT_VERSION, open_sealed, pack, seal
@@ -289,6 +289,54 @@ def test_scan_pack_reports_records(packdir):
     _flip(packdir / f"{name}.pack", 0)
     with pytest.raises(IntegrityError):
         list(s.scan_pack(name))
+
+
+@pytest.mark.parametrize("where", ["large", "copy"])
+def test_an_add_cut_short_by_ctrl_c_is_left_out_of_the_sealed_pack(packdir, monkeypatch, where):
+    """Ctrl-C (KeyboardInterrupt in the main thread) in the middle of an add leaves its header
+    written without its data; a transfer's interrupt handler then seals the pack for the rerun.
+    The sealed pack must hold only whole records, as verify reads them one after another."""
+    import volsync.store.packs as packs
+
+    w = PackWriter(packdir, RECORD)
+    whole = [blob(i) for i in range(3)]
+    for d in whole:
+        w.add(BlockId(digest_of(d)), d)
+    big = blob(9, packs.BUFFER_LIMIT // 8)
+    if where == "large":  # the header went to the writer, the data's write never came
+        real = PackWriter._write_at
+        calls = []
+
+        def write_at(self, offset, data):
+            calls.append(1)
+            if len(calls) > 1:
+                raise KeyboardInterrupt
+            real(self, offset, data)
+        monkeypatch.setattr(PackWriter, "_write_at", write_at)
+        with pytest.raises(KeyboardInterrupt):
+            w.add(BlockId(digest_of(big)), big)
+        monkeypatch.undo()
+    else:  # the kernel copy was interrupted after part of the data
+        src = packdir / "src"
+        src.write_bytes(big)
+
+        def copy(src_fd, src_off, dst_fd, dst_off, length):
+            os.pwrite(dst_fd, big[: length // 2], dst_off)
+            raise KeyboardInterrupt
+        monkeypatch.setattr(packs, "copy_range", copy)
+        fd = os.open(src, os.O_RDONLY)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                w.add_copy(BlockId(digest_of(big)), fd, 0, len(big))
+        finally:
+            os.close(fd)
+        monkeypatch.undo()
+    entries = w.seal()
+    assert set(entries) == {digest_of(d) for d in whole}
+    s = PackStore(packdir, ALGO)
+    assert [d for _, _, d in s.scan_pack(w.name)] == whole
+    for d in whole:
+        assert s.get(BlockId(digest_of(d))) == d
 
 
 def test_pack_records_and_index_follow_the_volume_hash(tmp_path):

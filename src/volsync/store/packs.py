@@ -51,6 +51,7 @@ class PackWriter:
         self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
         self.entries: dict[BlockId, tuple[int, int]] = {}
         self.flushed = 0
+        self.complete = len(PACK_HEADER)  # the end of the last whole record
         self.buffer = bytearray(PACK_HEADER)
         self.queue: queue.Queue | None = None
         self.thread: threading.Thread | None = None
@@ -62,13 +63,14 @@ class PackWriter:
 
     def add(self, block_id: BlockId, data: bytes | memoryview) -> None:
         self.buffer += self.record.pack(block_id, len(data))
-        self.entries[block_id] = (self.size, len(data))
+        offset = self.size
         if len(data) >= BUFFER_LIMIT // 16:  # large: skip the copy into the buffer
             self.flush()
             self._write_at(self.flushed, data if isinstance(data, bytes) else bytes(data))
             self.flushed += len(data)
-            return
-        self.buffer += data
+        else:
+            self.buffer += data
+        self._done(block_id, offset, len(data))
         if len(self.buffer) >= BUFFER_LIMIT:
             self.flush()
 
@@ -77,8 +79,14 @@ class PackWriter:
         self.buffer += self.record.pack(block_id, length)
         self.flush()
         copy_range(src_fd, src_off, self.fd, self.flushed, length)
-        self.entries[block_id] = (self.flushed, length)
         self.flushed += length
+        self._done(block_id, self.flushed - length, length)
+
+    def _done(self, block_id: BlockId, offset: int, length: int) -> None:
+        """A record is whole: only now does the index name it (a Ctrl-C in the middle of an
+        add leaves a partial record past `complete`, which seal cuts off)."""
+        self.entries[block_id] = (offset, length)
+        self.complete = offset + length
 
     def flush(self) -> None:
         """Hand the buffer to the writer (positional writes only: kernel copies by
@@ -133,6 +141,8 @@ class PackWriter:
 
     def seal(self) -> dict[BlockId, tuple[int, int]]:
         self.drain()
+        if os.fstat(self.fd).st_size > self.complete:  # an add cut short (Ctrl-C)
+            os.ftruncate(self.fd, self.complete)
         fsync(self.fd)
         crashpoint("pack-data-durable")
         ids = list(self.entries)
