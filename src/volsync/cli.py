@@ -656,12 +656,10 @@ def write_metrics(path: str, text: str) -> None:
 def diff(volume: str, a: str | None, b: str | None, out: Output) -> None:
     """Paths added, modified, deleted: A to B, A to the live tree, or latest to the live tree.
 
-    A and B are snapshots: a number, a label, 'latest' or an id prefix. A line is 'A PATH',
+    A line is 'A PATH',
     'M PATH' or 'D PATH' (a directory ends in '/'); a path with a control character, '"',
     '\\' or a byte beyond ASCII is quoted as git quotes it. In JSON, "changes" gives each path
-    and, when it is not valid UTF-8, its exact bytes as "path_b64".
-
-    Example: volsync diff /srv/data 11 12"""
+    and, when it is not valid UTF-8, its exact bytes as "path_b64"."""
     changes = ops.diff(Volume.open(volume), a, b)
     data = {k: [display_path(c.path) for c in changes if c.status == k]
             for k in ("added", "modified", "deleted")}
@@ -717,12 +715,10 @@ def restore(volume: str, snap: str, directory: str, paths: tuple[str, ...], out:
     """Write the content of any snapshot (lineage or preserved), or only the paths given with
     --path, to a new directory.
 
-    SNAP is a number, a label, 'latest' or an id prefix. With --path, the directories that
+    With --path, the directories that
     lead to each path are created with their recorded metadata, and a hard-linked file whose
     other names are not restored becomes a plain file. A path not in the snapshot is refused
-    (exit 1) before anything is written.
-
-    Example: volsync restore /srv/data 12 /tmp/r --path etc/app.conf"""
+    (exit 1) before anything is written."""
     s, skipped = ops.restore(Volume.open(volume), snap, directory, out.progress("restore"),
                              paths)
     chosen = outermost([parse_path(p) for p in paths])
@@ -746,12 +742,9 @@ def ls(volume: str, snap: str, path: str | None, recursive: bool, out: Output) -
     'restic ls -l' does: type and permissions, owner and group (numeric), size, mtime (ISO,
     local time), path; a symlink also shows its target.
 
-    SNAP is a number, a label, 'latest' or an id prefix; PATH is relative to the snapshot's
-    top (a file lists itself). Paths are quoted as in 'volsync diff'. Only the directories
+    PATH is relative to the snapshot's top (a file lists itself). Paths are quoted as in 'volsync diff'. Only the directories
     listed are read. With --json: {"entries": [{"path", "type", "mode", "permissions", "uid",
-    "gid", "size", "mtime_ns", ...}]}, "path_b64" beside a path that is not UTF-8.
-
-    Example: volsync ls /srv/data latest etc --no-recursive"""
+    "gid", "size", "mtime_ns", ...}]}, "path_b64" beside a path that is not UTF-8."""
     s, entries = ops.list_snapshot(Volume.open(volume), snap, path, recursive)
     if out.json:
         out.emit({"snapshot": snap_ref(s), "entries": [ls_json(p, e) for p, e in entries]}, "")
@@ -767,12 +760,9 @@ def ls(volume: str, snap: str, path: str | None, recursive: bool, out: Output) -
 def cat(volume: str, snap: str, path: str) -> None:
     """Write one file of snapshot SNAP to stdout, byte for byte (holes come out as zeros).
 
-    SNAP is a number, a label, 'latest' or an id prefix; PATH is relative to the snapshot's
-    top. Only the file's blocks are read, one at a time, each checked against its id (exit 6
+    PATH is relative to the snapshot's top. Only the file's blocks are read, one at a time, each checked against its id (exit 6
     where one fails, after the bytes before it). A directory or anything but a regular file is
-    refused (exit 1). No --json: stdout carries the file.
-
-    Example: volsync cat /srv/data 12 etc/app.conf > app.conf"""
+    refused (exit 1). No --json: stdout carries the file."""
     for chunk in ops.file_content(Volume.open(volume), snap, path):
         write_stdout(chunk)
     sys.stdout.flush()

@@ -15,26 +15,31 @@ EXAMPLES = {
     "diff": "volsync diff /srv/data            # latest snapshot -> live tree\n"
             "volsync diff /srv/data 12 latest  # snapshot 12 -> latest",
     "revert": "volsync revert /srv/data before-upgrade --dry-run",
-    "restore": "volsync restore /srv/data 12 /tmp/data-12",
+    "restore": "volsync restore /srv/data 12 /tmp/data-12\n"
+               "volsync restore /srv/data p2 /tmp/r --path etc/app.conf --path home/ann",
     "verify": "volsync verify /mnt/b/data\n"
               "volsync verify /mnt/b/data --repair-from /srv/data",
     "prune": "volsync prune /srv/data --keep-last 30 --dry-run\n"
+             "volsync prune /srv/data --keep hourly=24,daily=7,weekly=4,monthly=12\n"
              "volsync prune /srv/data --preserved",
     "transfer": "volsync transfer /srv/data /mnt/b/data\n"
                 "volsync transfer /srv/data backup@beta:/srv/mirrors/data --compress",
     "break": "volsync break /mnt/b/data        # the source /srv/data is lost",
-    "resync": "volsync resync /mnt/b/data /srv/data  # after 'volsync break /mnt/b/data'",
+    "resync": "volsync resync /mnt/b/data /srv/data  # after 'volsync break /mnt/b/data'\n"
+              "volsync resync --force /mnt/b/data /srv/data  # in a script: no question",
     "role-swap": "volsync role-swap /mnt/b/data /srv/data --link /srv/current",
     "serve": 'command="volsync serve --stdio --restrict-to-path /srv/mirrors",restrict '
              "ssh-ed25519 AAAA... admin@alpha",
     "send": "volsync send /srv/data --from 7 | ssh backup volsync receive /srv/mirror\n"
             "volsync send /srv/data --from 12 > /mnt/usb/data.vss",
     "receive": "volsync receive /vault/data < /mnt/usb/data.vss",
-    "cat": "volsync cat /srv/data latest etc/hosts > hosts",
-    "ls": "volsync ls /srv/data 12 etc",
+    "cat": "volsync cat /srv/data 12 etc/app.conf > app.conf",
+    "ls": "volsync ls /srv/data 12 etc\n"
+          "volsync ls /srv/data latest --no-recursive --json",
     "holds": "volsync holds /srv/data",
-    "release": "volsync release /srv/data MIRROR_ID",
-    "destroy": "volsync destroy /srv/data 12",
+    "release": "volsync release /srv/data 3f9a1c2e   # a mirror id (prefix) 'holds' lists",
+    "destroy": "volsync destroy /srv/data 12 --dry-run\n"
+               "volsync destroy /srv/data p1",
 }
 
 # the commands that name snapshots, and how their help names those arguments
