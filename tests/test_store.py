@@ -296,7 +296,7 @@ def test_an_add_cut_short_by_ctrl_c_is_left_out_of_the_sealed_pack(packdir, monk
     """Ctrl-C (KeyboardInterrupt in the main thread) in the middle of an add leaves its header
     written without its data; a transfer's interrupt handler then seals the pack for the rerun.
     The sealed pack must hold only whole records, as verify reads them one after another."""
-    import volsync.store.packs as packs
+    from volsync.store import packs
 
     w = PackWriter(packdir, RECORD)
     whole = [blob(i) for i in range(3)]
