@@ -291,7 +291,7 @@ def test_scan_pack_reports_records(packdir):
         list(s.scan_pack(name))
 
 
-@pytest.mark.parametrize("where", ["large", "copy"])
+@pytest.mark.parametrize("where", ["large", "copy", "run"])
 def test_an_add_cut_short_by_ctrl_c_is_left_out_of_the_sealed_pack(packdir, monkeypatch, where):
     """Ctrl-C (KeyboardInterrupt in the main thread) in the middle of an add leaves its header
     written without its data; a transfer's interrupt handler then seals the pack for the rerun.
@@ -318,7 +318,7 @@ def test_an_add_cut_short_by_ctrl_c_is_left_out_of_the_sealed_pack(packdir, monk
         monkeypatch.undo()
     else:  # the kernel copy was interrupted after part of the data
         src = packdir / "src"
-        src.write_bytes(big)
+        src.write_bytes(RECORD.pack(digest_of(big), len(big)) + big)
 
         def copy(src_fd, src_off, dst_fd, dst_off, length):
             os.pwrite(dst_fd, big[: length // 2], dst_off)
@@ -327,7 +327,10 @@ def test_an_add_cut_short_by_ctrl_c_is_left_out_of_the_sealed_pack(packdir, monk
         fd = os.open(src, os.O_RDONLY)
         try:
             with pytest.raises(KeyboardInterrupt):
-                w.add_copy(BlockId(digest_of(big)), fd, 0, len(big))
+                if where == "copy":
+                    w.add_copy(BlockId(digest_of(big)), fd, RECORD.size, len(big))
+                else:  # a run of whole records copied from another pack
+                    w.add_run(fd, 0, [(BlockId(digest_of(big)), RECORD.size, len(big))])
         finally:
             os.close(fd)
         monkeypatch.undo()

@@ -82,6 +82,20 @@ class PackWriter:
         self.flushed += length
         self._done(block_id, self.flushed - length, length)
 
+    def add_run(self, src_fd: int, start: int, records: list[tuple[BlockId, int, int]]) -> None:
+        """Append whole records copied by the kernel from another pack: the bytes from
+        `start` to the end of the last of `records` (id, data offset there, length)."""
+        self.flush()
+        size = records[-1][1] + records[-1][2] - start
+        try:
+            copy_range(src_fd, start, self.fd, self.flushed, size)
+        except OSError as exc:  # ENOSPC, EIO: name the pack being written
+            raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+        base = self.flushed - start
+        self.flushed += size
+        for block_id, off, length in records:
+            self._done(block_id, base + off, length)
+
     def _done(self, block_id: BlockId, offset: int, length: int) -> None:
         """A record is whole: only now does the index name it (a Ctrl-C in the middle of an
         add leaves a partial record past `complete`, which seal cuts off)."""
@@ -348,16 +362,7 @@ class PackStore:
         if self._writer is None:
             self._writer = PackWriter(self.dir, self.record)
         w = self._writer
-        w.flush()
-        start = run[0][1] - self.record.size
-        size = run[-1][1] + run[-1][2] - start
-        try:
-            copy_range(other._fd(name), start, w.fd, w.flushed, size)
-        except OSError as exc:  # ENOSPC, EIO: name the pack being written
-            raise OSError(exc.errno, exc.strerror, str(w.path)) from None
-        for block_id, off, length in run:
-            w.entries[block_id] = (w.flushed + off - start, length)
-        w.flushed += size
+        w.add_run(other._fd(name), run[0][1] - self.record.size, run)
         for _, _, length in run:
             if on_object:
                 on_object(length)
@@ -457,6 +462,7 @@ class PackStore:
             os.close(fd)
         writer.fd = os.open(pack, os.O_RDONLY | os.O_NOFOLLOW)
         writer.flushed, writer.buffer, writer.thread, writer.error = end, bytearray(), None, None
+        writer.complete = end
         entries = writer.seal()
         if self._index is not None:
             for block_id, (off, length) in entries.items():
