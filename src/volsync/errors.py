@@ -48,6 +48,14 @@ class IntegrityError(VolsyncError):
     code = 6
 
 
+class StoreAccessError(VolsyncError):
+    """The OS refused to open, map or read a store file for a reason that is no damage: too
+    many open files, out of memory, no permission. Exit 1, never 6: nothing is wrong with
+    the data, and nothing may be repaired or thrown away because of it."""
+
+    code = 1
+
+
 class FormatTooOld(VolsyncError):
     """A volume of an older format: only `volsync upgrade` opens it."""
 

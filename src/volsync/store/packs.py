@@ -8,7 +8,6 @@ durable; a pack without an index is a crashed writer's leftover and is deleted b
 from __future__ import annotations
 
 import errno
-import mmap
 import os
 import queue
 import secrets
@@ -24,6 +23,7 @@ from ..model import BlockId, HashAlgo
 from .codec import FORMAT_VERSION, open_sealed, seal
 from .crash import crashpoint, fault
 from .fsutil import atomic_write, fsync, fsync_dir, pwrite_all, read_nofollow, write_all
+from .packpool import MAX_OPEN_PACKS, OpenPack, PackPool, access_error, is_damage, pack_error
 
 PACK_HEADER = b"VSPACK\x00\x02"
 
@@ -203,8 +203,15 @@ def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int | None, leng
 
 def read_index(path: Path, id_size: int, version: int = FORMAT_VERSION
                ) -> tuple[str, list[tuple[BlockId, int, int]]]:
-    """Decode one pack index, refusing any that fails its checksum or shape."""
-    return parse_index(read_nofollow(path), path, id_size, version)
+    """Decode one pack index, refusing any that fails its checksum or shape (an OS limit
+    hit reading it is StoreAccessError: not an OSError, so no caller takes it for damage)."""
+    try:
+        raw = read_nofollow(path)
+    except OSError as exc:
+        if is_damage(exc):
+            raise
+        raise access_error(exc, f"reading pack index {path.name}") from None
+    return parse_index(raw, path, id_size, version)
 
 
 def parse_index(raw: bytes, path: Path, id_size: int, version: int = FORMAT_VERSION
@@ -238,8 +245,7 @@ class PackStore:
         self.digest = algo.digest
         self.record = record_struct(algo)
         self._index: dict[BlockId, tuple[str, int, int]] | None = None
-        self._fds: dict[str, int] = {}
-        self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
+        self._pool = PackPool(directory, MAX_OPEN_PACKS)  # open packs, pinned while used
         self._writer: PackWriter | None = None
         self.bad_indexes: list[tuple[str, str]] = []
 
@@ -275,47 +281,50 @@ class PackStore:
             if loc is None:
                 raise IntegrityError(f"missing block {block_id.hex()}")
             name, off, length = loc
-            try:
-                data = os.pread(self._fd(name), length, off)
-            except OSError as exc:
-                raise IntegrityError(f"block {block_id.hex()}: unreadable pack {name}: {exc}")
+            data = self._pread(name, off, length, block_id)
             if len(data) != length:
                 raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
         if verify and self.digest(data) != block_id:
             raise IntegrityError(f"block {block_id.hex()} failed its digest check")
         return data
 
-    def locate(self, block_id: BlockId, verify: bool = True) -> tuple[int, int, int] | None:
-        """(fd, offset, length) of a sealed object, its digest checked through a read-only
-        mapping (no copy); None when it is only in the unsealed writer."""
-        w = self._writer
-        if w and block_id in w.entries:
-            return None
-        loc = self.index().get(block_id)
-        if loc is None:
-            raise IntegrityError(f"missing block {block_id.hex()}")
-        name, off, length = loc
-        if verify:
-            view = self._view(name)
-            if off + length > len(view):
-                raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
-            if self.digest(view[off : off + length]) != block_id:
-                raise IntegrityError(f"block {block_id.hex()} failed its digest check")
-        return self._fd(name), off, length
+    def _pread(self, name: str, off: int, length: int, block_id: BlockId) -> bytes:
+        with self._pool.use(name) as pack:
+            try:
+                return os.pread(pack.fd, length, off)
+            except OSError as exc:
+                raise pack_error(exc, f"reading pack {name}",
+                                 f"block {block_id.hex()}: unreadable pack {name}: {exc}"
+                                 ) from None
 
     def copy_to(self, block_id: BlockId, out_fd: int, out_off: int | None = None,
                 verify: bool = True) -> int:
-        """Write a (verified) object into a file without copying it through Python."""
-        loc = self.locate(block_id, verify)
-        if loc is None:
+        """Write a (verified) object into a file without copying it through Python: its
+        digest is checked through a read-only mapping, then the kernel copies it."""
+        w = self._writer
+        if w and block_id in w.entries:
             data = self.get(block_id, verify=verify)
             if out_off is None:
                 write_all(out_fd, data)
             else:
                 pwrite_all(out_fd, data, out_off)
             return len(data)
-        copy_range(*loc[:2], out_fd, out_off, loc[2])
-        return loc[2]
+        loc = self.index().get(block_id)
+        if loc is None:
+            raise IntegrityError(f"missing block {block_id.hex()}")
+        name, off, length = loc
+        with self._pool.use(name, mapped=verify) as pack:
+            if verify:
+                self._check_in_place(pack, block_id, off, length)
+            copy_range(pack.fd, off, out_fd, out_off, length)
+        return length
+
+    def _check_in_place(self, pack: OpenPack, block_id: BlockId, off: int, length: int) -> None:
+        view = pack.view
+        if off + length > len(view):
+            raise IntegrityError(f"block {block_id.hex()}: pack {pack.name} is truncated")
+        if self.digest(view[off : off + length]) != block_id:
+            raise IntegrityError(f"block {block_id.hex()} failed its digest check")
 
     def put_many_from(self, other: PackStore, ids, on_object=None) -> None:
         """Receive objects from another store: each is checked against its id (and its
@@ -349,42 +358,28 @@ class PackStore:
         if loc is None:
             raise IntegrityError(f"missing block {block_id.hex()}")
         name, off, length = loc
-        view = other._view(name)
-        if off < self.record.size or off + length > len(view):
-            raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
-        if view[off - self.record.size : off] != self.record.pack(block_id, length):
-            raise IntegrityError(f"block {block_id.hex()}: record header in pack {name} is corrupt")
-        if self.digest(view[off : off + length]) != block_id:
-            raise IntegrityError(f"block {block_id.hex()} failed its digest check")
+        with other._pool.use(name, mapped=True) as pack:
+            view = pack.view
+            if off < self.record.size or off + length > len(view):
+                raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
+            if view[off - self.record.size : off] != self.record.pack(block_id, length):
+                raise IntegrityError(f"block {block_id.hex()}: record header in pack {name} "
+                                     "is corrupt")
+            del view
+            self._check_in_place(pack, block_id, off, length)
         return loc
 
     def _copy_run(self, other: PackStore, name: str, run, on_object) -> None:
         if self._writer is None:
             self._writer = PackWriter(self.dir, self.record)
         w = self._writer
-        w.add_run(other._fd(name), run[0][1] - self.record.size, run)
+        with other._pool.use(name) as pack:
+            w.add_run(pack.fd, run[0][1] - self.record.size, run)
         for _, _, length in run:
             if on_object:
                 on_object(length)
         if w.size >= PACK_TARGET:
             self.flush()
-
-    def _view(self, name: str) -> memoryview:
-        mapped = self._maps.get(name)
-        if mapped is None:
-            fd = self._fd(name)
-            size = os.fstat(fd).st_size
-            if size == 0:
-                return memoryview(b"")
-            m = mmap.mmap(fd, size, prot=mmap.PROT_READ)
-            mapped = self._maps[name] = (m, memoryview(m))
-        return mapped[1]
-
-    def _fd(self, name: str) -> int:
-        fd = self._fds.get(name)
-        if fd is None:
-            fd = self._fds[name] = os.open(self.dir / f"{name}.pack", os.O_RDONLY | os.O_NOFOLLOW)
-        return fd
 
     # --- writing (lock holder only) ---------------------------------------------------------
     def put(self, block_id: BlockId, data: bytes | memoryview) -> bool:
@@ -471,31 +466,32 @@ class PackStore:
 
     def close(self) -> None:
         self.discard()
-        for name in list(self._fds):
-            self._close_pack(name)
+        self._pool.close_all()
 
     def __del__(self) -> None:
         # pack fds are raw descriptors: a store dropped without close() (a command run
         # in-process, a library caller) must not leak them
         with suppress(Exception):
-            for name in list(self._fds):
-                self._close_pack(name)
+            self._pool.close_all()
 
     def _close_pack(self, name: str) -> None:
-        mapped = self._maps.pop(name, None)
-        if mapped is not None:
-            mapped[1].release()
-            mapped[0].close()
-        fd = self._fds.pop(name, None)
-        if fd is not None:
-            os.close(fd)
+        self._pool.close(name)
 
     # --- whole-store passes -----------------------------------------------------------------
     def pack_names(self) -> list[str]:
         return sorted(p.stem for p in self.dir.glob("*.idx"))
 
     def scan_pack(self, name: str) -> Iterator[tuple[BlockId, int, bytes]]:
-        """Every record of a pack as written, for verify (id, offset, data)."""
+        """Every record of a pack as written, for verify (id, offset, data). An OS limit hit
+        on the way is StoreAccessError, which no caller takes for damage."""
+        try:
+            yield from self._scan_records(name)
+        except OSError as exc:
+            if is_damage(exc):
+                raise
+            raise access_error(exc, f"reading pack {name}") from None
+
+    def _scan_records(self, name: str) -> Iterator[tuple[BlockId, int, bytes]]:
         fd = os.open(self.dir / f"{name}.pack", os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
             if f.read(len(PACK_HEADER)) != PACK_HEADER:
