@@ -791,3 +791,229 @@ def test_repack_frees_copies_left_by_crashed_repack(packdir, monkeypatch, names)
     assert s3.get(digest_of(a), verify=True) == a and not s3.has(digest_of(b))
     total = sum(p.stat().st_size for p in packdir.glob("*.pack"))
     assert total < 40_000  # one copy of `a`, no copy of `b`
+
+
+# --- the pool of open packs -------------------------------------------------------------------
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def one_pack_each(store: PackStore, count: int) -> list[bytes]:
+    """`count` objects, each sealed in a pack of its own."""
+    ids = []
+    for i in range(count):
+        ids += put_all(store, [blob(i, 300 + i)])
+        store.flush()
+    return ids
+
+
+@pytest.fixture
+def many_packs(packdir):
+    store = PackStore(packdir, ALGO)
+    ids = one_pack_each(store, 40)
+    store.close()
+    return packdir, ids
+
+
+def test_the_pool_never_holds_more_than_its_cap_open(many_packs):
+    packdir, ids = many_packs
+    before = open_fds()
+    store = PackStore(packdir, ALGO)
+    store._pool.cap = 5
+    out = os.open(packdir / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        for _ in range(2):
+            for n, block_id in enumerate(ids):
+                assert digest_of(store.get(block_id, verify=True)) == block_id
+                store.copy_to(block_id, out, 0, verify=n % 2 == 0)
+                assert len(store._pool) <= 5
+                assert open_fds() <= before + 2 * 5 + 1  # a mapping holds a dup of its fd
+    finally:
+        os.close(out)
+    store.close()
+    assert len(store._pool) == 0 and open_fds() == before
+
+
+def test_the_pool_keeps_the_most_recently_used_packs_open(many_packs):
+    packdir, ids = many_packs
+    store = PackStore(packdir, ALGO)
+    store._pool.cap = 3
+    for block_id in ids[:3]:
+        store.get(block_id)
+    store.get(ids[0])  # used again: the second is now the least recent
+    store.get(ids[3])
+    names = [store.index()[i][0] for i in ids]
+    assert list(store._pool._open) == [names[2], names[0], names[3]]
+    store.close()
+
+
+def test_a_pinned_pack_is_never_closed_however_many_others_are_opened(many_packs):
+    packdir, ids = many_packs
+    store = PackStore(packdir, ALGO)
+    store._pool.cap = 1
+    name, off, length = store.index()[ids[0]]
+    with store._pool.use(name, mapped=True) as pack:
+        for block_id in ids[1:]:
+            store.get(block_id, verify=True)
+        assert os.pread(pack.fd, length, off) == bytes(pack.view[off : off + length])
+        assert digest_of(pack.view[off : off + length]) == ids[0]
+    assert len(store._pool) == 1
+    store.close()
+
+
+def test_a_mapping_still_referenced_is_closed_later_not_broken(many_packs):
+    packdir, ids = many_packs
+    store = PackStore(packdir, ALGO)
+    store._pool.cap = 1
+    name, off, length = store.index()[ids[0]]
+    with store._pool.use(name, mapped=True) as pack:
+        kept = pack.view[off : off + length]  # a caller that holds on to a slice too long
+    store.get(ids[1])  # evicts the first pack: its mapping cannot be closed yet
+    assert digest_of(kept) == ids[0]
+    del kept
+    store.get(ids[2])
+    assert len(store._pool) == 1
+    store.close()
+    assert not store._pool._lingering
+
+
+def test_evictions_during_a_store_to_store_copy_break_nothing(many_packs, tmp_path):
+    """put_many_from copies runs across many packs while another thread reads and kernel-copies
+    from the same source store (a transfer's live-tree writer): with a pool of 2, packs are
+    evicted under both all the time."""
+    packdir, ids = many_packs
+    src = PackStore(packdir, ALGO)
+    src._pool.cap = 2
+    src.index()  # loaded before the threads start, as a transfer's planning does
+    dst_dir = tmp_path / "dst"
+    dst_dir.mkdir()
+    dst = PackStore(dst_dir, ALGO)
+    out = os.open(tmp_path / "out", os.O_RDWR | os.O_CREAT, 0o600)
+    errors, stop = [], []
+
+    def reader():
+        try:
+            while not stop:
+                for block_id in reversed(ids):
+                    length = src.copy_to(block_id, out, 0)
+                    assert digest_of(os.pread(out, length, 0)) == block_id
+                    assert digest_of(src.get(block_id)) == block_id
+        except BaseException as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    import threading
+    thread = threading.Thread(target=reader)
+    thread.start()
+    copied = []
+    try:
+        # on_object reads an unrelated pack mid-run: it evicts the run's pack
+        dst.put_many_from(src, ids, lambda n: (copied.append(n), src.get(ids[len(copied) % 7])))
+        dst.flush()
+    finally:
+        stop.append(True)
+        thread.join()
+        os.close(out)
+    assert not errors, errors
+    assert len(copied) == len(ids) and len(src._pool) <= 2
+    dst.close()
+    dst = PackStore(dst_dir, ALGO)
+    assert all(digest_of(dst.get(i)) == i for i in ids)
+    dst.close()
+    src.close()
+
+
+# --- an OS limit is no damage -----------------------------------------------------------------
+
+def _refuse_open(monkeypatch, err: int):
+    real = os.open
+
+    def refusing(path, *args, **kwargs):
+        if str(path).endswith((".pack", ".idx")):
+            raise OSError(err, os.strerror(err), str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing)
+
+
+def test_too_many_open_files_reading_a_pack_is_exit_1_naming_the_limit(many_packs, monkeypatch):
+    import errno
+    import resource
+
+    from volsync.errors import StoreAccessError
+    packdir, ids = many_packs
+    store = PackStore(packdir, ALGO)
+    store.index()
+    _refuse_open(monkeypatch, errno.EMFILE)
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    for read in (lambda: store.get(ids[0]), lambda: store.copy_to(ids[0], 1, 0),
+                 lambda: list(store.scan_pack(store.pack_names()[0]))):
+        with pytest.raises(StoreAccessError) as caught:
+            read()
+        assert caught.value.code == 1 and not isinstance(caught.value, IntegrityError)
+        assert f"too many open files (ulimit -n {soft}) while" in str(caught.value)
+        assert store.pack_names()[0] in str(caught.value) or "pack" in str(caught.value)
+    monkeypatch.undo()
+    store.close()
+
+
+@pytest.mark.parametrize("err", ["ENFILE", "ENOMEM", "EACCES"])
+def test_other_os_refusals_are_no_damage_either(many_packs, monkeypatch, err):
+    import errno
+
+    from volsync.errors import StoreAccessError
+    packdir, ids = many_packs
+    store = PackStore(packdir, ALGO)
+    store.index()
+    _refuse_open(monkeypatch, getattr(errno, err))
+    with pytest.raises(StoreAccessError) as caught:
+        store.get(ids[0])
+    name = store.index()[ids[0]][0]
+    assert caught.value.code == 1 and f"while opening pack {name}" in str(caught.value)
+    monkeypatch.undo()
+    store.close()
+
+
+def test_a_missing_pack_is_still_damage(many_packs):
+    packdir, ids = many_packs
+    store = PackStore(packdir, ALGO)
+    name = store.index()[ids[0]][0]
+    (packdir / f"{name}.pack").unlink()
+    with pytest.raises(IntegrityError, match=f"pack {name}"):
+        store.get(ids[0])
+    store.close()
+
+
+def test_an_index_unreadable_for_a_limit_is_not_a_bad_index(many_packs, monkeypatch):
+    import errno
+
+    from volsync.errors import StoreAccessError
+    packdir, _ = many_packs
+    store = PackStore(packdir, ALGO)
+    _refuse_open(monkeypatch, errno.EMFILE)
+    with pytest.raises(StoreAccessError, match="too many open files"):
+        store.index()
+    assert store.bad_indexes == []
+
+
+def test_adopting_and_salvaging_under_a_limit_throw_nothing_away(many_packs, monkeypatch):
+    import errno
+
+    from volsync.errors import StoreAccessError
+    packdir, ids = many_packs
+    store = PackStore(packdir, ALGO)
+    name = store.index()[ids[0]][0]
+    (packdir / f"{name}.idx").unlink()  # an orphan, to be adopted
+    other = store.index()[ids[1]][0]
+    store.close()
+    store = PackStore(packdir, ALGO)
+    store.index()
+    _refuse_open(monkeypatch, errno.EMFILE)
+    with pytest.raises(StoreAccessError):
+        store.adopt_orphans()
+    with pytest.raises(StoreAccessError):
+        store.salvage({other})
+    monkeypatch.undo()
+    assert (packdir / f"{name}.pack").exists() and (packdir / f"{other}.pack").exists()
+    assert store.adopt_orphans() == 1
+    store.close()

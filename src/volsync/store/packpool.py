@@ -1,7 +1,7 @@
 """A bounded pool of open packs, and how an OS error reading one is told from damage.
 
 Each pack read keeps its descriptor (and, once a digest is checked in place, a read-only
-mapping) open for the next read. At most MAX_OPEN_PACKS stay open: opening one more closes the
+mapping, which holds a second descriptor) open for the next read. At most MAX_OPEN_PACKS stay open: opening one more closes the
 least recently used. A pack is used only inside `with pool.use(name) as pack:`, which pins it:
 a pinned pack is never closed, so no descriptor or mapping is closed (and its number reused by
 another file) while a read, a digest check or a kernel copy is going on, in any thread.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from ..errors import IntegrityError, StoreAccessError, VolsyncError
 
-MAX_OPEN_PACKS = 64  # packs kept open (a descriptor and a mapping each) per store
+MAX_OPEN_PACKS = 32  # packs kept open per store: 64 descriptors at most (a mapping dups its fd)
 
 # errors that say the file or the disk under it is damaged or missing: the rest (EMFILE,
 # ENFILE, ENOMEM, EACCES, ...) are the system's limits or settings, never damage

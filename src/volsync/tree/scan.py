@@ -35,7 +35,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from ..errors import VolsyncError
+from ..errors import StoreAccessError, VolsyncError
 from ..model import (
     BUSY,
     CURRENT,
@@ -358,6 +358,8 @@ class Scanner:
             return Tree(())
         try:
             return self.objects.tree(BlockId(cached[0]))
+        except StoreAccessError:  # an OS limit reading the store: not damage
+            raise
         except VolsyncError:
             return Tree(())
 
@@ -473,6 +475,8 @@ class Scanner:
         if old is not None and old.kind in kinds:
             try:
                 self.kept[path] = self.unlinked_previous(old)
+            except StoreAccessError:  # an OS limit reading the store: not damage
+                raise
             except VolsyncError:  # the old subtree cannot be read either
                 old = None
         recorded = PREVIOUS if old is not None and old.kind in kinds else SKIPPED
@@ -507,6 +511,8 @@ class Scanner:
                 if state.lineage:
                     try:
                         tree_id = self.volume.snapshot(state.lineage[-1]).root
+                    except StoreAccessError:  # an OS limit reading the store: not damage
+                        raise
                     except VolsyncError:
                         tree_id = None
             else:
@@ -515,6 +521,8 @@ class Scanner:
                 tree_id = BlockId(entry.ref) if entry and entry.kind is Kind.DIR else None
             try:
                 entries = self.objects.tree(tree_id).entries if tree_id else ()
+            except StoreAccessError:  # an OS limit reading the store: not damage
+                raise
             except VolsyncError:
                 entries = ()
             self.previous_dirs[rel] = {e.name: e for e in entries}
