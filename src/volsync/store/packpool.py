@@ -35,7 +35,7 @@ def is_damage(exc: OSError) -> bool:
 
 def access_error(exc: OSError, doing: str) -> StoreAccessError:
     """The one-line error for an OS error that is not damage, naming the limit hit."""
-    return StoreAccessError(f"{_limit(exc)} while {doing}")
+    return StoreAccessError(f"{describe(exc)} while {doing}")
 
 
 def pack_error(exc: OSError, doing: str, damage: str) -> VolsyncError:
@@ -43,7 +43,8 @@ def pack_error(exc: OSError, doing: str, damage: str) -> VolsyncError:
     return IntegrityError(damage) if is_damage(exc) else access_error(exc, doing)
 
 
-def _limit(exc: OSError) -> str:
+def describe(exc: OSError) -> str:
+    """An OS error in words, naming the limit (and its setting) when one was hit."""
     if exc.errno == errno.EMFILE:
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         return f"too many open files (ulimit -n {'unlimited' if soft < 0 else soft})"

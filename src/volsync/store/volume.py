@@ -30,6 +30,7 @@ from .codec import FORMAT_VERSION, envelope_version, open_sealed, seal
 from .crash import crashpoint
 from .fsutil import atomic_write, fsync_dir, read_nofollow, remove_temps
 from .lock import VolumeLock, current_holder
+from .packpool import describe
 from .packs import PackStore
 from .trees import decode_tree, empty_tree_id, encode_tree
 
@@ -387,7 +388,7 @@ def _damage_or_io(exc: OSError, what: str) -> Exception:
     any other failure to read it (EIO, EMFILE, ...) is an I/O error (exit 1)."""
     if exc.errno in (errno.ENOENT, errno.ELOOP, errno.EINVAL, errno.EISDIR, errno.ENOTDIR):
         return IntegrityError(f"{what}: {exc.strerror}")
-    return OSError(exc.errno, f"{what}: {exc.strerror}")
+    return OSError(exc.errno, f"{what}: {describe(exc)}")
 
 
 def _state_body(state: VolumeState) -> dict:
