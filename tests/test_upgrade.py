@@ -489,3 +489,15 @@ def test_pending_journal_is_carried_over_and_finished(fmt1, old, src):
     want = {k: v[:3] if v[0] == "file" else v for k, v in fmt1["restored"][first].items()}
     got = {k: v[:3] if v[0] == "file" else v for k, v in content(src).items()}
     assert got == want
+
+
+def test_upgrade_reads_format_1_packs_through_a_bounded_pool(fmt1, src, monkeypatch):
+    """The format-1 reader keeps no more packs open than a current store (here: one)."""
+    from volsync import ops
+    from volsync.store import packpool
+
+    assert len(list((src / ".volsync" / "packs").glob("*.pack"))) > 1
+    monkeypatch.setattr(packpool, "MAX_OPEN_PACKS", 1)
+    ops.upgrade(str(src))
+    monkeypatch.undo()
+    check_upgraded(src, fmt1["src"], fmt1)

@@ -1,8 +1,8 @@
 """A bounded pool of open packs, and how an OS error reading one is told from damage.
 
 Each pack read keeps its descriptor (and, once a digest is checked in place, a read-only
-mapping, which holds a second descriptor) open for the next read. At most MAX_OPEN_PACKS stay open: opening one more closes the
-least recently used. A pack is used only inside `with pool.use(name) as pack:`, which pins it:
+mapping, which holds a second descriptor) open for the next read. At most MAX_OPEN_PACKS stay
+open: opening one more closes the least recently used. A pack is used only inside `with pool.use(name) as pack:`, which pins it:
 a pinned pack is never closed, so no descriptor or mapping is closed (and its number reused by
 another file) while a read, a digest check or a kernel copy is going on, in any thread.
 """
@@ -115,9 +115,9 @@ class OpenPack:
 class PackPool:
     """Open packs of one directory, the least recently used closed past `cap`."""
 
-    def __init__(self, directory: Path, cap: int = MAX_OPEN_PACKS):
+    def __init__(self, directory: Path, cap: int | None = None):
         self.dir = directory
-        self.cap = cap
+        self.cap = MAX_OPEN_PACKS if cap is None else cap
         self._open: OrderedDict[str, OpenPack] = OrderedDict()
         self._lingering: list[OpenPack] = []  # dropped, their mapping still referenced
         self._lock = threading.Lock()

@@ -23,7 +23,7 @@ from ..model import BlockId, HashAlgo
 from .codec import FORMAT_VERSION, open_sealed, seal
 from .crash import crashpoint, fault
 from .fsutil import atomic_write, fsync, fsync_dir, pwrite_all, read_nofollow, write_all
-from .packpool import MAX_OPEN_PACKS, OpenPack, PackPool, access_error, is_damage, pack_error
+from .packpool import OpenPack, PackPool, access_error, is_damage, pack_error
 
 PACK_HEADER = b"VSPACK\x00\x02"
 
@@ -245,7 +245,7 @@ class PackStore:
         self.digest = algo.digest
         self.record = record_struct(algo)
         self._index: dict[BlockId, tuple[str, int, int]] | None = None
-        self._pool = PackPool(directory, MAX_OPEN_PACKS)  # open packs, pinned while used
+        self._pool = PackPool(directory)  # open packs (MAX_OPEN_PACKS), pinned while used
         self._writer: PackWriter | None = None
         self.bad_indexes: list[tuple[str, str]] = []
 

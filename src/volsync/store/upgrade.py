@@ -47,6 +47,7 @@ from .codec import FORMAT_1, FORMAT_VERSION, envelope_version, open_sealed, pack
 from .crash import crashpoint
 from .fsutil import atomic_write, fsync_dir, read_nofollow, remove_temps
 from .lock import VolumeLock
+from .packpool import PackPool, pack_error
 from .packs import PackStore, parse_index
 from .trees import decode_tree, empty_tree_id, encode_tree, valid_name
 from .volume import (
@@ -139,7 +140,8 @@ class V1Reader:
             raise IntegrityError(f"{root}: config: {exc}") from None
         self.state = self._state()
         self.index = self._index()
-        self._fds: dict[str, int] = {}
+        self._pool = PackPool(self.meta / "packs")  # bounded, as a current store's
+        self._headers_checked: set[str] = set()
 
     def _sealed(self, path: Path, kind: str):
         what = f"{self.root}: {path.relative_to(self.meta)}"
@@ -183,20 +185,10 @@ class V1Reader:
         if loc is None:
             raise IntegrityError(f"{self.root}: object {object_id.hex()} is missing")
         name, off, length = loc
-        fd = self._fds.get(name)
-        if fd is None:
-            try:
-                fd = os.open(self.meta / "packs" / f"{name}.pack", os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError as exc:
-                raise IntegrityError(f"{self.root}: pack {name}: {exc.strerror}") from None
-            if os.pread(fd, len(V1_PACK_HEADER), 0) != V1_PACK_HEADER:
-                os.close(fd)
-                raise IntegrityError(f"{self.root}: pack {name}: bad header")
-            self._fds[name] = fd
         start = off - V1_RECORD.size
         if start < len(V1_PACK_HEADER):
             raise IntegrityError(f"{self.root}: object {object_id.hex()}: bad offset")
-        raw = os.pread(fd, V1_RECORD.size + length, start)
+        raw = self._read(name, start, V1_RECORD.size + length)
         if len(raw) != V1_RECORD.size + length:
             raise IntegrityError(f"{self.root}: object {object_id.hex()}: pack {name} is truncated")
         if raw[: V1_RECORD.size] != V1_RECORD.pack(object_id, length):
@@ -205,6 +197,23 @@ class V1Reader:
         data = raw[V1_RECORD.size :]
         if _digest1(data) != object_id:
             raise IntegrityError(f"{self.root}: object {object_id.hex()} failed its digest check")
+        return data
+
+    def _read(self, name: str, offset: int, length: int) -> bytes:
+        """Bytes of a pack, its header checked the first time it is read."""
+        try:
+            with self._pool.use(name) as pack:
+                header_ok = (name in self._headers_checked
+                             or os.pread(pack.fd, len(V1_PACK_HEADER), 0) == V1_PACK_HEADER)
+                data = os.pread(pack.fd, length, offset) if header_ok else None
+        except OSError as exc:
+            raise pack_error(exc, f"reading pack {name} of {self.root}",
+                             f"{self.root}: pack {name}: {exc.strerror}") from None
+        except IntegrityError as exc:  # the pool's: the pack is missing or unreadable
+            raise IntegrityError(f"{self.root}: {exc}") from None
+        if data is None:
+            raise IntegrityError(f"{self.root}: pack {name}: bad header")
+        self._headers_checked.add(name)
         return data
 
     def tree(self, tree_id: bytes) -> list[V1Entry]:
@@ -241,9 +250,7 @@ class V1Reader:
         return entries
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        self._pool.close_all()
 
 
 # --- conversion -------------------------------------------------------------------------------
