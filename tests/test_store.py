@@ -799,10 +799,10 @@ def open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-def one_pack_each(store: PackStore, count: int) -> list[bytes]:
+def one_pack_each(store: PackStore, count: int, first: int = 0) -> list[bytes]:
     """`count` objects, each sealed in a pack of its own."""
     ids = []
-    for i in range(count):
+    for i in range(first, first + count):
         ids += put_all(store, [blob(i, 300 + i)])
         store.flush()
     return ids
@@ -1016,4 +1016,81 @@ def test_adopting_and_salvaging_under_a_limit_throw_nothing_away(many_packs, mon
     monkeypatch.undo()
     assert (packdir / f"{name}.pack").exists() and (packdir / f"{other}.pack").exists()
     assert store.adopt_orphans() == 1
+    store.close()
+
+
+# --- merging small packs ----------------------------------------------------------------------
+
+def pack_files(packdir) -> set[str]:
+    return {p.stem for p in packdir.glob("*.pack")}
+
+
+def test_repack_merges_small_packs_once_there_are_many(packdir):
+    from volsync.store.packs import MERGE_SMALL_PACKS
+    store = PackStore(packdir, ALGO)
+    ids = one_pack_each(store, MERGE_SMALL_PACKS + 1)
+    assert store.repack(set(ids)) == (0, 0)
+    store.close()
+    assert len(pack_files(packdir)) == 1
+    store = PackStore(packdir, ALGO)
+    assert all(digest_of(store.get(i, verify=True)) == i for i in ids)
+    store.close()
+
+
+def test_repack_leaves_few_small_packs_and_spared_ones_alone(packdir):
+    from volsync.store.packs import MERGE_SMALL_PACKS
+    store = PackStore(packdir, ALGO)
+    ids = one_pack_each(store, MERGE_SMALL_PACKS)
+    before = pack_files(packdir)
+    store.repack(set(ids))
+    assert pack_files(packdir) == before
+    ids += one_pack_each(store, 1, first=len(ids))
+    spare = set(sorted(before)[:2])  # so only MERGE_SMALL_PACKS - 1 count
+    store.repack(set(ids), spare)
+    assert len(pack_files(packdir)) == MERGE_SMALL_PACKS + 1
+    store.repack(set(ids))
+    assert len(pack_files(packdir)) == 1
+    store.close()
+
+
+class Killed(BaseException):
+    """Stands for a kill at a crash point: nothing after it runs."""
+
+
+@pytest.mark.parametrize("point, nth", [("pack-data-durable", 1), ("pack-index-committed", 1),
+                                        ("pack-index-dropped", 1), ("pack-index-dropped", 40),
+                                        ("pack-index-dropped", 70)])
+def test_a_merge_killed_at_any_step_loses_nothing_and_the_next_one_finishes(
+        packdir, monkeypatch, point, nth):
+    from volsync.store import packs as packs_mod
+    from volsync.store.packs import MERGE_SMALL_PACKS
+    store = PackStore(packdir, ALGO)
+    ids = one_pack_each(store, MERGE_SMALL_PACKS + 6)
+    store.close()
+    passages = []
+
+    def crashpoint(name):
+        passages.append(name)
+        if name == point and passages.count(name) == nth:
+            raise Killed()
+
+    monkeypatch.setattr(packs_mod, "crashpoint", crashpoint)
+    store = PackStore(packdir, ALGO)
+    with pytest.raises(Killed):
+        store.repack(set(ids))
+    store._pool.close_all()  # the process is gone: no flush, no discard
+    monkeypatch.undo()
+    store = PackStore(packdir, ALGO)  # the next lock holder
+    store.adopt_orphans()
+    assert all(digest_of(store.get(i, verify=True)) == i for i in ids)
+    store.repack(set(ids))
+    store.close()
+    store = PackStore(packdir, ALGO)
+    assert all(digest_of(store.get(i, verify=True)) == i for i in ids)
+    # at most MERGE_SMALL_PACKS small packs are left (the merge's own pack among them), and no
+    # object is stored twice any more
+    assert len(pack_files(packdir)) <= MERGE_SMALL_PACKS + 1
+    indexed = [e for name in pack_files(packdir)
+               for e in read_index(packdir / f"{name}.idx", ALGO.size)[1]]
+    assert len(indexed) == len(ids)
     store.close()

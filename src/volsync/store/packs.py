@@ -35,6 +35,8 @@ PACK_TARGET = 128 << 20  # bytes per pack before a new one is started
 BUFFER_LIMIT = 4 << 20
 QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
 SYNC_EVERY = 32 << 20  # start writeback this often, so the final fsync is short
+SMALL_PACK = 8 << 20  # a pack smaller than this is merged by a repack once there are
+MERGE_SMALL_PACKS = 64  # more than this many of them (each snapshot writes its own)
 
 
 class PackWriter:
@@ -508,9 +510,9 @@ class PackStore:
 
     def repack(self, live: set[BlockId], spare: set[str] = frozenset()) -> tuple[int, int]:
         """Free objects not in `live`: rewrite each pack holding garbage or copies that live
-        elsewhere (a crashed earlier repack leaves those), then drop the old packs once the
-        rewritten data is durable; packs in `spare` are left as they are. Returns (objects
-        freed, bytes freed)."""
+        elsewhere (a crashed earlier repack leaves those), and the small packs once there are
+        many, then drop the old packs once the rewritten data is durable; packs in `spare` are
+        left as they are. Returns (objects freed, bytes freed)."""
         index = self.index()
         doomed = self._to_rewrite(live, spare)
         freed = freed_bytes = 0
@@ -539,9 +541,10 @@ class PackStore:
 
     def _to_rewrite(self, live: set[BlockId], spare: set[str]) -> list[tuple[str, list]]:
         """The packs holding garbage or copies that live elsewhere, each with the records the
-        index locates in it (id, offset, length): the ones a repack keeps or frees."""
+        index locates in it (id, offset, length): the ones a repack keeps or frees. And, once
+        there are more than MERGE_SMALL_PACKS small packs, those too: merged into one."""
         index = self.index()
-        found = []
+        found, small = [], []
         for name in self.pack_names():
             if name in spare:
                 continue
@@ -552,7 +555,15 @@ class PackStore:
             own = [e for e in entries if index.get(e[0], ("",))[0] == name]
             if not (all(e[0] in live for e in own) and len(own) == len(entries)):
                 found.append((name, own))
-        return found
+            elif self._is_small(name):
+                small.append((name, own))
+        return found + (small if len(small) > MERGE_SMALL_PACKS else [])
+
+    def _is_small(self, name: str) -> bool:
+        try:
+            return (self.dir / f"{name}.pack").stat().st_size < SMALL_PACK
+        except OSError:
+            return False  # a missing pack is verify's business
 
     def _drop_pack(self, name: str) -> None:
         self._close_pack(name)
