@@ -38,14 +38,14 @@ def file_data(i: int) -> bytes:
     return f"file {i}\n".encode() * (i % 7 + 1)
 
 
-def build(path, monkeypatch) -> None:
-    """PACKS files, each stored in a pack of its own as a snapshot of one new file would store
-    it, over STAGES snapshots (durability is no concern here: fsync is skipped, for speed)."""
+def build(path, monkeypatch, packs: int = PACKS, stages: int = STAGES) -> None:
+    """`packs` files, each stored in a pack of its own as a snapshot of one new file would
+    store it, over `stages` snapshots (durability is no concern here: fsync is skipped)."""
     monkeypatch.setattr(os, "fsync", lambda fd: None)
     monkeypatch.setattr(os, "fdatasync", lambda fd: None)
     make_volume(path)
-    per_stage = PACKS // STAGES
-    for stage in range(STAGES):
+    per_stage = packs // stages
+    for stage in range(stages):
         vol = Volume.open(path)
         with vol.locked():
             for i in range(stage * per_stage, (stage + 1) * per_stage):
@@ -108,3 +108,40 @@ def test_an_emfile_reading_a_pack_in_a_restore_is_exit_1(many, tmp_path, monkeyp
     monkeypatch.undo()
     assert r.code == 1, r
     assert "too many open files (ulimit -n" in r.err and "while opening pack" in r.err, r
+
+
+@pytest.fixture(scope="module")
+def some(tmp_path_factory):
+    """Enough small packs for a prune to merge them (MERGE_SMALL_PACKS is 64)."""
+    path = tmp_path_factory.mktemp("some") / "A"
+    with pytest.MonkeyPatch.context() as mp:
+        build(path, mp, packs=150, stages=3)
+    return path
+
+
+def pack_count(vol) -> int:
+    return len(list((vol / ".volsync" / "packs").glob("*.pack")))
+
+
+@pytest.mark.parametrize("crash", [None, "pack-index-committed:1", "pack-index-dropped:80"])
+def test_prune_merges_the_small_packs_and_a_killed_merge_loses_nothing(some, tmp_path, crash):
+    import shutil
+
+    from helpers import vs
+    vol = tmp_path / "A"
+    shutil.copytree(some, vol, symlinks=True)
+    assert pack_count(vol) > 150
+    expected = content(vol)
+    if crash:
+        p = run_limited("prune", vol, "--keep-last", "100",
+                        env_extra={"VOLSYNC_CRASH_AT": crash})
+        assert p.returncode == 137, (p.stdout, p.stderr)
+        assert vs("verify", vol).code == 0
+        assert content(vol) == expected
+    p = run_limited("prune", vol, "--keep-last", "100")  # keeps every snapshot
+    assert p.returncode == 0, (p.stdout, p.stderr)
+    assert pack_count(vol) <= 65 if crash else pack_count(vol) == 1
+    for args in (("verify", vol), ("restore", vol, "latest", tmp_path / "r")):
+        p = run_limited(*args)
+        assert p.returncode == 0, (args, p.stdout, p.stderr)
+    assert content(tmp_path / "r") == expected
