@@ -97,8 +97,8 @@ def sub(*args, env_extra: dict | None = None, cwd=None, timeout: float = 60) -> 
 
 @contextlib.contextmanager
 def opened(path: Path):
-    """A volume opened in-process, its pack files closed afterwards (a Volume keeps one fd
-    and map per pack it reads; many checks in one process would run out of descriptors)."""
+    """A volume opened in-process, its pack files closed afterwards (a Volume keeps up to
+    MAX_OPEN_PACKS packs open, a descriptor and a mapping each, until it is closed)."""
     vol = Volume.open(path)
     try:
         yield vol
