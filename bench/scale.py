@@ -88,6 +88,7 @@ class Bench:
 
     def __post_init__(self) -> None:
         self.volsync = shlex.split(self.args.volsync)
+        self.load_start = ", ".join(f"{x:.1f}" for x in os.getloadavg())
 
     # -- running commands ---------------------------------------------------------------
 
@@ -420,6 +421,11 @@ class Bench:
             "untimed `sync` before each timed command; peak RSS is the child's ru_maxrss "
             "(os.wait4), in MiB; children run with RLIMIT_NOFILE "
             + (f"{a.nofile} (`ulimit -n {a.nofile}`)" if a.nofile else "unchanged")
+        )
+        load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+        out.append(
+            f"- load average (1, 5, 15 min) at the start: {self.load_start}; at the end: {load} "
+            f"({os.cpu_count()} CPUs): other work on the machine slows every row"
         )
         out += [f"- {note}" for note in self.notes]
         out += ["", *self.table(), ""]
