@@ -318,9 +318,7 @@ class Bench:
             elapsed = time.perf_counter() - t0
             step.v = Sample(["volsync", "snapshot"], elapsed, rss, "")
             last = times[-10:]
-            step.result = (
-                f"each: first {times[0]:.3f} s, mean of last 10 {sum(last) / len(last):.3f} s"
-            )
+            step.result = f"each: first {times[0]:.3f} s, mean of last {len(last)} {sum(last) / len(last):.3f} s"
             self.rows.append(step)
         except CommandFailed as e:
             self.fail(step, e)
