@@ -571,9 +571,9 @@ def main(argv: list[str] | None = None) -> int:
     work = tempfile.mkdtemp(prefix="volsync-scale-", dir=args.tmp)
     bench = Bench(args, work)
     facts = machine_facts(work)
-    # peaks: a files section holds 4 trees (~6 KiB on disk per file with metadata); a blocks
+    # peaks: a files section holds 4 trees (~22 KiB on disk per file, all four); a blocks
     # section holds the source and the mirror, each live data + packs (rsync's copy is gone)
-    need = max([max(files, default=0) * 6 * KIB, max(blocks, default=0) * args.block_size * 4.2])
+    need = max([max(files, default=0) * 22 * KIB, max(blocks, default=0) * args.block_size * 4.2])
     free = shutil.disk_usage(work).free
     if free < need:
         bench.notes.append(f"WARNING: {human(free)} free in {work}, the run may need {human(need)}")
