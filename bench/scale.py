@@ -350,7 +350,8 @@ class Bench:
             elapsed = time.perf_counter() - t0
             step.v = Sample(["volsync", "snapshot"], elapsed, rss, "")
             last = times[-10:]
-            step.result = f"each: first {times[0]:.3f} s, mean of last {len(last)} {sum(last) / len(last):.3f} s"
+            mean = sum(last) / len(last)
+            step.result = f"each: first {times[0]:.3f} s, mean of last {len(last)} {mean:.3f} s"
             self.rows.append(step)
         except CommandFailed as e:
             self.fail(step, e)
@@ -396,7 +397,9 @@ class Bench:
         ]
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in self.rows:
-            ratio = f"{r.v.seconds / r.c.seconds:.2f}×" if r.v and r.c and r.c.seconds > 0 else "—"
+            ratio = "—"
+            if r.v and r.c and r.c.seconds > 0:
+                ratio = f"{r.v.seconds / r.c.seconds:.2f}×"
             cells = [
                 r.ident,
                 r.what,
