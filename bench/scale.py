@@ -44,14 +44,17 @@ SNAP_BASE_FILES = 100  # the many-snapshots volume: 100 small files, one rewritt
 CHANGE_SEED = 9_999  # the one changed file's new bytes
 
 
-# Runs one command and writes "SECONDS MAXRSS_KIB" to the file argv[1]. A child's ru_maxrss
-# starts at the resident size of the process that forked it (Linux counts the forked copy of
-# the parent's memory at exec), so the bench, whose own RSS grows to tens of MiB, does not fork
-# the measured command itself: this small launcher (python -I -S, ~7 MiB) forks it, times it
-# from fork to exit and takes its ru_maxrss from os.wait4 (the command's and its waited-for
-# children's peak). The launcher's own start-up is not in the time.
+# Runs one command and writes "SECONDS MAXRSS_KIB ANON_KIB" to the file argv[1]. A child's
+# ru_maxrss starts at the resident size of the process that forked it (Linux counts the forked
+# copy of the parent's memory at exec), so the bench, whose own RSS grows to tens of MiB, does
+# not fork the measured command itself: this small launcher (python -I -S, ~7 MiB) forks it,
+# times it from fork to exit and takes its ru_maxrss from os.wait4 (the command's and its
+# waited-for children's peak). ru_maxrss also counts pages of files the command mmaps (volsync
+# maps its pack files): page cache, not memory of its own. So a thread also samples, every
+# 20 ms, RssAnon (private memory) of the command and its descendants from /proc and keeps the
+# largest sum. The launcher's own start-up is not in the time.
 LAUNCHER = """
-import os, sys, time
+import os, sys, threading, time
 t0 = time.perf_counter()
 pid = os.fork()
 if pid == 0:
@@ -60,10 +63,40 @@ if pid == 0:
     except OSError as e:
         os.write(2, f"{sys.argv[2]}: {e}\\n".encode())
         os._exit(127)
+peak = [0]
+done = threading.Event()
+
+def tree(p):
+    out = [p]
+    try:
+        for tid in os.listdir(f"/proc/{p}/task"):
+            with open(f"/proc/{p}/task/{tid}/children") as f:
+                for c in f.read().split():
+                    out += tree(int(c))
+    except (OSError, ValueError):
+        pass
+    return out
+
+def anon(p):
+    try:
+        with open(f"/proc/{p}/status", "rb") as f:
+            for line in f:
+                if line.startswith(b"RssAnon:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+def sample():
+    while not done.wait(0.02):
+        peak[0] = max(peak[0], sum(anon(p) for p in tree(pid)))
+
+threading.Thread(target=sample, daemon=True).start()
 _, status, ru = os.wait4(pid, 0)
 seconds = time.perf_counter() - t0
+done.set()
 with open(sys.argv[1], "w") as f:
-    f.write(f"{seconds!r} {ru.ru_maxrss}\\n")
+    f.write(f"{seconds!r} {ru.ru_maxrss} {peak[0]}\\n")
 sys.exit(os.waitstatus_to_exitcode(status))
 """
 
@@ -76,7 +109,8 @@ class CommandFailed(Exception):
 class Sample:
     argv: list[str]
     seconds: float
-    rss_kib: int
+    rss_kib: int  # ru_maxrss
+    anon_kib: int  # the largest sampled RssAnon (0: the command ended before a sample)
     stdout: str
 
 
@@ -136,15 +170,18 @@ class Bench:
             stdout = out.read().decode(errors="replace")
             stderr = err.read().decode(errors="replace")
             measured = res.read().split()
-        if p.returncode != 0 or len(measured) != 2:
+        if p.returncode != 0 or len(measured) != 3:
             raise CommandFailed(
                 f"`{shlex.join(argv)}` exited {p.returncode}:\n"
                 f"{tail(stderr) or tail(stdout) or '(no output)'}"
             )
-        seconds, rss_kib = float(measured[0]), int(measured[1])
+        seconds, rss_kib, anon_kib = float(measured[0]), int(measured[1]), int(measured[2])
         if timed:
-            self.progress(f"{seconds:8.3f} s {rss_kib / 1024:7.1f} MiB  {shlex.join(argv)}")
-        return Sample(argv, seconds, rss_kib, stdout)
+            self.progress(
+                f"{seconds:8.3f} s {rss_kib / 1024:7.1f} MiB (anon {anon_kib / 1024:6.1f})  "
+                f"{shlex.join(argv)}"
+            )
+        return Sample(argv, seconds, rss_kib, anon_kib, stdout)
 
     def vs(self, *argv: str, timed: bool = True) -> tuple[dict, Sample]:
         """`volsync ARGV --json`: its JSON object and the sample."""
@@ -332,23 +369,23 @@ class Bench:
         gendata.generate(src, self.args.seed, small_files=SNAP_BASE_FILES)
         listing = gendata.list_files(src)
         tag = f"{n:,} snapshots"
-        step = Row("N1", f"make {tag}, each after rewriting 1 small file of {len(listing)}")
-        times, rss, made = [], 0, 0
+        step = Row(
+            "N1", f"{tag}: sum of N `snapshot`s, each after 1 small file of {len(listing)} changed"
+        )
+        times, rss, anon, made = [], 0, 0, 0
         try:
             self.vs("init", src, timed=False)
-            t0 = time.perf_counter()
             for k in range(n):
                 rel, size = listing[k % len(listing)]
                 path = os.path.join(src, rel)
                 gendata.write_random(path, gendata.content_rng(k, rel), size, 0)
                 _, s = self.vs("snapshot", src, timed=False)
                 times.append(s.seconds)
-                rss = max(rss, s.rss_kib)
+                rss, anon = max(rss, s.rss_kib), max(anon, s.anon_kib)
                 made += 1
                 if k == 0 or (k + 1) % max(1, n // 10) == 0:
                     self.progress(f"snapshot {k + 1}/{n}: {s.seconds:.3f} s")
-            elapsed = time.perf_counter() - t0
-            step.v = Sample(["volsync", "snapshot"], elapsed, rss, "")
+            step.v = Sample(["volsync", "snapshot"], sum(times), rss, anon, "")
             last = times[-10:]
             mean = sum(last) / len(last)
             step.result = f"each: first {times[0]:.3f} s, mean of last {len(last)} {mean:.3f} s"
@@ -388,10 +425,10 @@ class Bench:
             "#",
             "what",
             "volsync",
-            "volsync peak RSS",
+            "volsync peak RSS (anon)",
             "compared with",
             "its time",
-            "its peak RSS",
+            "its peak RSS (anon)",
             "ratio volsync/it",
             "notes",
         ]
@@ -453,7 +490,10 @@ class Bench:
             "- one run of each command (no repeats); warm page cache (nothing dropped); an "
             "untimed `sync` before each timed command; peak RSS is the command's ru_maxrss "
             f"(os.wait4 in a small launcher), in MiB: `true` measures {self.floor / 1024:.1f} "
-            "MiB, the floor of every figure; children run with RLIMIT_NOFILE "
+            "MiB, the floor of every figure; it counts the pages of mmapped files (volsync's "
+            "packs) the command touched; (anon) is the largest RssAnon, private memory, of "
+            "the command and its descendants, sampled every 20 ms from /proc (— when it ended "
+            "before the first sample); children run with RLIMIT_NOFILE "
             + (f"{a.nofile} (`ulimit -n {a.nofile}`)" if a.nofile else "unchanged")
         )
         load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
@@ -482,7 +522,10 @@ def timing(s: Sample | None, nbytes: int | None = None) -> str:
 
 
 def mib(s: Sample | None) -> str:
-    return f"{s.rss_kib / 1024:.0f} MiB" if s else "—"
+    if s is None:
+        return "—"
+    anon = f"{s.anon_kib / 1024:.0f}" if s.anon_kib else "—"
+    return f"{s.rss_kib / 1024:.0f} MiB ({anon})"
 
 
 def tail(text: str, lines: int = 8) -> str:
