@@ -393,6 +393,10 @@ class Bench:
         except CommandFailed as e:
             self.fail(step, e)
             step.result = f"after {made} snapshot(s): " + step.result
+        try:  # whether or not N1 made them all, and before N4 may fail
+            self.record_space(f"{tag}: source volume before prune", src)
+        except (CommandFailed, OSError) as e:
+            self.errors.append(f"space of {src}: {e}")
         for ident, what, argv in (
             ("N2", f"`snapshots` (list), {tag}", ("snapshots", src)),
             ("N3", f"`verify`, {tag}", ("verify", src)),
@@ -408,7 +412,6 @@ class Bench:
                     raise CommandFailed(f"verify says not ok: {json.dumps(out)[:300]}")
                 elif ident == "N4":
                     self.check_same(src, dst, "baseline transfer")
-                    self.record_space(f"{tag}: source volume before prune", src)
                 self.rows.append(step)
             except CommandFailed as e:
                 self.fail(step, e)
