@@ -113,6 +113,7 @@ class ScanResult:
     warnings: list[str] = field(default_factory=list)
     bytes_read: int = 0
     file_warnings: list[FileWarning] = field(default_factory=list)
+    cache_changed: bool = True  # False: `cache` says what the loaded stat cache said
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
@@ -140,17 +141,26 @@ class _Pending:
 class Scanner:
     """One pass over a live tree, reading only what the stat cache cannot vouch for. With
     `trust_cache` False every file is read again (verify of a mirror's live tree). With
-    `strict` False a busy or unreadable file is recorded otherwise, with a FileWarning."""
+    `strict` False a busy or unreadable file is recorded otherwise, with a FileWarning.
+    `old` is the stat cache to trust (default: the volume's, loaded).
+
+    A directory taken whole from the cache is not looked up in the store as it is met: when
+    the scan ends at the latest snapshot's root, every tree under it is that snapshot's, so
+    stored; otherwise the cached trees are checked then, and if the store lost one the scan
+    runs again without trusting the cache for it."""
 
     def __init__(self, volume: Volume, objects: Objects, progress: Progress | None = None,
-                 trust_cache: bool = True, strict: bool = True):
+                 trust_cache: bool = True, strict: bool = True, old: dict | None = None):
         self.volume = volume
         self.objects = objects
         self.fmt = volume.fmt
         self.block_size = volume.fmt.block_size
         self.zeros = bytes(self.block_size)
-        self.old = volume.load_statcache() if trust_cache else {}
+        if old is None:
+            old = volume.load_statcache() if trust_cache else {}
+        self.old = old
         self.new: dict = {}
+        self.hits: list[tuple[bytes, bytes]] = []  # (rel, tree id) taken from the cache
         self.warnings: list[str] = []
         self.bytes_read = 0
         self.progress = progress
@@ -167,6 +177,32 @@ class Scanner:
         self.can_clone = True
 
     def run(self) -> ScanResult:
+        result = self.walk()
+        lost = self.lost_hits(result.root)
+        if not lost:
+            return result
+        old = {rel: v for rel, v in self.old.items() if rel not in lost}
+        return Scanner(self.volume, self.objects, self.progress, strict=self.strict,
+                       old=old).run()
+
+    def lost_hits(self, root: BlockId) -> set[bytes]:
+        """The directories taken from the cache whose tree the store does not have (none
+        when the scan found the latest snapshot's tree)."""
+        if not self.hits or root == self.latest_root():
+            return set()
+        return {rel for rel, tree_id in self.hits if not self.objects.has(BlockId(tree_id))}
+
+    def latest_root(self) -> BlockId | None:
+        """The root of the volume's latest snapshot (None: none, or its record is bad)."""
+        state = self.volume.state()
+        if not state.lineage:
+            return None
+        try:
+            return self.volume.snapshot(state.lineage[-1]).root
+        except VolsyncError:
+            return None
+
+    def walk(self) -> ScanResult:
         fd = os.open(os.path.realpath(bytes(self.volume.root)), os.O_RDONLY | os.O_DIRECTORY)
         try:
             st = os.fstat(fd)
@@ -177,7 +213,7 @@ class Scanner:
         if self.pending:
             tree_id = self.finish_pending().get(b"", tree_id)
         return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read,
-                          self.file_warnings)
+                          self.file_warnings, self.new != self.old)
 
     # --- directories ---------------------------------------------------------------------
     def scan_dir(self, rel: bytes, dfd: int, own: os.stat_result) -> tuple[BlockId, int, int]:
@@ -226,7 +262,8 @@ class Scanner:
             stats.append((name, st))
         pending_sub = any(_join(rel, n) in self.placeholders for n in sub)
         if (cached and not linked and not pending_sub and cached[3] == keys
-                and None not in keys.values() and self.objects.has(BlockId(cached[0]))):
+                and None not in keys.values()):
+            self.hits.append((rel, cached[0]))
             self.new[rel] = cached
             return BlockId(cached[0]), cached[1], cached[2]
         return self.build_dir(rel, dfd, own, stats, keys, sub, cached, linked, pending_sub)
@@ -503,12 +540,7 @@ class Scanner:
         if rel not in self.previous_dirs:
             tree_id = None
             if not rel:
-                state = self.volume.state()
-                if state.lineage:
-                    try:
-                        tree_id = self.volume.snapshot(state.lineage[-1]).root
-                    except VolsyncError:
-                        tree_id = None
+                tree_id = self.latest_root()
             else:
                 parent, _, name = rel.rpartition(b"/")
                 entry = self.previous_dir(parent).get(name)
