@@ -29,6 +29,7 @@ import errno
 import fcntl
 import os
 import stat
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -114,6 +115,19 @@ class ScanResult:
     bytes_read: int = 0
     file_warnings: list[FileWarning] = field(default_factory=list)
     cache_changed: bool = True  # False: `cache` says what the loaded stat cache said
+
+
+FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
+def _sorted_names(dfd: int) -> list[bytes]:
+    """The names in the directory open at `dfd`, as bytes (os.fsencode's), sorted; none if
+    it went away. (os.listdir makes no per-entry objects, unlike os.scandir.)"""
+    try:
+        names = os.listdir(dfd)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted([name.encode(FS_ENCODING, FS_ERRORS) for name in names])
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
@@ -225,11 +239,7 @@ class Scanner:
         stats: list[tuple[bytes, os.stat_result]] = []
         sub: dict[bytes, tuple[BlockId, int, int]] = {}
         linked: dict[bytes, int] = {}
-        try:
-            with os.scandir(dfd) as it:
-                listing = sorted(os.fsencode(e.name) for e in it)
-        except (FileNotFoundError, NotADirectoryError):
-            listing = []
+        listing = _sorted_names(dfd)
         for name in listing:
             if name == META_NAME and (not rel or self.nested_volume(rel, dfd)):
                 continue
