@@ -7,7 +7,8 @@ import time
 
 from helpers import make_volume, ok
 
-from volsync.store.volume import Volume
+from volsync.store.codec import seal
+from volsync.store.volume import Volume, unpacked_keys
 from volsync.tree import scan
 
 
@@ -48,3 +49,17 @@ def test_a_snapshot_of_an_unchanged_tree_does_not_rewrite_the_cache(tmp_path):
     ok("transfer", v, b)
     after = os.stat(v / ".volsync" / "statcache")
     assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns)
+
+
+def test_a_cache_is_kept_with_each_directory_s_keys_packed(tmp_path):
+    """On disk and in memory a directory's keys are one byte string; a cache written before
+    (keys as maps) is still trusted, and rewritten packed by the next snapshot."""
+    v = _settled_volume(tmp_path)
+    vol = Volume.open(v)
+    cache = vol.load_statcache()
+    assert all(isinstance(value[3], bytes) for value in cache.values())
+    unpacked = {rel: [*value[:3], unpacked_keys(value[3])] for rel, value in cache.items()}
+    (v / ".volsync" / "statcache").write_bytes(seal("statcache", unpacked))
+    result, _ = scan(Volume.open(v), write=False)
+    assert result.cache_changed and result.root == vol.snapshot(vol.state().lineage[-1]).root
+    assert result.bytes_read == 0  # every file taken from the old cache

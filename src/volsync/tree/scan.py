@@ -52,7 +52,7 @@ from ..model import (
 from ..quoting import quote_path
 from ..store.crash import fault
 from ..store.trees import META_NAME
-from ..store.volume import Volume
+from ..store.volume import Volume, packed_keys, unpacked_keys
 from .meta import entry_path, read_xattrs
 from .objects import Objects
 
@@ -128,6 +128,21 @@ def _sorted_names(dfd: int) -> list[bytes]:
     except (FileNotFoundError, NotADirectoryError):
         return []
     return sorted([name.encode(FS_ENCODING, FS_ERRORS) for name in names])
+
+
+def _same_keys(cached: dict | bytes, keys: dict) -> bool:
+    """A directory's cached keys (packed, or a dict) are the keys found now."""
+    return cached == packed_keys(keys) if isinstance(cached, bytes) else cached == keys
+
+
+def _cache_differs(new: dict, old: dict) -> bool:
+    """Does the stat cache a scan ends with say anything the loaded one did not (or was the
+    loaded one written before keys were packed)?"""
+    if new.keys() != old.keys() or any(isinstance(v[3], dict) for v in old.values()):
+        return True
+    return any(v is not old[rel] and (v[:3] != old[rel][:3]
+                                      or packed_keys(v[3]) != packed_keys(old[rel][3]))
+               for rel, v in new.items())
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
@@ -227,7 +242,7 @@ class Scanner:
         if self.pending:
             tree_id = self.finish_pending().get(b"", tree_id)
         return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read,
-                          self.file_warnings, self.new != self.old)
+                          self.file_warnings, _cache_differs(self.new, self.old))
 
     # --- directories ---------------------------------------------------------------------
     def scan_dir(self, rel: bytes, dfd: int, own: os.stat_result) -> tuple[BlockId, int, int]:
@@ -271,8 +286,8 @@ class Scanner:
                     linked[name] = self.register_link(st.st_ino, _join(rel, name))
             stats.append((name, st))
         pending_sub = any(_join(rel, n) in self.placeholders for n in sub)
-        if (cached and not linked and not pending_sub and cached[3] == keys
-                and None not in keys.values()):
+        if (cached and not linked and not pending_sub and None not in keys.values()
+                and _same_keys(cached[3], keys)):
             self.hits.append((rel, cached[0]))
             self.new[rel] = cached
             return BlockId(cached[0]), cached[1], cached[2]
@@ -319,7 +334,7 @@ class Scanner:
                   ) -> tuple[BlockId, int, int]:
         old_tree = self.cached_tree(cached)
         old_entries = {e.name: e for e in old_tree.entries}
-        old_keys = cached[3] if cached else {}
+        old_keys = unpacked_keys(cached[3]) if cached else {}
         entries: list[Entry] = []
         size = files = 0
         for name, st in stats:
@@ -367,7 +382,7 @@ class Scanner:
         return value
 
     def root_meta(self, dfd: int, own: os.stat_result, cached, old_tree: Tree) -> Entry:
-        old_key = cached[3].get(ROOT_KEY_NAME) if cached else None
+        old_key = unpacked_keys(cached[3]).get(ROOT_KEY_NAME) if cached else None
         new_key = stat_key(own, self.scan_start)
         if old_tree.meta is not None and new_key is not None and old_key == new_key:
             xattrs = old_tree.meta.xattrs
