@@ -50,6 +50,7 @@ from ..model import (
     Tree,
 )
 from ..quoting import quote_path
+from ..store.codec import pack
 from ..store.crash import fault
 from ..store.trees import META_NAME
 from ..store.volume import Volume, packed_keys, unpacked_keys
@@ -131,8 +132,10 @@ def _sorted_names(dfd: int) -> list[bytes]:
 
 
 def _same_keys(cached: dict | bytes, keys: dict) -> bool:
-    """A directory's cached keys (packed, or a dict) are the keys found now."""
-    return cached == packed_keys(keys) if isinstance(cached, bytes) else cached == keys
+    """A directory's cached keys (packed, or a dict) are the keys a scan found now: those
+    are in name order already (the root's own key, named b"", first), as `packed_keys`
+    packs them, so they are packed as they are."""
+    return cached == pack(keys) if isinstance(cached, bytes) else cached == keys
 
 
 def _cache_differs(new: dict, old: dict) -> bool:
