@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -134,6 +135,25 @@ def test_no_change_transfer_sends_nothing(pair, capsys):
     assert (after.with_(extra={}), lineage(a)) == (before[2].with_(extra={}), before[1])
     assert {k for k in after.extra if k != "last_update"} == set()
     assert content(b) == before[0][1]
+
+
+def _statcache_stat(vol: Path) -> tuple[int, int]:
+    st = os.stat(Path(vol) / ".volsync" / "statcache")
+    return st.st_ino, st.st_mtime_ns
+
+
+def test_no_change_transfer_leaves_the_stat_caches_alone(pair, capsys):
+    """Nothing changed: neither volume's stat cache is rewritten (no write, no fsync), yet
+    DST records the time of its last update."""
+    a, b = pair
+    time.sleep(0.1)  # past the racy window: the next scan's keys are all trusted
+    okj("transfer", a, b, capsys=capsys)
+    caches = _statcache_stat(a), _statcache_stat(b)
+    updated = Volume.open(b).state().extra["last_update"]["time"]
+    res = okj("transfer", a, b, capsys=capsys)
+    assert res["added"] == [] and res["blocks_sent"] == 0
+    assert (_statcache_stat(a), _statcache_stat(b)) == caches
+    assert Volume.open(b).state().extra["last_update"]["time"] > updated
 
 
 def test_transfer_no_snapshot_sends_latest_only(pair, tmp_path):

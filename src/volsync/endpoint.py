@@ -188,7 +188,8 @@ class LocalEndpoint:
         self.scan_warnings = tuple(result.file_warnings)
         if result.root == latest:
             vol.packs.flush()
-            vol.save_statcache(result.cache)
+            if result.cache_changed:
+                vol.save_statcache(result.cache)
             return None
         snap = record_scan(vol, result, next_number(vol, state), None)
         vol.commit(state.with_(lineage=state.lineage + (snap.id,)))
@@ -420,7 +421,8 @@ def _note_received(vol: Volume, known: set[str]) -> set[str]:
 
 def _facts(vol: Volume, state: VolumeState, live, objects: Objects) -> LiveFacts:
     latest = latest_root(vol, state)
-    empty = not objects.tree(live.root).entries
+    # (a tree holding files has entries: its listing is read only when it holds none)
+    empty = live.files == 0 and not objects.tree(live.root).entries
     return LiveFacts(empty, live.root != latest, bool(live_differs(objects, latest, live.root)))
 
 

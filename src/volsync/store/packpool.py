@@ -66,7 +66,7 @@ def _sysctl(name: str) -> str:
 class OpenPack:
     """One pack's descriptor and, once asked for, its read-only mapping."""
 
-    __slots__ = ("name", "fd", "_map", "_view", "users", "doomed")
+    __slots__ = ("_map", "_view", "doomed", "fd", "name", "users")
 
     def __init__(self, name: str, fd: int):
         self.name, self.fd = name, fd

@@ -26,7 +26,7 @@ from ..model import (
     Tree,
     VolumeState,
 )
-from .codec import FORMAT_VERSION, envelope_version, open_sealed, seal
+from .codec import FORMAT_VERSION, envelope_version, open_sealed, pack, seal, unpack
 from .crash import crashpoint
 from .fsutil import atomic_write, fsync_dir, read_nofollow, remove_temps
 from .lock import VolumeLock, current_holder
@@ -337,21 +337,45 @@ class Volume:
 
     # --- stat cache (advisory: a lost or bad one only costs re-reading files) ---------------
     def load_statcache(self) -> dict:
+        """{dir: [tree id, size, files, keys]}, each directory's keys still packed (bytes:
+        see `packed_keys`; a cache written before they were packed holds dicts)."""
         try:
             cache = open_sealed(read_nofollow(self.meta / "statcache"), "statcache", "statcache")
         except (OSError, IntegrityError):
             return {}
-        # anything but the documented shape is no cache: {dir: [tree id, size, files, keys]}
+        # anything but the documented shape is no cache
         if not isinstance(cache, dict) or not all(
                 isinstance(rel, bytes) and isinstance(v, list) and len(v) == 4
                 and isinstance(v[0], bytes) and len(v[0]) == self.fmt.algo.size
                 and type(v[1]) is int
-                and type(v[2]) is int and isinstance(v[3], dict) for rel, v in cache.items()):
+                and type(v[2]) is int and isinstance(v[3], bytes | dict)
+                for rel, v in cache.items()):
             return {}
         return cache
 
     def save_statcache(self, cache: dict) -> None:
-        atomic_write(self.meta / "statcache", seal("statcache", cache), sync_dir=False)
+        body = {rel: [v[0], v[1], v[2], packed_keys(v[3])] for rel, v in cache.items()}
+        atomic_write(self.meta / "statcache", seal("statcache", body), sync_dir=False)
+
+
+def packed_keys(keys: dict | bytes) -> bytes:
+    """A directory's stat keys {name: key} as the stat cache keeps them: one msgpack value in
+    name order, so equal keys pack to equal bytes (a scan compares them packed, and a cache
+    of a million files is a thousand byte strings in memory, not a million lists)."""
+    if isinstance(keys, bytes):
+        return keys
+    return pack(dict(sorted(keys.items())))
+
+
+def unpacked_keys(keys: dict | bytes) -> dict:
+    """A directory's stat keys as a dict (empty if its packed form is damaged)."""
+    if isinstance(keys, dict):
+        return keys
+    try:
+        value = unpack(keys, "statcache")
+    except IntegrityError:
+        return {}
+    return value if isinstance(value, dict) else {}
 
 
 PRESERVED_NAMES = "preserved_names"  # state.extra: {snapshot id: n}, shown and taken as pN

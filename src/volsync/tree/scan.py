@@ -29,6 +29,7 @@ import errno
 import fcntl
 import os
 import stat
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -49,9 +50,10 @@ from ..model import (
     Tree,
 )
 from ..quoting import quote_path
+from ..store.codec import pack
 from ..store.crash import fault
 from ..store.trees import META_NAME
-from ..store.volume import Volume
+from ..store.volume import Volume, packed_keys, unpacked_keys
 from .meta import entry_path, read_xattrs
 from .objects import Objects
 
@@ -113,6 +115,37 @@ class ScanResult:
     warnings: list[str] = field(default_factory=list)
     bytes_read: int = 0
     file_warnings: list[FileWarning] = field(default_factory=list)
+    cache_changed: bool = True  # False: `cache` says what the loaded stat cache said
+
+
+FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+
+
+def _sorted_names(dfd: int) -> list[bytes]:
+    """The names in the directory open at `dfd`, as bytes (os.fsencode's), sorted; none if
+    it went away. (os.listdir makes no per-entry objects, unlike os.scandir.)"""
+    try:
+        names = os.listdir(dfd)
+    except (FileNotFoundError, NotADirectoryError):
+        return []
+    return sorted([name.encode(FS_ENCODING, FS_ERRORS) for name in names])
+
+
+def _same_keys(cached: dict | bytes, keys: dict) -> bool:
+    """A directory's cached keys (packed, or a dict) are the keys a scan found now: those
+    are in name order already (the root's own key, named b"", first), as `packed_keys`
+    packs them, so they are packed as they are."""
+    return cached == pack(keys) if isinstance(cached, bytes) else cached == keys
+
+
+def _cache_differs(new: dict, old: dict) -> bool:
+    """Does the stat cache a scan ends with say anything the loaded one did not (or was the
+    loaded one written before keys were packed)?"""
+    if new.keys() != old.keys() or any(isinstance(v[3], dict) for v in old.values()):
+        return True
+    return any(v is not old[rel] and (v[:3] != old[rel][:3]
+                                      or packed_keys(v[3]) != packed_keys(old[rel][3]))
+               for rel, v in new.items())
 
 
 def _join(rel: bytes, name: bytes) -> bytes:
@@ -140,17 +173,26 @@ class _Pending:
 class Scanner:
     """One pass over a live tree, reading only what the stat cache cannot vouch for. With
     `trust_cache` False every file is read again (verify of a mirror's live tree). With
-    `strict` False a busy or unreadable file is recorded otherwise, with a FileWarning."""
+    `strict` False a busy or unreadable file is recorded otherwise, with a FileWarning.
+    `old` is the stat cache to trust (default: the volume's, loaded).
+
+    A directory taken whole from the cache is not looked up in the store as it is met: when
+    the scan ends at the latest snapshot's root, every tree under it is that snapshot's, so
+    stored; otherwise the cached trees are checked then, and if the store lost one the scan
+    runs again without trusting the cache for it."""
 
     def __init__(self, volume: Volume, objects: Objects, progress: Progress | None = None,
-                 trust_cache: bool = True, strict: bool = True):
+                 trust_cache: bool = True, strict: bool = True, old: dict | None = None):
         self.volume = volume
         self.objects = objects
         self.fmt = volume.fmt
         self.block_size = volume.fmt.block_size
         self.zeros = bytes(self.block_size)
-        self.old = volume.load_statcache() if trust_cache else {}
+        if old is None:
+            old = volume.load_statcache() if trust_cache else {}
+        self.old = old
         self.new: dict = {}
+        self.hits: list[tuple[bytes, bytes]] = []  # (rel, tree id) taken from the cache
         self.warnings: list[str] = []
         self.bytes_read = 0
         self.progress = progress
@@ -167,6 +209,34 @@ class Scanner:
         self.can_clone = True
 
     def run(self) -> ScanResult:
+        result = self.walk()
+        lost = self.lost_hits(result.root)
+        if not lost:
+            return result
+        old = {rel: v for rel, v in self.old.items() if rel not in lost}
+        return Scanner(self.volume, self.objects, self.progress, strict=self.strict,
+                       old=old).run()
+
+    def lost_hits(self, root: BlockId) -> set[bytes]:
+        """The directories taken from the cache whose tree the store does not have (none
+        when the scan found the latest snapshot's tree)."""
+        if not self.hits or root == self.latest_root():
+            return set()
+        return {rel for rel, tree_id in self.hits if not self.objects.has(BlockId(tree_id))}
+
+    def latest_root(self) -> BlockId | None:
+        """The root of the volume's latest snapshot (None: none, or its record is bad)."""
+        state = self.volume.state()
+        if not state.lineage:
+            return None
+        try:
+            return self.volume.snapshot(state.lineage[-1]).root
+        except StoreAccessError:  # an OS limit reading the store: not damage
+            raise
+        except VolsyncError:
+            return None
+
+    def walk(self) -> ScanResult:
         fd = os.open(os.path.realpath(bytes(self.volume.root)), os.O_RDONLY | os.O_DIRECTORY)
         try:
             st = os.fstat(fd)
@@ -177,7 +247,7 @@ class Scanner:
         if self.pending:
             tree_id = self.finish_pending().get(b"", tree_id)
         return ScanResult(tree_id, size, files, self.new, self.warnings, self.bytes_read,
-                          self.file_warnings)
+                          self.file_warnings, _cache_differs(self.new, self.old))
 
     # --- directories ---------------------------------------------------------------------
     def scan_dir(self, rel: bytes, dfd: int, own: os.stat_result) -> tuple[BlockId, int, int]:
@@ -189,11 +259,7 @@ class Scanner:
         stats: list[tuple[bytes, os.stat_result]] = []
         sub: dict[bytes, tuple[BlockId, int, int]] = {}
         linked: dict[bytes, int] = {}
-        try:
-            with os.scandir(dfd) as it:
-                listing = sorted(os.fsencode(e.name) for e in it)
-        except (FileNotFoundError, NotADirectoryError):
-            listing = []
+        listing = _sorted_names(dfd)
         for name in listing:
             if name == META_NAME and (not rel or self.nested_volume(rel, dfd)):
                 continue
@@ -225,8 +291,9 @@ class Scanner:
                     linked[name] = self.register_link(st.st_ino, _join(rel, name))
             stats.append((name, st))
         pending_sub = any(_join(rel, n) in self.placeholders for n in sub)
-        if (cached and not linked and not pending_sub and cached[3] == keys
-                and None not in keys.values() and self.objects.has(BlockId(cached[0]))):
+        if (cached and not linked and not pending_sub and None not in keys.values()
+                and _same_keys(cached[3], keys)):
+            self.hits.append((rel, cached[0]))
             self.new[rel] = cached
             return BlockId(cached[0]), cached[1], cached[2]
         return self.build_dir(rel, dfd, own, stats, keys, sub, cached, linked, pending_sub)
@@ -272,7 +339,7 @@ class Scanner:
                   ) -> tuple[BlockId, int, int]:
         old_tree = self.cached_tree(cached)
         old_entries = {e.name: e for e in old_tree.entries}
-        old_keys = cached[3] if cached else {}
+        old_keys = unpacked_keys(cached[3]) if cached else {}
         entries: list[Entry] = []
         size = files = 0
         for name, st in stats:
@@ -320,7 +387,7 @@ class Scanner:
         return value
 
     def root_meta(self, dfd: int, own: os.stat_result, cached, old_tree: Tree) -> Entry:
-        old_key = cached[3].get(ROOT_KEY_NAME) if cached else None
+        old_key = unpacked_keys(cached[3]).get(ROOT_KEY_NAME) if cached else None
         new_key = stat_key(own, self.scan_start)
         if old_tree.meta is not None and new_key is not None and old_key == new_key:
             xattrs = old_tree.meta.xattrs
@@ -507,14 +574,7 @@ class Scanner:
         if rel not in self.previous_dirs:
             tree_id = None
             if not rel:
-                state = self.volume.state()
-                if state.lineage:
-                    try:
-                        tree_id = self.volume.snapshot(state.lineage[-1]).root
-                    except StoreAccessError:  # an OS limit reading the store: not damage
-                        raise
-                    except VolsyncError:
-                        tree_id = None
+                tree_id = self.latest_root()
             else:
                 parent, _, name = rel.rpartition(b"/")
                 entry = self.previous_dir(parent).get(name)

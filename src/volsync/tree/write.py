@@ -37,6 +37,7 @@ from ..store.blocklist import zip_runs
 from ..store.crash import crashpoint, fault
 from ..store.fsutil import fsync
 from ..store.trees import META_NAME
+from ..store.volume import unpacked_keys
 from .meta import NotRestored, apply_metadata, entry_path, loosen_for_writing
 from .objects import Objects
 from .scan import DIR_KEY, FILE_KEY, ROOT_KEY_NAME, _join, stat_key
@@ -121,7 +122,9 @@ class Materializer:
                                      or meta != self.objects.tree(live).meta):
                 apply_metadata(fd, meta, False, self.skipped, os.fstat(fd))
             if meta is not None:
-                self.cache[b""][3][ROOT_KEY_NAME] = stat_key(os.fstat(fd), self.scan_start)
+                top = self.cache[b""]
+                top[3] = {**unpacked_keys(top[3]),
+                          ROOT_KEY_NAME: stat_key(os.fstat(fd), self.scan_start)}
             if self.per_file_sync:
                 fsync(fd)
             else:
@@ -148,7 +151,7 @@ class Materializer:
             if name not in wanted:
                 _remove(dfd, name)
                 changed = True
-        old_keys = cached[3] if cached and cached[0] == live_id else {}
+        old_keys = unpacked_keys(cached[3]) if cached and cached[0] == live_id else {}
         keys: dict[bytes, list | None] = {}
         if not rel and ROOT_KEY_NAME in old_keys:
             keys[ROOT_KEY_NAME] = old_keys[ROOT_KEY_NAME]
@@ -490,7 +493,7 @@ class Materializer:
             if entry is None:
                 continue
             out[rel] = entry
-            for name, key in entry[3].items():
+            for name, key in unpacked_keys(entry[3]).items():
                 if key and key[0] == DIR_KEY and name != ROOT_KEY_NAME:
                     todo.append(_join(rel, name))
         return out
