@@ -1081,3 +1081,21 @@ def test_crash_between_pack_seal_and_midx_write(packdir, point):
     assert s2.index().midx is not None and not s2.bad_indexes
     s2.maintain_index(force=True)
     assert sorted(s2.index().midx.names) == s2.pack_names()
+
+
+def test_a_midx_that_cannot_be_written_leaves_the_store_working(packdir, monkeypatch):
+    """Derived data: a full disk while writing it fails nothing."""
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 5)
+
+    def full(path, data, **kw):
+        if path.name == MIDX_NAME:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, data, **kw)
+
+    real = packs_mod.atomic_write
+    monkeypatch.setattr(packs_mod, "atomic_write", full)
+    s = PackStore(packdir, ALGO)
+    ids = put_all(s, [blob(i) for i in range(20)])
+    s.flush()
+    assert not (packdir / MIDX_NAME).exists()
+    assert all(s.get(i, verify=True) == blob(n) for n, i in enumerate(ids))

@@ -305,7 +305,10 @@ class PackStore:
             return False
         if not (index.covered() or index.uncovered):
             return False
-        self.write_midx()
+        try:
+            self.write_midx()
+        except OSError:  # derived data: a full disk leaves the old midx and the .idx files
+            return False
         return True
 
     def _midx_due(self, index: BlockIndex) -> bool:
@@ -331,6 +334,8 @@ class PackStore:
         crashpoint("midx-written")
         self.bad_indexes = []
         index.take(self._open_index(use_midx=True))
+        if index.midx is not None:
+            index.midx.verified = True  # the bytes just written
 
     def check_midx(self) -> str | None:
         """What is wrong with the midx, if there is one (verify: reads all of it)."""
