@@ -42,14 +42,6 @@ def _align(n: int) -> int:
     return (n + 7) & ~7
 
 
-def _column(typecode: str, raw: bytes) -> array:
-    col = array(typecode)
-    col.frombytes(raw)
-    if sys.byteorder == "big":
-        col.byteswap()
-    return col
-
-
 def _le(col: array) -> bytes:
     if sys.byteorder == "big":
         col = array(col.typecode, col)
@@ -113,9 +105,23 @@ class Midx:
         if len(names) != packs or len(set(names)) != packs or not all(
                 n and "/" not in n and "\0" not in n for n in names):
             raise IntegrityError(f"{what}: bad pack names")
-        if self._fanout(FANOUT - 1) != count:
-            raise IntegrityError(f"{what}: fanout does not match the entry count")
+        if sys.byteorder != "little":
+            raise IntegrityError(f"{what}: read in place on little-endian hosts only")
         self.names, self.count, self.id_size = names, count, id_size
+        whole = memoryview(self.map)
+        self.views = [whole]  # released before the map is closed
+        self.fanout = self._cast(lay.fanout, FANOUT, "Q")
+        self.pack_nos = self._cast(lay.pack_nos, count, "I")
+        self.offsets = self._cast(lay.offsets, count, "Q")
+        self.lengths = self._cast(lay.lengths, count, "I")
+        if self.fanout[FANOUT - 1] != count:
+            raise IntegrityError(f"{what}: fanout does not match the entry count")
+
+    def _cast(self, start: int, count: int, typecode: str) -> memoryview:
+        size = array(typecode).itemsize
+        view = self.views[0][start : start + count * size].cast(typecode)
+        self.views.append(view)
+        return view
 
     def intact(self) -> bool:
         """The whole file matches its checksum (read once, in chunks, not through the map)."""
@@ -132,23 +138,21 @@ class Midx:
         return self.verified
 
     def close(self) -> None:
+        for view in reversed(getattr(self, "views", ())):
+            view.release()
+        self.views = []
         self.map.close()
         os.close(self.fd)
 
     def _fanout(self, prefix: int) -> int:
-        if prefix < 0:
-            return 0
-        return FANOUT_ENTRY.unpack_from(self.map, self.layout.fanout + 8 * prefix)[0]
+        return self.fanout[prefix] if prefix >= 0 else 0
 
     def _id(self, i: int) -> bytes:
         start = self.layout.ids + i * self.id_size
         return self.map[start : start + self.id_size]
 
     def _entry(self, i: int) -> tuple[int, int, int]:
-        lay = self.layout
-        return (struct.unpack_from("<I", self.map, lay.pack_nos + 4 * i)[0],
-                struct.unpack_from("<Q", self.map, lay.offsets + 8 * i)[0],
-                struct.unpack_from("<I", self.map, lay.lengths + 4 * i)[0])
+        return self.pack_nos[i], self.offsets[i], self.lengths[i]
 
     def find(self, key: bytes, live: list[bool]) -> tuple[int, int, int] | None:
         """(pack number, offset, length) of the first entry of `key` in a live pack."""
@@ -184,17 +188,14 @@ class Midx:
 
     def group(self, first: int) -> list[Entry]:
         """Every entry whose id starts with byte `first`, in order (id, pack, offset, length)."""
-        lay, size = self.layout, self.id_size
+        size = self.id_size
         lo, hi = self._fanout(first * 256 - 1), self._fanout(first * 256 + 255)
         if not lo <= hi <= self.count:
             raise IntegrityError(f"{MIDX_NAME}: damaged fanout")
-        ids = self.map[lay.ids + lo * size : lay.ids + hi * size]
-        return list(zip(
-            [ids[i : i + size] for i in range(0, len(ids), size)],
-            _column("I", self.map[lay.pack_nos + 4 * lo : lay.pack_nos + 4 * hi]),
-            _column("Q", self.map[lay.offsets + 8 * lo : lay.offsets + 8 * hi]),
-            _column("I", self.map[lay.lengths + 4 * lo : lay.lengths + 4 * hi]),
-            strict=True))
+        ids = self.map[self.layout.ids + lo * size : self.layout.ids + hi * size]
+        return list(zip([ids[i : i + size] for i in range(0, len(ids), size)],
+                        self.pack_nos[lo:hi].tolist(), self.offsets[lo:hi].tolist(),
+                        self.lengths[lo:hi].tolist(), strict=True))
 
 
 def open_midx(path: Path, id_size: int) -> tuple[Midx | None, str | None]:
@@ -234,21 +235,25 @@ def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
             groups[block_id[0]] += record.pack(block_id, number, off, length)
     ids, pack_nos, offsets, lengths = bytearray(), array("I"), array("Q"), array("I")
     fanout = array("Q")
+    same_numbers = renumber == list(range(len(renumber)))
     for first in range(256):
-        entries = [(i, renumber[p], o, n) for i, p, o, n in (old.group(first) if old else ())
-                   if p < len(renumber) and renumber[p] >= 0]
+        entries = old.group(first) if old else []
+        if not same_numbers:
+            entries = [(i, renumber[p], o, n) for i, p, o, n in entries
+                       if p < len(renumber) and renumber[p] >= 0]
         entries += record.iter_unpack(groups[first])
         groups[first] = bytearray()
         entries.sort()
-        group_ids = [e[0] for e in entries]
+        group_ids, group_packs, group_offsets, group_lengths = (
+            zip(*entries, strict=True) if entries else ((), (), (), ()))
         base = len(pack_nos)
         fanout.extend(base + bisect.bisect_left(group_ids, bytes((first, second + 1)))
                       for second in range(255))
         fanout.append(base + len(entries))
         ids += b"".join(group_ids)
-        pack_nos.extend(e[1] for e in entries)
-        offsets.extend(e[2] for e in entries)
-        lengths.extend(e[3] for e in entries)
+        pack_nos.extend(group_packs)
+        offsets.extend(group_offsets)
+        lengths.extend(group_lengths)
     return _serialize(id_size, names, fanout, bytes(ids), pack_nos, offsets, lengths)
 
 
