@@ -443,8 +443,6 @@ def check_store(volume: Volume, report: VerifyReport, progress: Progress | None 
     for name, problem in packs.bad_indexes:
         report.errors.append(f"pack index {name}: {problem}")
         damaged.add(name[: -len(".idx")])
-    if problem := packs.check_midx():  # derived data: ignored, and rewritten by a writer
-        report.notes.append(f"block index {problem}: ignored (rewritten by the next change)")
     located: set[tuple[BlockId, str, int]] = set()
     sizes = {name: _file_size(packs.dir / f"{name}.pack") for name in packs.pack_names()}
     progress_step(progress, "check blocks", sum(sizes.values()))
