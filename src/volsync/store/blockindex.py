@@ -18,6 +18,7 @@ import struct
 import sys
 from array import array
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
 from pathlib import Path
 
 import xxhash
@@ -80,6 +81,7 @@ class Midx:
             self.map = mmap.mmap(self.fd, st.st_size, prot=mmap.PROT_READ)
         except BaseException:
             os.close(self.fd)
+            self.fd = -1
             raise
         try:
             self._check_header(path.name, id_size)
@@ -138,11 +140,18 @@ class Midx:
         return self.verified
 
     def close(self) -> None:
+        """Unmap and close (once: the fd number may be reused by then)."""
         for view in reversed(getattr(self, "views", ())):
             view.release()
         self.views = []
-        self.map.close()
-        os.close(self.fd)
+        if self.fd >= 0:
+            self.map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:  # a store dropped without close() must not leak the fd
+        with suppress(Exception):
+            self.close()
 
     def _fanout(self, prefix: int) -> int:
         return self.fanout[prefix] if prefix >= 0 else 0
