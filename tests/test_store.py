@@ -1099,3 +1099,21 @@ def test_a_midx_that_cannot_be_written_leaves_the_store_working(packdir, monkeyp
     s.flush()
     assert not (packdir / MIDX_NAME).exists()
     assert all(s.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+
+
+def test_a_writer_that_read_every_index_still_replaces_a_damaged_midx(packdir):
+    """verify --repair-from reads the .idx files, not the midx: its lock holder checks the
+    midx once and writes it again if it is damaged."""
+    s = PackStore(packdir, ALGO)
+    ids = put_all(s, [blob(i) for i in range(300)])
+    s.flush()
+    s.write_midx()
+    s.close()
+    midx = packdir / MIDX_NAME
+    _flip(midx, midx.stat().st_size - 20)
+    s2 = PackStore(packdir, ALGO)
+    s2.load_indexes()
+    assert s2.maintain_index()
+    assert s2.check_midx() is None
+    assert all(s2.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+    assert not s2.maintain_index()  # checked once, then good

@@ -246,6 +246,7 @@ class PackStore:
         self._index: BlockIndex | None = None
         self.midx_problem: str | None = None  # why a midx present was ignored
         self._defer_midx = False  # during repack and salvage: rewritten once they are done
+        self._midx_unread = False  # the index was read without the midx (verify)
         self._fds: dict[str, int] = {}
         self._maps: dict[str, tuple[mmap.mmap, memoryview]] = {}
         self._writer: PackWriter | None = None
@@ -263,6 +264,7 @@ class PackStore:
         """Read every pack index, ignoring the midx (verify: finds the unreadable ones)."""
         self._reset_index()
         self._index = self._open_index(use_midx=False)
+        self._midx_unread = True
         return self._index
 
     def _open_index(self, use_midx: bool) -> BlockIndex:
@@ -314,6 +316,10 @@ class PackStore:
     def _midx_due(self, index: BlockIndex) -> bool:
         if index.stale or self.midx_problem:
             return True
+        if self._midx_unread:  # left out by verify: rewritten if it is damaged
+            self._midx_unread = False
+            if (self.dir / MIDX_NAME).exists() and self.check_midx():
+                return True
         if index.midx is not None and not index.midx.intact():
             self.midx_problem = f"{MIDX_NAME}: checksum mismatch"
             return True
