@@ -14,7 +14,9 @@ import xxhash
 
 from volsync.errors import IntegrityError, VolumeLocked
 from volsync.model import BLAKE3, XXH3, BlockId, Entry, Format, Kind, Tree
-from volsync.store import fsutil
+from volsync.store import blockindex, fsutil
+from volsync.store import packs as packs_mod
+from volsync.store.blockindex import MIDX_NAME
 from volsync.store.blocklist import DIRECT_MAX, FANOUT, build_ref
 from volsync.store.codec import FORMAT_VERSION, open_sealed, pack, seal
 from volsync.store.lock import VolumeLock, current_holder
@@ -1094,3 +1096,327 @@ def test_a_merge_killed_at_any_step_loses_nothing_and_the_next_one_finishes(
                for e in read_index(packdir / f"{name}.idx", ALGO.size)[1]]
     assert len(indexed) == len(ids)
     store.close()
+
+
+# --- the block index: packs/multi.midx --------------------------------------------------------
+
+
+def random_packs(packdir, algo, packs: int, per_pack: int, seed: int = 1) -> dict:
+    """Packs of random objects, some ids in two packs (a crashed repack's copies): every
+    location of each id, as the pack indexes list them."""
+    rng = random.Random(seed)
+    record = record_struct(algo)
+    where: dict[bytes, set] = {}
+    copies = []
+    for _ in range(packs):
+        w = PackWriter(packdir, record)
+        for data in copies + [rng.randbytes(rng.randint(1, 64)) for _ in range(per_pack)]:
+            w.add(algo.digest(data), data)
+        for block_id, (off, length) in w.seal().items():
+            where.setdefault(block_id, set()).add((w.name, off, length))
+        copies = [rng.randbytes(8) for _ in range(3)]  # also go into the next pack
+        for data in copies:
+            w2 = PackWriter(packdir, record)
+            w2.add(algo.digest(data), data)
+            for block_id, (off, length) in w2.seal().items():
+                where.setdefault(block_id, set()).add((w2.name, off, length))
+    return where
+
+
+def assert_index_matches(index, where: dict, algo=ALGO) -> None:
+    for block_id, locations in where.items():
+        assert index.get(block_id) in locations
+        assert block_id in index
+    assert {i for i, _ in index.items()} == set(where)
+    assert all(loc in where[i] for i, loc in index.items())
+    rng = random.Random(7)
+    for _ in range(200):
+        assert rng.randbytes(algo.size) not in index
+    assert index.get(b"short") is None
+
+
+@pytest.mark.parametrize("algo", [BLAKE3, XXH3])
+@pytest.mark.parametrize("scan_limit", [64, 1])  # 1: every lookup bisects
+def test_midx_lookups_equal_the_pack_indexes(packdir, monkeypatch, algo, scan_limit):
+    """Every id the pack indexes list is found at one of its locations through the midx
+    (ids in two packs included), nothing else is, and the midx covers every pack."""
+    monkeypatch.setattr(blockindex, "SCAN_LIMIT", scan_limit)
+    where = random_packs(packdir, algo, packs=6, per_pack=700)
+    s = PackStore(packdir, algo)
+    s.write_midx()
+    s.close()
+    s2 = PackStore(packdir, algo)
+    index = s2.index()
+    assert index.midx is not None and not index.overlay and not index.uncovered
+    assert sorted(index.midx.names) == s2.pack_names()
+    assert_index_matches(index, where, algo)
+    some = next(iter(where))
+    assert s2.get(some, verify=True)
+
+
+def test_midx_with_many_ids_under_one_prefix(packdir, monkeypatch):
+    """Ranges the fanout leaves long are bisected before they are scanned."""
+    monkeypatch.setattr(blockindex, "SCAN_LIMIT", 4)
+    s = PackStore(packdir, ALGO)
+    ids = sorted({bytes([1, 2]) + random.Random(i).randbytes(30) for i in range(300)})
+    w = PackWriter(packdir, RECORD)
+    for n, block_id in enumerate(ids):
+        w.add(block_id, blob(n, 10))
+    w.seal()
+    s.write_midx()
+    s.close()
+    index = PackStore(packdir, ALGO).index()
+    assert [index[i][1] for i in ids] == sorted(index[i][1] for i in ids)
+    assert bytes([1, 2]) + bytes(30) not in index and bytes([1, 2]) + b"\xff" * 30 not in index
+
+
+def test_midx_plus_overlay_of_packs_it_does_not_cover(packdir):
+    """Packs sealed after the midx was written are read from their indexes, over it."""
+    s = PackStore(packdir, ALGO)
+    first = put_all(s, [blob(i) for i in range(50)])
+    s.flush()
+    s.write_midx()
+    second = put_all(s, [blob(i) for i in range(50, 80)])
+    s.flush()  # below the threshold: no rewrite
+    assert s.index().uncovered and s.index().midx is not None
+    s.close()
+    s2 = PackStore(packdir, ALGO)
+    index = s2.index()
+    assert len(index.midx.names) == 1 and len(index.uncovered) == 1
+    assert all(s2.get(i, verify=True) for i in first + second)
+    assert len(index) == 80
+
+
+def test_the_writer_rewrites_the_midx_past_the_threshold_a_reader_never(packdir, monkeypatch):
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 20)
+    s = PackStore(packdir, ALGO)
+    put_all(s, [blob(i) for i in range(10)])
+    s.flush()
+    assert not (packdir / MIDX_NAME).exists()
+    ids = put_all(s, [blob(i) for i in range(10, 40)])
+    s.flush()  # 40 entries outside any midx: written
+    assert (packdir / MIDX_NAME).exists() and not s.index().overlay
+    assert s.get(ids[-1], verify=True) == blob(39)
+    s.close()
+    before = (packdir / MIDX_NAME).read_bytes()
+    reader = PackStore(packdir, ALGO)
+    w = PackWriter(packdir, RECORD)  # another writer's pack, unknown to the midx
+    for i in range(40, 100):
+        w.add(digest_of(blob(i)), blob(i))
+    w.seal()
+    assert reader.has(digest_of(blob(99))) and reader.has(ids[0])
+    assert (packdir / MIDX_NAME).read_bytes() == before  # reading writes nothing
+
+
+def test_stale_midx_after_repack_is_ignored_then_rewritten(packdir, monkeypatch):
+    """A midx that still covers packs a repack dropped (killed before rewriting it) finds
+    nothing in them: the live objects are found where the repack put them."""
+    s = PackStore(packdir, ALGO)
+    keep = put_all(s, [blob(i, 20_000) for i in range(3)])
+    drop = put_all(s, [blob(i, 20_000) for i in range(3, 6)])
+    s.flush()
+    s.write_midx()
+    monkeypatch.setattr(PackStore, "maintain_index", lambda self, force=False: False)
+    assert s.repack(set(keep)) == (3, 60_000)
+    s.close()
+    monkeypatch.undo()
+    s2 = PackStore(packdir, ALGO)
+    index = s2.index()
+    assert index.stale and index.midx is not None
+    assert all(s2.get(i, verify=True) for i in keep)
+    assert not any(s2.has(i) for i in drop)
+    assert {i for i, _ in index.items()} == set(keep)
+    assert s2.maintain_index()  # the next writer rewrites it
+    assert not s2.index().stale and sorted(s2.index().midx.names) == s2.pack_names()
+    assert all(s2.get(i, verify=True) for i in keep) and not any(s2.has(i) for i in drop)
+
+
+def test_repack_rewrites_the_midx(packdir):
+    s = PackStore(packdir, ALGO)
+    keep = put_all(s, [blob(i, 20_000) for i in range(3)])
+    drop = put_all(s, [blob(i, 20_000) for i in range(3, 6)])
+    s.flush()
+    s.write_midx()
+    s.repack(set(keep))
+    assert not s.index().stale and sorted(s.index().midx.names) == s.pack_names()
+    s.close()
+    s2 = PackStore(packdir, ALGO)
+    assert all(s2.get(i, verify=True) for i in keep) and not any(s2.has(i) for i in drop)
+
+
+def test_a_copy_in_a_dropped_pack_is_found_in_the_other(packdir):
+    """An id the midx lists in two packs is still found once one of them is gone."""
+    s = PackStore(packdir, ALGO)
+    a = blob(1, 5000)
+    put_all(s, [a])
+    s.flush()
+    w = PackWriter(packdir, RECORD)
+    w.add(digest_of(a), a)
+    w.seal()
+    s.close()
+    s = PackStore(packdir, ALGO)
+    s.write_midx()
+    for name in s.index().midx.names:
+        s.close()
+        (packdir / f"{name}.idx").unlink()
+        (packdir / f"{name}.pack").unlink()
+        s = PackStore(packdir, ALGO)
+        if s.pack_names():
+            assert s.get(digest_of(a), verify=True) == a
+    assert not s.has(digest_of(a))
+
+
+def _damage(path, how: str) -> None:
+    raw = bytearray(path.read_bytes())
+    lay = blockindex.Layout(*blockindex.HEADER.unpack_from(raw, 0)[1:])
+    if how == "truncated":
+        raw = raw[: len(raw) // 2]
+    elif how == "empty":
+        raw = bytearray()
+    elif how == "magic":
+        raw[0] ^= 1
+    elif how == "id size":
+        raw[8] = 16
+    elif how == "names":
+        raw[lay.names] ^= 0x20
+    elif how == "fanout":
+        raw[lay.fanout + 8 * 300] ^= 1
+    elif how == "extra":
+        raw += b"\0" * 8
+    path.write_bytes(bytes(raw))
+
+
+@pytest.mark.parametrize("how", ["truncated", "empty", "magic", "id size", "names", "fanout",
+                                 "extra", "symlink", "directory"])
+def test_a_damaged_midx_is_ignored_for_the_pack_indexes(packdir, how):
+    s = PackStore(packdir, ALGO)
+    ids = put_all(s, [blob(i) for i in range(300)])
+    s.flush()
+    s.write_midx()
+    s.close()
+    midx = packdir / MIDX_NAME
+    if how == "symlink":
+        midx.rename(packdir / "elsewhere")
+        midx.symlink_to(packdir / "elsewhere")
+    elif how == "directory":
+        midx.unlink()
+        midx.mkdir()
+    else:
+        _damage(midx, how)
+    s2 = PackStore(packdir, ALGO)
+    assert s2.index().midx is None and s2.midx_problem
+    assert all(s2.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+    if how != "directory":
+        assert s2.maintain_index()  # a writer replaces it
+        assert s2.index().midx is not None and s2.midx_problem is None
+
+
+def test_damage_past_the_header_is_caught_by_the_checks_of_reads_and_the_writer(packdir):
+    """The arrays are not checked on open: a flipped offset makes a verified read fail (never
+    return other data), verify reports it, and the next writer rebuilds the midx."""
+    s = PackStore(packdir, ALGO)
+    ids = put_all(s, [blob(i) for i in range(300)])
+    s.flush()
+    s.write_midx()
+    s.close()
+    midx = packdir / MIDX_NAME
+    lay = blockindex.Layout(*blockindex.HEADER.unpack_from(midx.read_bytes(), 0)[1:])
+    _flip(midx, lay.offsets + 8 * 5)
+    s2 = PackStore(packdir, ALGO)
+    assert s2.index().midx is not None
+    results = []
+    for n, i in enumerate(ids):
+        try:
+            results.append(s2.get(i, verify=True) == blob(n))
+        except IntegrityError:
+            results.append(None)
+    assert None in results and False not in results
+    assert "checksum mismatch" in s2.check_midx()
+    assert s2.maintain_index()
+    assert all(s2.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+    assert s2.check_midx() is None
+
+
+def test_a_midx_of_a_lost_index_is_dropped_when_the_pack_is_adopted(packdir):
+    s = PackStore(packdir, ALGO)
+    ids = put_all(s, [blob(i) for i in range(20)])
+    s.flush()
+    s.write_midx()
+    name = s.pack_names()[0]
+    (packdir / f"{name}.idx").unlink()
+    s.close()
+    s2 = PackStore(packdir, ALGO)
+    assert not s2.has(ids[0])
+    assert s2.adopt_orphans() == 20
+    assert not (packdir / MIDX_NAME).exists()
+    assert all(s2.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+
+
+@pytest.mark.parametrize("point", ["pack-index-committed", "atomic-write-before-rename",
+                                   "midx-written"])
+def test_crash_between_pack_seal_and_midx_write(packdir, point):
+    """Killed after a pack is sealed but before the midx covers it (or while it is being
+    rewritten), every object is found: the pack's own index is read."""
+    s = PackStore(packdir, ALGO)
+    old = put_all(s, [blob(i) for i in range(40)])
+    s.flush()
+    s.write_midx()
+    s.close()
+    code = textwrap.dedent(f"""
+        from pathlib import Path
+        from volsync.model import BLAKE3
+        from volsync.store import packs
+        packs.MIDX_MIN_ENTRIES = 10
+        s = packs.PackStore(Path({str(packdir)!r}), BLAKE3)
+        for i in range(40, 80):
+            data = (f"block {{i}} ".encode() * 1000)[:1000]
+            s.put(BLAKE3.digest(data), data)
+        s.flush()
+    """)
+    nth = {"pack-index-committed": 1, "atomic-write-before-rename": 2, "midx-written": 1}
+    env = dict(os.environ, VOLSYNC_CRASH_AT=f"{point}:{nth[point]}")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, check=False)
+    assert proc.returncode == 137
+    fsutil.remove_temps(packdir)
+    s2 = PackStore(packdir, ALGO)
+    new = [digest_of(blob(i)) for i in range(40, 80)]
+    assert all(s2.get(i, verify=True) == blob(n) for n, i in enumerate(old + new))
+    assert s2.index().midx is not None and not s2.bad_indexes
+    s2.maintain_index(force=True)
+    assert sorted(s2.index().midx.names) == s2.pack_names()
+
+
+def test_a_midx_that_cannot_be_written_leaves_the_store_working(packdir, monkeypatch):
+    """Derived data: a full disk while writing it fails nothing."""
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 5)
+
+    def full(path, data, **kw):
+        if path.name == MIDX_NAME:
+            raise OSError(28, "No space left on device", str(path))
+        return real(path, data, **kw)
+
+    real = packs_mod.atomic_write
+    monkeypatch.setattr(packs_mod, "atomic_write", full)
+    s = PackStore(packdir, ALGO)
+    ids = put_all(s, [blob(i) for i in range(20)])
+    s.flush()
+    assert not (packdir / MIDX_NAME).exists()
+    assert all(s.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+
+
+def test_a_writer_that_read_every_index_still_replaces_a_damaged_midx(packdir):
+    """verify --repair-from reads the .idx files, not the midx: its lock holder checks the
+    midx once and writes it again if it is damaged."""
+    s = PackStore(packdir, ALGO)
+    ids = put_all(s, [blob(i) for i in range(300)])
+    s.flush()
+    s.write_midx()
+    s.close()
+    midx = packdir / MIDX_NAME
+    _flip(midx, midx.stat().st_size - 20)
+    s2 = PackStore(packdir, ALGO)
+    s2.load_indexes()
+    assert s2.maintain_index()
+    assert s2.check_midx() is None
+    assert all(s2.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+    assert not s2.maintain_index()  # checked once, then good

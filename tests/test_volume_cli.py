@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import age_tree, assert_same_tree, read_tree, spec_to_flat, write_tree
-from helpers import diff_lists
+from helpers import diff_lists, opened
 
 from volsync import tree as vtree
 from volsync.model import Kind
@@ -716,6 +716,46 @@ def test_prune_keep_last(run, make_volume, tmp_path):
     assert r.code == 0 and r.json["ok"], r
     assert len(os.listdir(v / ".volsync" / "snapshots")) == 2
 
+
+
+def test_the_block_index_through_snapshot_prune_verify(run, make_volume, tmp_path, monkeypatch):
+    """With the midx rewritten at every chance: snapshots, prune, restore and verify work
+    through it; prune leaves it covering exactly the packs that remain; damage in its
+    entries is found by the next command under the lock, which writes it again."""
+    from volsync.store import packs as packs_mod
+    from volsync.store.blockindex import MIDX_NAME, open_midx
+
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 1)
+    monkeypatch.setattr(packs_mod, "MIDX_MAX_PACKS", 1)
+    v = make_volume(BASE)
+    midx_path = v / ".volsync" / "packs" / MIDX_NAME
+    trees = []
+    for i in range(3):
+        _fill(v, i)
+        if i:
+            (v / f"unique{i - 1}").unlink()
+        trees.append(read_tree(v))
+        snap(run, v)
+        assert midx_path.exists()
+    assert run("prune", v, "--keep-last", "1").code == 0
+    with opened(v) as vol:
+        midx, problem = open_midx(midx_path, vol.fmt.algo.size)
+        assert problem is None and sorted(midx.names) == vol.packs.pack_names()
+        midx.close()
+    assert run("restore", v, "3", tmp_path / "out").code == 0
+    assert_same_tree(tmp_path / "out", trees[2])
+    r = run("verify", v, "--json")
+    assert r.code == 0 and r.json["ok"], r
+    raw = bytearray(midx_path.read_bytes())
+    raw[-20] ^= 1  # in the entries: only the file sum shows it
+    midx_path.write_bytes(bytes(raw))
+    with opened(v) as vol:
+        assert "checksum mismatch" in vol.packs.check_midx()
+    r = run("verify", v, "--json")  # reads the .idx files, not the midx
+    assert r.code == 0 and r.json["ok"], r
+    snap(run, v)
+    with opened(v) as vol:
+        assert vol.packs.check_midx() is None
 
 def test_prune_preserved(run, make_volume, tmp_path):
     """prune --preserved removes preserved snapshots and their blocks; the lineage stays."""

@@ -439,7 +439,7 @@ def check_store(volume: Volume, report: VerifyReport, progress: Progress | None 
     damaged: set[str] = set()
     packs = volume.packs
     digest = volume.fmt.algo.digest
-    index = packs.index()  # loading it is what finds the unreadable indexes
+    index = packs.load_indexes()  # reading them all is what finds the unreadable ones
     for name, problem in packs.bad_indexes:
         report.errors.append(f"pack index {name}: {problem}")
         damaged.add(name[: -len(".idx")])

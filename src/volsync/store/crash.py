@@ -19,7 +19,8 @@ _TRACE = os.environ.get("VOLSYNC_CRASH_TRACE", "")
 CRASH_EXIT = 137
 POINTS = (
     "atomic-write-before-rename", "pack-data-durable", "pack-index-committed",
-    "pack-index-dropped", "snapshot-record-written", "state-committed", "live-entry-written", "live-temp-written",
+    "pack-index-dropped", "midx-written", "snapshot-record-written", "state-committed",
+    "live-entry-written", "live-temp-written",
     "object-received", "role-swap-source-demoted", "role-swap-mirror-promoted", "link-flipped",
     "upgrade-staged", "upgrade-committed", "upgrade-old-removed", "upgrade-moved",
     "upgrade-config-final",

@@ -15,11 +15,12 @@ import struct
 import threading
 from array import array
 from collections.abc import Iterable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from ..errors import IntegrityError
 from ..model import BlockId, HashAlgo
+from .blockindex import MIDX_NAME, BlockIndex, Location, build_midx, open_midx
 from .codec import FORMAT_VERSION, open_sealed, seal
 from .crash import crashpoint, fault
 from .fsutil import atomic_write, fsync, fsync_dir, pwrite_all, read_nofollow, write_all
@@ -32,6 +33,11 @@ def record_struct(algo: HashAlgo) -> struct.Struct:
     """A record header: the object's id, then its length (u32 LE)."""
     return struct.Struct(f"<{algo.size}sI")
 PACK_TARGET = 128 << 20  # bytes per pack before a new one is started
+# the lock holder rewrites the midx once the packs it does not cover hold this many entries
+# (and at least 1/8 of those it covers: rewrites stay rare as a volume grows) or number this
+# many: a reader loads those packs' indexes into memory
+MIDX_MIN_ENTRIES = 1 << 14
+MIDX_MAX_PACKS = 16
 BUFFER_LIMIT = 4 << 20
 QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
 SYNC_EVERY = 32 << 20  # start writeback this often, so the final fsync is short
@@ -246,24 +252,119 @@ class PackStore:
         self.algo = algo
         self.digest = algo.digest
         self.record = record_struct(algo)
-        self._index: dict[BlockId, tuple[str, int, int]] | None = None
+        self._index: BlockIndex | None = None
+        self.midx_problem: str | None = None  # why a midx present was ignored
+        self._defer_midx = False  # during repack and salvage: rewritten once they are done
+        self._midx_unread = False  # the index was read without the midx (verify)
         self._pool = PackPool(directory)  # open packs (MAX_OPEN_PACKS), pinned while used
         self._writer: PackWriter | None = None
         self.bad_indexes: list[tuple[str, str]] = []
 
     # --- reading ---------------------------------------------------------------------------
-    def index(self) -> dict[BlockId, tuple[str, int, int]]:
+    def index(self) -> BlockIndex:
+        """Where each object is: the midx (mapped, searched in place) and the indexes of
+        the packs it does not cover."""
         if self._index is None:
-            self._index = {}
-            for idx in sorted(self.dir.glob("*.idx")):
-                try:
-                    name, entries = read_index(idx, self.algo.size)
-                except (IntegrityError, OSError) as exc:
-                    self.bad_indexes.append((idx.name, str(exc)))
-                    continue
-                for block_id, off, length in entries:
-                    self._index[block_id] = (name, off, length)
+            self._index = self._open_index(use_midx=True)
         return self._index
+
+    def load_indexes(self) -> BlockIndex:
+        """Read every pack index, ignoring the midx (verify: finds the unreadable ones)."""
+        self._reset_index()
+        self._index = self._open_index(use_midx=False)
+        self._midx_unread = True
+        return self._index
+
+    def _open_index(self, use_midx: bool) -> BlockIndex:
+        existing = set(self.pack_names())
+        midx, self.midx_problem = (open_midx(self.dir / MIDX_NAME, self.algo.size)
+                                   if use_midx else (None, None))
+        covered = set(midx.names) if midx else set()
+        overlay: dict[BlockId, Location] = {}
+        uncovered = set()
+        for name in sorted(existing):
+            if name in covered:
+                continue
+            entries = self._read_pack_index(name)
+            if entries is not None:
+                uncovered.add(name)
+                for block_id, off, length in entries:
+                    overlay[block_id] = (name, off, length)
+        live = [name in existing for name in midx.names] if midx else []
+        return BlockIndex(midx, live, overlay, uncovered)
+
+    def _read_pack_index(self, name: str) -> list[tuple[BlockId, int, int]] | None:
+        try:
+            return read_index(self.dir / f"{name}.idx", self.algo.size)[1]
+        except (IntegrityError, OSError) as exc:
+            self.bad_indexes.append((f"{name}.idx", str(exc)))
+            return None
+
+    def _reset_index(self) -> None:
+        if self._index is not None:
+            self._index.close()
+            self._index = None
+        self.bad_indexes = []
+
+    # --- the midx (lock holder only) -------------------------------------------------------
+    def maintain_index(self, force: bool = False) -> bool:
+        """Rewrite the midx when it is stale, damaged, or leaves too many entries or packs
+        to the overlay (or when `force`d and there is something to cover): True if it was."""
+        index = self.index()
+        if self._defer_midx or not (force or self._midx_due(index)):
+            return False
+        if not (index.covered() or index.uncovered):
+            return False
+        try:
+            self.write_midx()
+        except OSError:  # derived data: a full disk leaves the old midx and the .idx files
+            return False
+        return True
+
+    def _midx_due(self, index: BlockIndex) -> bool:
+        if index.stale or self.midx_problem:
+            return True
+        if self._midx_unread:  # left out by verify: rewritten if it is damaged
+            self._midx_unread = False
+            if (self.dir / MIDX_NAME).exists() and self.check_midx():
+                return True
+        if index.midx is not None and not index.midx.intact():
+            self.midx_problem = f"{MIDX_NAME}: checksum mismatch"
+            return True
+        return (len(index.uncovered) >= MIDX_MAX_PACKS
+                or len(index.overlay) >= max(MIDX_MIN_ENTRIES, index.covered() // 8))
+
+    def write_midx(self) -> None:
+        """Merge the live part of the midx and the indexes of the packs it does not cover
+        into a new midx, then reopen the index on it (the same object: callers keep it)."""
+        index = self.index()
+        old = index.midx if index.midx is not None and index.midx.intact() else None
+        existing = self.pack_names()
+        present, covered = set(existing), set(old.names) if old else set()
+        live = [name in present for name in old.names] if old else []
+        data = build_midx(self.algo.size, old, live, [n for n in existing if n not in covered],
+                          self._read_pack_index)
+        atomic_write(self.dir / MIDX_NAME, data)
+        crashpoint("midx-written")
+        self.bad_indexes = []
+        index.take(self._open_index(use_midx=True))
+        if index.midx is not None:
+            index.midx.verified = True  # the bytes just written
+
+    def check_midx(self) -> str | None:
+        """What is wrong with the midx, if there is one (verify: reads all of it)."""
+        midx, problem = open_midx(self.dir / MIDX_NAME, self.algo.size)
+        if midx is None:
+            return problem
+        try:
+            return None if midx.intact() else f"{MIDX_NAME}: checksum mismatch"
+        finally:
+            midx.close()
+
+    def remove_midx(self) -> None:
+        """Drop the midx (derived data): the indexes are read until it is written again."""
+        self._reset_index()
+        (self.dir / MIDX_NAME).unlink(missing_ok=True)
 
     def has(self, block_id: BlockId) -> bool:
         return block_id in self.index() or bool(self._writer and block_id in self._writer.entries)
@@ -414,9 +515,8 @@ class PackStore:
             else:
                 w.abandon()
             raise
-        index = self.index()
-        for block_id, (off, length) in entries.items():
-            index[block_id] = (w.name, off, length)
+        self.index().add_pack(w.name, entries)
+        self.maintain_index()
 
     def discard(self) -> None:
         """Drop objects put since the last flush (an aborted run)."""
@@ -433,6 +533,9 @@ class PackStore:
         for pack in sorted(self.dir.glob("*.pack")):
             if pack.stem in indexed or (self._writer and self._writer.name == pack.stem):
                 continue
+            if self._index is not None and self._index.midx is not None \
+                    and pack.stem in self._index.midx.names:
+                self.remove_midx()  # it lists what was indexed before: may not match now
             adopted += self._adopt(pack)
         return adopted
 
@@ -462,12 +565,12 @@ class PackStore:
         writer.complete = end
         entries = writer.seal()
         if self._index is not None:
-            for block_id, (off, length) in entries.items():
-                self._index.setdefault(block_id, (pack.stem, off, length))
+            self._index.add_pack(pack.stem, entries, replace=False)
         return len(entries)
 
     def close(self) -> None:
         self.discard()
+        self._reset_index()
         self._pool.close_all()
 
     def __del__(self) -> None:
@@ -513,6 +616,21 @@ class PackStore:
         elsewhere (a crashed earlier repack leaves those), and the small packs once there are
         many, then drop the old packs once the rewritten data is durable; packs in `spare` are
         left as they are. Returns (objects freed, bytes freed)."""
+        with self._midx_deferred():
+            return self._repack(live, spare)
+
+    @contextmanager
+    def _midx_deferred(self) -> Iterator[None]:
+        """Packs are being rewritten and dropped: the midx is rewritten once, at the end
+        (not by the flushes in between, which would see packs about to go)."""
+        self._defer_midx = True
+        try:
+            yield
+        finally:
+            self._defer_midx = False
+        self.maintain_index()
+
+    def _repack(self, live: set[BlockId], spare: set[str]) -> tuple[int, int]:
         index = self.index()
         doomed = self._to_rewrite(live, spare)
         freed = freed_bytes = 0
@@ -566,6 +684,8 @@ class PackStore:
             return False  # a missing pack is verify's business
 
     def _drop_pack(self, name: str) -> None:
+        if self._index is not None:
+            self._index.drop_pack(name)
         self._close_pack(name)
         (self.dir / f"{name}.idx").unlink(missing_ok=True)
         crashpoint("pack-index-dropped")
@@ -577,6 +697,10 @@ class PackStore:
     def salvage(self, damaged: set[str]) -> int:
         """Rewrite damaged packs (bad index, corrupt or truncated records) keeping only the
         records that still match their id; returns how many records were kept."""
+        with self._midx_deferred():
+            return self._salvage(damaged)
+
+    def _salvage(self, damaged: set[str]) -> int:
         index = self.index()
         kept = 0
         for name in sorted(damaged):

@@ -484,7 +484,7 @@ def _staged_packs_intact(directory: Path, algo) -> bool:
         return False
     packs = PackStore(directory, algo)
     try:
-        index = packs.index()
+        index = packs.load_indexes()
         if packs.bad_indexes:
             return False
         seen = set()

@@ -182,6 +182,7 @@ class Volume:
             self.packs.adopt_orphans()
             yield self
             self.packs.flush()
+            self.packs.maintain_index()
         finally:
             try:
                 self.packs.discard()

@@ -1,0 +1,399 @@
+"""The block index: where each object lives, (pack name, data offset, length) by id.
+
+The `.idx` file of each pack is the source of truth. `packs/multi.midx` merges those of many
+packs into one file sorted by id, with a fanout table by the ids' first two bytes, read
+through mmap and searched in place: opening a volume reads none of its ids. Packs it does not
+cover (sealed since it was written) are read into a small in-memory overlay. It is derived
+data: rewritten by the lock holder (`PackStore.maintain_index`), ignored whenever anything
+about it is in doubt. Layout (little-endian, sections 8-byte aligned): see docs/format.md.
+"""
+
+from __future__ import annotations
+
+import bisect
+import mmap
+import os
+import stat
+import struct
+import sys
+from array import array
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import suppress
+from pathlib import Path
+
+import xxhash
+
+from ..errors import IntegrityError
+from ..model import BlockId
+
+MIDX_NAME = "multi.midx"
+MIDX_MAGIC = b"VSMIDX\x00\x01"
+HEADER = struct.Struct("<8sIIQQ")  # magic, id size, packs, entries, bytes of pack names
+FANOUT = 1 << 16  # cumulative entry counts by the ids' first two bytes
+FANOUT_ENTRY = struct.Struct("<Q")
+SUM = struct.Struct("<Q")  # xxh3-64
+CHUNK = 4 << 20
+SCAN_LIMIT = 64  # a range this small is searched with bytes.find, not bisected
+
+Location = tuple[str, int, int]  # pack name, data offset, length
+Entry = tuple[bytes, int, int, int]  # id, pack number, offset, length
+
+
+def _align(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _le(col: array) -> bytes:
+    if sys.byteorder == "big":
+        col = array(col.typecode, col)
+        col.byteswap()
+    return col.tobytes()
+
+
+class Layout:
+    """Where each section of a midx starts, from its header's counts."""
+
+    def __init__(self, id_size: int, packs: int, count: int, names_len: int):
+        self.id_size, self.packs, self.count, self.names_len = id_size, packs, count, names_len
+        self.names = HEADER.size
+        self.fanout = _align(self.names + names_len)
+        self.head_sum = self.fanout + FANOUT * FANOUT_ENTRY.size
+        self.ids = self.head_sum + SUM.size
+        self.pack_nos = _align(self.ids + count * id_size)
+        self.offsets = _align(self.pack_nos + 4 * count)
+        self.lengths = self.offsets + 8 * count
+        self.file_sum = _align(self.lengths + 4 * count)
+        self.size = self.file_sum + SUM.size
+
+
+class Midx:
+    """One mapped midx file, its header, names and fanout checked on open (its arrays are
+    checked only by `intact`, which reads them all: every read of an object it locates is
+    checked against the object's id where that matters)."""
+
+    def __init__(self, path: Path, id_size: int):
+        self.fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        self.verified = False  # `intact` found the whole file good
+        try:
+            st = os.fstat(self.fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_size < HEADER.size:
+                raise IntegrityError(f"{path.name}: not a block index")
+            self.map = mmap.mmap(self.fd, st.st_size, prot=mmap.PROT_READ)
+        except BaseException:
+            os.close(self.fd)
+            self.fd = -1
+            raise
+        try:
+            self._check_header(path.name, id_size)
+        except BaseException:
+            self.close()
+            raise
+
+    def _check_header(self, what: str, id_size: int) -> None:
+        magic, size, packs, count, names_len = HEADER.unpack_from(self.map, 0)
+        if magic != MIDX_MAGIC or size != id_size:
+            raise IntegrityError(f"{what}: not a block index of this volume")
+        lay = self.layout = Layout(id_size, packs, count, names_len)
+        if lay.size != len(self.map):
+            raise IntegrityError(f"{what}: wrong size")
+        (head_sum,) = SUM.unpack_from(self.map, lay.head_sum)
+        if xxhash.xxh3_64_intdigest(self.map[: lay.head_sum]) != head_sum:
+            raise IntegrityError(f"{what}: header checksum mismatch")
+        try:
+            names = self.map[lay.names : lay.names + names_len].decode("ascii").split("\n")
+        except UnicodeDecodeError:
+            raise IntegrityError(f"{what}: bad pack names") from None
+        names = names if names_len else []
+        if len(names) != packs or len(set(names)) != packs or not all(
+                n and "/" not in n and "\0" not in n for n in names):
+            raise IntegrityError(f"{what}: bad pack names")
+        if sys.byteorder != "little":
+            raise IntegrityError(f"{what}: read in place on little-endian hosts only")
+        self.names, self.count, self.id_size = names, count, id_size
+        whole = memoryview(self.map)
+        self.views = [whole]  # released before the map is closed
+        self.fanout = self._cast(lay.fanout, FANOUT, "Q")
+        self.pack_nos = self._cast(lay.pack_nos, count, "I")
+        self.offsets = self._cast(lay.offsets, count, "Q")
+        self.lengths = self._cast(lay.lengths, count, "I")
+        if self.fanout[FANOUT - 1] != count:
+            raise IntegrityError(f"{what}: fanout does not match the entry count")
+
+    def _cast(self, start: int, count: int, typecode: str) -> memoryview:
+        size = array(typecode).itemsize
+        view = self.views[0][start : start + count * size].cast(typecode)
+        self.views.append(view)
+        return view
+
+    def intact(self) -> bool:
+        """The whole file matches its checksum (read once, in chunks, not through the map)."""
+        if not self.verified:
+            (file_sum,) = SUM.unpack_from(self.map, self.layout.file_sum)
+            digest, done, end = xxhash.xxh3_64(), 0, self.layout.file_sum
+            while done < end:
+                chunk = os.pread(self.fd, min(CHUNK, end - done), done)
+                if not chunk:
+                    return False
+                digest.update(chunk)
+                done += len(chunk)
+            self.verified = digest.intdigest() == file_sum
+        return self.verified
+
+    def close(self) -> None:
+        """Unmap and close (once: the fd number may be reused by then)."""
+        for view in reversed(getattr(self, "views", ())):
+            view.release()
+        self.views = []
+        if self.fd >= 0:
+            self.map.close()
+            os.close(self.fd)
+            self.fd = -1
+
+    def __del__(self) -> None:  # a store dropped without close() must not leak the fd
+        with suppress(Exception):
+            self.close()
+
+    def _fanout(self, prefix: int) -> int:
+        return self.fanout[prefix] if prefix >= 0 else 0
+
+    def _id(self, i: int) -> bytes:
+        start = self.layout.ids + i * self.id_size
+        return self.map[start : start + self.id_size]
+
+    def _entry(self, i: int) -> tuple[int, int, int]:
+        return self.pack_nos[i], self.offsets[i], self.lengths[i]
+
+    def find(self, key: bytes, live: list[bool]) -> tuple[int, int, int] | None:
+        """(pack number, offset, length) of the first entry of `key` in a live pack."""
+        if len(key) != self.id_size:
+            return None
+        prefix = key[0] << 8 | key[1]
+        lo, end = self._fanout(prefix - 1), self._fanout(prefix)
+        if not lo <= end <= self.count:
+            return None  # a damaged fanout finds nothing
+        hi = end
+        while hi - lo > SCAN_LIMIT:  # bisect_left: ids before lo < key <= ids from hi
+            mid = (lo + hi) // 2
+            if self._id(mid) < key:
+                lo = mid + 1
+            else:
+                hi = mid
+        i = self._scan(key, lo, min(end, hi + 1))
+        while i is not None and i < end and self._id(i) == key:  # one id, several packs
+            pack, off, length = self._entry(i)
+            if pack < len(live) and live[pack]:
+                return pack, off, length
+            i += 1
+        return None
+
+    def _scan(self, key: bytes, lo: int, hi: int) -> int | None:
+        """The first i in [lo, hi) whose id is `key` (a search of the bytes, id-aligned)."""
+        base, size = self.layout.ids, self.id_size
+        chunk = self.map[base + lo * size : base + hi * size]
+        pos = chunk.find(key)
+        while pos >= 0 and pos % size:
+            pos = chunk.find(key, pos + 1)
+        return None if pos < 0 else lo + pos // size
+
+    def group(self, first: int) -> list[Entry]:
+        """Every entry whose id starts with byte `first`, in order (id, pack, offset, length)."""
+        size = self.id_size
+        lo, hi = self._fanout(first * 256 - 1), self._fanout(first * 256 + 255)
+        if not lo <= hi <= self.count:
+            raise IntegrityError(f"{MIDX_NAME}: damaged fanout")
+        ids = self.map[self.layout.ids + lo * size : self.layout.ids + hi * size]
+        return list(zip([ids[i : i + size] for i in range(0, len(ids), size)],
+                        self.pack_nos[lo:hi].tolist(), self.offsets[lo:hi].tolist(),
+                        self.lengths[lo:hi].tolist(), strict=True))
+
+
+def open_midx(path: Path, id_size: int) -> tuple[Midx | None, str | None]:
+    """The midx at `path`, or None and why not (None, None: there is none)."""
+    try:
+        return Midx(path, id_size), None
+    except FileNotFoundError:
+        return None, None
+    except (IntegrityError, OSError, ValueError, struct.error) as exc:
+        return None, str(exc)
+
+
+# --- writing -----------------------------------------------------------------------------------
+
+def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
+               new_packs: Iterable[str],
+               read_pack: Callable[[str], list[tuple[BlockId, int, int]] | None]) -> bytes:
+    """A midx covering the live packs of `old` and `new_packs` (whose entries `read_pack`
+    gives, None for an unreadable index: that pack is left uncovered). Entries are gathered
+    by first byte as packed records, then sorted one group (1/256 of them) at a time, so
+    memory is the entries in compact bytes, not Python objects per id."""
+    names: list[str] = []
+    renumber = []
+    for name, live in zip(old.names if old else [], old_live, strict=False):
+        renumber.append(len(names) if live else -1)
+        if live:
+            names.append(name)
+    record = struct.Struct(f"<{id_size}sIQI")
+    groups = [bytearray() for _ in range(256)]
+    for name in new_packs:
+        entries = read_pack(name)
+        if entries is None:
+            continue
+        number = len(names)
+        names.append(name)
+        for block_id, off, length in entries:
+            groups[block_id[0]] += record.pack(block_id, number, off, length)
+    ids, pack_nos, offsets, lengths = bytearray(), array("I"), array("Q"), array("I")
+    fanout = array("Q")
+    same_numbers = renumber == list(range(len(renumber)))
+    for first in range(256):
+        entries = old.group(first) if old else []
+        if not same_numbers:
+            entries = [(i, renumber[p], o, n) for i, p, o, n in entries
+                       if p < len(renumber) and renumber[p] >= 0]
+        entries += record.iter_unpack(groups[first])
+        groups[first] = bytearray()
+        entries.sort()
+        group_ids, group_packs, group_offsets, group_lengths = (
+            zip(*entries, strict=True) if entries else ((), (), (), ()))
+        base = len(pack_nos)
+        fanout.extend(base + bisect.bisect_left(group_ids, bytes((first, second + 1)))
+                      for second in range(255))
+        fanout.append(base + len(entries))
+        ids += b"".join(group_ids)
+        pack_nos.extend(group_packs)
+        offsets.extend(group_offsets)
+        lengths.extend(group_lengths)
+    return _serialize(id_size, names, fanout, bytes(ids), pack_nos, offsets, lengths)
+
+
+def _serialize(id_size: int, names: list[str], fanout: array, ids: bytes, pack_nos: array,
+               offsets: array, lengths: array) -> bytes:
+    names_raw = "\n".join(names).encode("ascii")
+    lay = Layout(id_size, len(names), len(pack_nos), len(names_raw))
+    out = bytearray(lay.size)
+    HEADER.pack_into(out, 0, MIDX_MAGIC, id_size, len(names), len(pack_nos), len(names_raw))
+    out[lay.names : lay.names + len(names_raw)] = names_raw
+    out[lay.fanout : lay.head_sum] = _le(fanout)
+    SUM.pack_into(out, lay.head_sum, xxhash.xxh3_64_intdigest(memoryview(out)[: lay.head_sum]))
+    out[lay.ids : lay.ids + len(ids)] = ids
+    out[lay.pack_nos : lay.pack_nos + 4 * lay.count] = _le(pack_nos)
+    out[lay.offsets : lay.lengths] = _le(offsets)
+    out[lay.lengths : lay.lengths + 4 * lay.count] = _le(lengths)
+    SUM.pack_into(out, lay.file_sum, xxhash.xxh3_64_intdigest(memoryview(out)[: lay.file_sum]))
+    return bytes(out)
+
+
+# --- the index as the store uses it ------------------------------------------------------------
+
+class BlockIndex:
+    """A mapping id -> (pack name, offset, length): the midx's entries of packs that still
+    exist, under an overlay of the packs it does not cover and of changes made since it was
+    opened (None in the overlay: deleted)."""
+
+    def __init__(self, midx: Midx | None, live: list[bool], overlay: dict[BlockId, Location],
+                 uncovered: set[str]):
+        self.midx, self.live = midx, live
+        self.overlay: dict[BlockId, Location | None] = overlay  # type: ignore[assignment]
+        self.uncovered = uncovered  # packs whose entries are in the overlay
+
+    def take(self, other: BlockIndex) -> None:
+        """Become `other` (a reopened index), closing this one's midx: whoever holds this
+        object sees the new one."""
+        self.close()
+        self.__init__(other.midx, other.live, other.overlay, other.uncovered)
+
+
+    @property
+    def stale(self) -> bool:
+        """The midx covers packs that no longer exist."""
+        return not all(self.live)
+
+    def covered(self) -> int:
+        return self.midx.count if self.midx else 0
+
+    def get(self, block_id: BlockId, default=None) -> Location | None:
+        if block_id in self.overlay:
+            found = self.overlay[block_id]
+            return default if found is None else found
+        if self.midx is not None:
+            hit = self.midx.find(block_id, self.live)
+            if hit is not None:
+                return self.midx.names[hit[0]], hit[1], hit[2]
+        return default
+
+    def __contains__(self, block_id: BlockId) -> bool:
+        return self.get(block_id) is not None
+
+    def __getitem__(self, block_id: BlockId) -> Location:
+        found = self.get(block_id)
+        if found is None:
+            raise KeyError(block_id)
+        return found
+
+    def __setitem__(self, block_id: BlockId, location: Location) -> None:
+        self.overlay[block_id] = location
+
+    def __delitem__(self, block_id: BlockId) -> None:
+        if self.get(block_id) is None:
+            raise KeyError(block_id)
+        if self.midx is None:
+            del self.overlay[block_id]
+        else:
+            self.overlay[block_id] = None
+
+    def pop(self, block_id: BlockId, default=None) -> Location | None:
+        found = self.get(block_id)
+        if found is not None:
+            del self[block_id]
+            return found
+        return default
+
+    def setdefault(self, block_id: BlockId, location: Location) -> Location:
+        found = self.get(block_id)
+        if found is None:
+            self[block_id] = found = location
+        return found
+
+    def add_pack(self, name: str, entries: dict[BlockId, tuple[int, int]],
+                 replace: bool = True) -> None:
+        """A newly indexed pack's entries; with `replace` False, ids located already keep
+        their location."""
+        self.uncovered.add(name)
+        for block_id, (off, length) in entries.items():
+            if replace:
+                self.overlay[block_id] = (name, off, length)
+            else:
+                self.setdefault(block_id, (name, off, length))
+
+    def drop_pack(self, name: str) -> None:
+        """A pack was deleted: the midx's entries of it are no longer found."""
+        self.uncovered.discard(name)
+        if self.midx is not None and name in self.midx.names:
+            self.live[self.midx.names.index(name)] = False
+
+    def items(self) -> Iterator[tuple[BlockId, Location]]:
+        if self.midx is not None:
+            names, previous = self.midx.names, None
+            for first in range(256):
+                for block_id, pack, off, length in self.midx.group(first):
+                    if block_id == previous or block_id in self.overlay:
+                        continue
+                    if pack < len(self.live) and self.live[pack]:
+                        previous = block_id
+                        yield BlockId(block_id), (names[pack], off, length)
+        for block_id, location in list(self.overlay.items()):
+            if location is not None:
+                yield block_id, location
+
+    def keys(self) -> Iterator[BlockId]:
+        return (block_id for block_id, _ in self.items())
+
+    __iter__ = keys
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.items())
+
+    def close(self) -> None:
+        if self.midx is not None:
+            self.midx.close()
+            self.midx = None
