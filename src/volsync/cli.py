@@ -742,9 +742,10 @@ def ls(volume: str, snap: str, path: str | None, recursive: bool, out: Output) -
     'restic ls -l' does: type and permissions, owner and group (numeric), size, mtime (ISO,
     local time), path; a symlink also shows its target.
 
-    PATH is relative to the snapshot's top (a file lists itself). Paths are quoted as in 'volsync diff'. Only the directories
-    listed are read. With --json: {"entries": [{"path", "type", "mode", "permissions", "uid",
-    "gid", "size", "mtime_ns", ...}]}, "path_b64" beside a path that is not UTF-8."""
+    PATH is relative to the snapshot's top (a file lists itself). Paths are quoted as in
+    'volsync diff'. Only the directories listed are read. With --json: {"entries": [{"path",
+    "type", "mode", "permissions", "uid", "gid", "size", "mtime_ns", ...}]}, "path_b64" beside
+    a path that is not UTF-8."""
     s, entries = ops.list_snapshot(Volume.open(volume), snap, path, recursive)
     if out.json:
         out.emit({"snapshot": snap_ref(s), "entries": [ls_json(p, e) for p, e in entries]}, "")
@@ -760,9 +761,10 @@ def ls(volume: str, snap: str, path: str | None, recursive: bool, out: Output) -
 def cat(volume: str, snap: str, path: str) -> None:
     """Write one file of snapshot SNAP to stdout, byte for byte (holes come out as zeros).
 
-    PATH is relative to the snapshot's top. Only the file's blocks are read, one at a time, each checked against its id (exit 6
-    where one fails, after the bytes before it). A directory or anything but a regular file is
-    refused (exit 1). No --json: stdout carries the file."""
+    PATH is relative to the snapshot's top. Only the file's blocks are read, one at a time,
+    each checked against its id (exit 6 where one fails, after the bytes before it). A
+    directory or anything but a regular file is refused (exit 1). No --json: stdout carries the
+    file."""
     for chunk in ops.file_content(Volume.open(volume), snap, path):
         write_stdout(chunk)
     sys.stdout.flush()

@@ -2,9 +2,10 @@
 
 Each pack read keeps its descriptor (and, once a digest is checked in place, a read-only
 mapping, which holds a second descriptor) open for the next read. At most MAX_OPEN_PACKS stay
-open: opening one more closes the least recently used. A pack is used only inside `with pool.use(name) as pack:`, which pins it:
-a pinned pack is never closed, so no descriptor or mapping is closed (and its number reused by
-another file) while a read, a digest check or a kernel copy is going on, in any thread.
+open: opening one more closes the least recently used. A pack is used only inside
+`with pool.use(name) as pack:`, which pins it: a pinned pack is never closed, so no descriptor
+or mapping is closed (and its number reused by another file) while a read, a digest check or a
+kernel copy is going on, in any thread.
 """
 
 from __future__ import annotations
