@@ -167,7 +167,7 @@ def test_prune_keep_grid(tmp_path, monkeypatch, capsys):
 
 # --- a source shared while it sends ------------------------------------------------------------
 
-def test_source_takes_snapshots_while_it_sends_and_prune_waits(tmp_path, rsh_shim):
+def test_source_snapshots_and_sends_again_while_it_sends_and_prune_waits(tmp_path, rsh_shim):
     a = make_volume(tmp_path / "A", {"big": os.urandom(6 << 20)})
     ok("snapshot", a)
     env = {"VOLSYNC_RSH": rsh_shim, "VOLSYNC_REMOTE_PATH": REMOTE_PATH}
@@ -185,6 +185,8 @@ def test_source_takes_snapshots_while_it_sends_and_prune_waits(tmp_path, rsh_shi
         write(a, {"g": "written during the send"})
         r = sub("snapshot", a)
         assert r.code == 0, r  # not locked out by the send
+        r = sub("transfer", a, tmp_path / "C")
+        assert r.code == 0, r  # a second transfer from A runs beside the first
         r = sub("prune", a, "--keep-last", "1")
         assert r.code == 3 and "sending from it" in r.err, r
         assert slow.poll() is None
@@ -193,6 +195,8 @@ def test_source_takes_snapshots_while_it_sends_and_prune_waits(tmp_path, rsh_shi
     assert slow.returncode == 0, err
     assert sub("verify", a).code == 0
     assert numbers(tmp_path / "B") == [1] and numbers(a) == [1, 2]
+    assert numbers(tmp_path / "C") == [1, 2] and content(tmp_path / "C") == content(a)
+    assert sub("verify", tmp_path / "C").code == 0
     r = sub("transfer", a, f"farhost:{tmp_path / 'B'}", env_extra=env)
     assert r.code == 0 and content(tmp_path / "B") == content(a), r
 
