@@ -101,6 +101,15 @@ def _walk_refs(vol: Path) -> tuple[dict, dict, set]:
     return dict(refs), numbers, lists
 
 
+@pytest.fixture(scope="module", autouse=True)
+def packed_layout():
+    """The damage cases are placed by the packed layout's records (the aligned layout, used
+    on XFS and btrfs, has its own cases in test_aligned_packs.py)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VOLSYNC_PACK_LAYOUT", "packed")
+        yield
+
+
 @pytest.fixture(scope="module")
 def template(tmp_path_factory) -> Template:
     base = tmp_path_factory.mktemp("bitrot-template")

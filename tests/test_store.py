@@ -344,9 +344,10 @@ def test_an_add_cut_short_by_ctrl_c_is_left_out_of_the_sealed_pack(packdir, monk
         assert s.get(BlockId(digest_of(d))) == d
 
 
-def test_pack_records_and_index_follow_the_volume_hash(tmp_path):
+def test_pack_records_and_index_follow_the_volume_hash(tmp_path, monkeypatch):
     """An XXH3 store writes 16-byte ids in its record headers and index; a BLAKE3 store 32;
     each reads back only its own."""
+    monkeypatch.setenv("VOLSYNC_PACK_LAYOUT", "packed")
     for algo in (BLAKE3, XXH3):
         d = tmp_path / algo.name
         d.mkdir()

@@ -21,6 +21,16 @@ from pathlib import Path
 
 from ..errors import IntegrityError
 from ..model import BlockId, HashAlgo
+from .alignedpack import (
+    ALIGN,
+    ALIGNED_HEADER,
+    align_up,
+    capacity,
+    entry_struct,
+    group_page,
+    probe_reflink,
+    walk_groups,
+)
 from .blockindex import MIDX_NAME, BlockIndex, Location, build_midx, open_midx
 from .codec import FORMAT_VERSION, open_sealed, seal
 from .crash import crashpoint, fault
@@ -71,7 +81,7 @@ class PackWriter:
         return self.flushed + len(self.buffer)
 
     def add(self, block_id: BlockId, data: bytes | memoryview) -> None:
-        self.buffer += self.record.pack(block_id, len(data))
+        self._begin(block_id, len(data), shared=False)
         offset = self.size
         if len(data) >= BUFFER_LIMIT // 16:  # large: skip the copy into the buffer
             self.flush()
@@ -84,12 +94,17 @@ class PackWriter:
             self.flush()
 
     def add_copy(self, block_id: BlockId, src_fd: int, src_off: int, length: int) -> None:
-        """Append a record whose data the kernel copies from another file."""
-        self.buffer += self.record.pack(block_id, length)
+        """Append a record whose data the kernel copies from another file (sharing its
+        extents, on a copy-on-write filesystem, where the layout aligns them)."""
+        self._begin(block_id, length, shared=src_off % ALIGN == 0)
         self.flush()
         copy_range(src_fd, src_off, self.fd, self.flushed, length)
         self.flushed += length
         self._done(block_id, self.flushed - length, length)
+
+    def _begin(self, block_id: BlockId, length: int, shared: bool) -> None:
+        """Before a record's data: its header."""
+        self.buffer += self.record.pack(block_id, length)
 
     def add_run(self, src_fd: int, start: int, records: list[tuple[BlockId, int, int]]) -> None:
         """Append whole records copied by the kernel from another pack: the bytes from
@@ -187,6 +202,61 @@ class PackWriter:
         self.path.unlink(missing_ok=True)
 
 
+class AlignedPackWriter(PackWriter):
+    """A PackWriter laying records out on filesystem-block boundaries, with their headers in
+    group pages (store/alignedpack.py), so that copies share extents on XFS and btrfs."""
+
+    def __init__(self, directory: Path, record: struct.Struct):
+        super().__init__(directory, record)
+        id_size = record.size - 4
+        self.entry = entry_struct(id_size)
+        self.cap = capacity(id_size)
+        self.buffer = bytearray()
+        self.flushed = self.complete = ALIGN  # the first group's page is at 0
+        self.group = 0
+        self.group_entries: list[bytes] = []
+        self.realign = False  # the last record shares extents: the next one starts aligned
+        self.page_written = -1  # how many entries the group page last written named
+
+    def _begin(self, block_id: BlockId, length: int, shared: bool) -> None:
+        if len(self.group_entries) == self.cap:
+            self.flush()  # the data, then the full group's page
+            self.group, self.group_entries, self.page_written = align_up(self.flushed), [], -1
+            self.flushed = self.group + ALIGN
+        if shared or self.realign or length >= ALIGN:
+            self._skip_to(align_up(self.size))
+        self.realign = shared
+
+    def _skip_to(self, offset: int) -> None:
+        """Leave a hole up to `offset` (never written: no space taken)."""
+        if offset > self.size:
+            self.flush()
+            self.flushed = offset
+
+    def _done(self, block_id: BlockId, offset: int, length: int) -> None:
+        super()._done(block_id, offset, length)
+        self.group_entries.append(self.entry.pack(block_id, offset, length))
+
+    def flush(self) -> None:
+        """Also name the records flushed so far in the group page, so that a killed writer's
+        records are found again (adopt); small records are thus named once per buffer."""
+        super().flush()
+        if len(self.group_entries) != self.page_written:
+            self._write_group()
+
+    def _write_group(self) -> None:
+        if self.group_entries or self.group == 0:
+            self._write_at(self.group, group_page(self.group == 0, self.group_entries))
+            self.page_written = len(self.group_entries)
+
+    def add_run(self, src_fd: int, start: int, records: list[tuple[BlockId, int, int]]) -> None:
+        raise AssertionError("runs are copied between packed-layout packs only")
+
+    def seal(self) -> dict[BlockId, tuple[int, int]]:
+        self._write_group()
+        return super().seal()
+
+
 def copy_range(src_fd: int, src_off: int, dst_fd: int, dst_off: int | None, length: int) -> None:
     """Kernel-side copy (copy_file_range), falling back to read and write where unsupported.
     With dst_off None the destination's file position is used and advanced."""
@@ -259,6 +329,7 @@ class PackStore:
         self._midx_unread = False  # the index was read without the midx (verify)
         self._pool = PackPool(directory)  # open packs (MAX_OPEN_PACKS), pinned while used
         self._writer: PackWriter | None = None
+        self._aligned: bool | None = None  # the layout of new packs, decided on first write
         self.bad_indexes: list[tuple[str, str]] = []
 
     # --- reading ---------------------------------------------------------------------------
@@ -446,7 +517,13 @@ class PackStore:
                 if on_object:
                     on_object(len(data))
                 continue
-            name, off, length = self._checked_location(other, block_id)
+            name, off, length, aligned = self._checked_location(other, block_id)
+            if aligned or self.aligned():  # record by record (sharing extents where it can)
+                if run:
+                    self._copy_run(other, run_pack, run, on_object)
+                    run = []
+                self._copy_one(other, name, block_id, off, length, on_object)
+                continue
             contiguous = (run and run_pack == name
                           and off == run[-1][1] + run[-1][2] + self.record.size)
             if run and not contiguous:
@@ -457,7 +534,10 @@ class PackStore:
         if run:
             self._copy_run(other, run_pack, run, on_object)
 
-    def _checked_location(self, other: PackStore, block_id: BlockId) -> tuple[str, int, int]:
+    def _checked_location(self, other: PackStore, block_id: BlockId
+                          ) -> tuple[str, int, int, bool]:
+        """Where the other store has the object (name, offset, length, aligned layout),
+        its bytes checked against its id (and its record header, in the packed layout)."""
         loc = other.index().get(block_id)
         if loc is None:
             raise IntegrityError(f"missing block {block_id.hex()}")
@@ -466,17 +546,27 @@ class PackStore:
             view = pack.view
             if off < self.record.size or off + length > len(view):
                 raise IntegrityError(f"block {block_id.hex()}: pack {name} is truncated")
-            if view[off - self.record.size : off] != self.record.pack(block_id, length):
+            aligned = view[: len(ALIGNED_HEADER)] == ALIGNED_HEADER
+            if not aligned and \
+                    view[off - self.record.size : off] != self.record.pack(block_id, length):
                 raise IntegrityError(f"block {block_id.hex()}: record header in pack {name} "
                                      "is corrupt")
             del view
             self._check_in_place(pack, block_id, off, length)
-        return loc
+        return name, off, length, aligned
+
+    def _copy_one(self, other: PackStore, name: str, block_id: BlockId, off: int, length: int,
+                  on_object) -> None:
+        w = self._new_writer()
+        with other._pool.use(name) as pack:
+            w.add_copy(block_id, pack.fd, off, length)
+        if on_object:
+            on_object(length)
+        if w.size >= PACK_TARGET:
+            self.flush()
 
     def _copy_run(self, other: PackStore, name: str, run, on_object) -> None:
-        if self._writer is None:
-            self._writer = PackWriter(self.dir, self.record)
-        w = self._writer
+        w = self._new_writer()
         with other._pool.use(name) as pack:
             w.add_run(pack.fd, run[0][1] - self.record.size, run)
         for _, _, length in run:
@@ -486,16 +576,36 @@ class PackStore:
             self.flush()
 
     # --- writing (lock holder only) ---------------------------------------------------------
-    def put(self, block_id: BlockId, data: bytes | memoryview) -> bool:
-        """Store an object unless present; True when it was written."""
+    def put(self, block_id: BlockId, data: bytes | memoryview,
+            src: tuple[int, int] | None = None) -> bool:
+        """Store an object unless present; True when it was written. `src` (an fd that
+        nothing else writes, an offset) holds the same bytes: the aligned layout has the
+        kernel copy them from there, sharing their extents where the filesystem can."""
         if self.has(block_id):
             return False
-        if self._writer is None:
-            self._writer = PackWriter(self.dir, self.record)
-        self._writer.add(block_id, data)
-        if self._writer.size >= PACK_TARGET:
+        w = self._new_writer()
+        if src is not None and isinstance(w, AlignedPackWriter) and src[1] % ALIGN == 0:
+            w.add_copy(block_id, src[0], src[1], len(data))
+        else:
+            w.add(block_id, data)
+        if w.size >= PACK_TARGET:
             self.flush()
         return True
+
+    def _new_writer(self) -> PackWriter:
+        if self._writer is None:
+            layout = AlignedPackWriter if self.aligned() else PackWriter
+            self._writer = layout(self.dir, self.record)
+        return self._writer
+
+    def aligned(self) -> bool:
+        """Whether new packs use the aligned layout: where files in the store can share
+        extents (XFS, btrfs). VOLSYNC_PACK_LAYOUT=aligned or =packed decides instead."""
+        if self._aligned is None:
+            forced = os.environ.get("VOLSYNC_PACK_LAYOUT", "")
+            self._aligned = (forced == "aligned" if forced in ("aligned", "packed")
+                             else shares_extents(self.dir))
+        return self._aligned
 
     def flush(self) -> None:
         """Make every object put so far durable and indexed."""
@@ -541,6 +651,8 @@ class PackStore:
         return adopted
 
     def _adopt(self, pack: Path) -> int:
+        if self._layout_of(pack) == ALIGNED_HEADER:
+            return self._adopt_aligned(pack)
         writer = PackWriter.__new__(PackWriter)  # index an existing file, writing no data
         writer.name, writer.path, writer.entries = pack.stem, pack, {}
         end = len(PACK_HEADER)
@@ -568,6 +680,53 @@ class PackStore:
         if self._index is not None:
             self._index.add_pack(pack.stem, entries, replace=False)
         return len(entries)
+
+    def _layout_of(self, pack: Path) -> bytes:
+        """A pack's first bytes (its layout's header); b"" if it cannot be read for damage."""
+        try:
+            fd = self._open_leftover(pack)
+        except OSError:
+            return b""
+        try:
+            return os.pread(fd, len(ALIGNED_HEADER), 0)
+        except OSError:
+            return b""
+        finally:
+            os.close(fd)
+
+    @staticmethod
+    def _open_leftover(pack: Path) -> int:
+        try:
+            return os.open(pack, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError as exc:
+            if is_damage(exc):
+                raise
+            raise access_error(exc, f"reading pack {pack.stem}") from None
+
+    def _adopt_aligned(self, pack: Path) -> int:
+        """An aligned leftover: the records its group pages list that match their ids are
+        copied into a new pack (the kernel shares their extents where it can), then it goes
+        (its last group page may list records a crash lost, so it is not indexed in place)."""
+        good = []
+        try:
+            for block_id, off, data in self.scan_pack(pack.stem):
+                if self.digest(data) != block_id:
+                    break
+                good.append((block_id, off, len(data)))
+        except (IntegrityError, OSError):
+            pass  # keep the intact records before the damage
+        kept = 0
+        fd = self._open_leftover(pack)
+        try:
+            for block_id, off, length in good:
+                if not self.has(block_id):
+                    self._new_writer().add_copy(block_id, fd, off, length)
+                    kept += 1
+            self.flush()
+        finally:
+            os.close(fd)
+        pack.unlink(missing_ok=True)
+        return kept
 
     def close(self) -> None:
         self.discard()
@@ -600,7 +759,11 @@ class PackStore:
     def _scan_records(self, name: str) -> Iterator[tuple[BlockId, int, bytes]]:
         fd = os.open(self.dir / f"{name}.pack", os.O_RDONLY | os.O_NOFOLLOW)
         with os.fdopen(fd, "rb") as f:
-            if f.read(len(PACK_HEADER)) != PACK_HEADER:
+            magic = f.read(len(PACK_HEADER))
+            if magic == ALIGNED_HEADER:
+                yield from self._scan_aligned(name, f.fileno())
+                return
+            if magic != PACK_HEADER:
                 raise IntegrityError(f"pack {name}: bad header")
             while head := f.read(self.record.size):
                 if len(head) < self.record.size:
@@ -611,6 +774,17 @@ class PackStore:
                 if len(data) != length:
                     raise IntegrityError(f"pack {name}: truncated record")
                 yield BlockId(block_id), off, data
+
+    def _scan_aligned(self, name: str, fd: int) -> Iterator[tuple[BlockId, int, bytes]]:
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
+
+        for block_id, off, length in walk_groups(read, os.fstat(fd).st_size, name,
+                                                 self.algo.size):
+            data = os.pread(fd, length, off)
+            if len(data) != length:
+                raise IntegrityError(f"pack {name}: truncated record")
+            yield block_id, off, data
 
     def check_pack(self, name: str) -> tuple[list[tuple[BlockId, int, bool]], Exception | None]:
         """Re-hash every record of a pack in place, through a read-only mapping (no copies; safe
@@ -637,6 +811,9 @@ class PackStore:
 
     def _check_records(self, name: str, view: memoryview, records: list) -> None:
         try:
+            if view[: len(ALIGNED_HEADER)] == ALIGNED_HEADER:
+                self._check_aligned(name, view, records)
+                return
             if view[: len(PACK_HEADER)] != PACK_HEADER:
                 raise IntegrityError(f"pack {name}: bad header")
             pos, end, head = len(PACK_HEADER), len(view), self.record.size
@@ -652,6 +829,13 @@ class PackStore:
                 pos = off + length
         finally:
             view.release()
+
+    def _check_aligned(self, name: str, view: memoryview, records: list) -> None:
+        def read(offset: int, length: int) -> bytes:
+            return bytes(view[offset : offset + length])  # a page: no slice outlives the map
+
+        for block_id, off, length in walk_groups(read, len(view), name, self.algo.size):
+            records.append((block_id, off, self.digest(view[off : off + length]) == block_id))
 
     def repack(self, live: set[BlockId], spare: set[str] = frozenset()) -> tuple[int, int]:
         """Free objects not in `live`: rewrite each pack holding garbage or copies that live
@@ -677,11 +861,9 @@ class PackStore:
         doomed = self._to_rewrite(live, spare)
         freed = freed_bytes = 0
         for name, own in doomed:
-            for block_id, _, length in own:
+            for block_id, off, length in own:
                 if block_id in live:
-                    data = self.get(block_id)
-                    del index[block_id]
-                    self.put(block_id, data)
+                    self._move(block_id, name, off, length)
                 else:
                     del index[block_id]
                     freed += 1
@@ -692,6 +874,19 @@ class PackStore:
         if doomed:
             fsync_dir(self.dir)  # the space is freed for good only once the unlinks are durable
         return freed, freed_bytes
+
+    def _move(self, block_id: BlockId, name: str, off: int, length: int) -> None:
+        """Rewrite a live object into the pack being written (the kernel copies it, sharing
+        its extents where the layout and the filesystem allow)."""
+        del self.index()[block_id]
+        w = self._new_writer()
+        with self._pool.use(name) as pack:
+            if isinstance(w, AlignedPackWriter):
+                w.add_copy(block_id, pack.fd, off, length)
+            else:
+                w.add(block_id, os.pread(pack.fd, length, off))
+        if w.size >= PACK_TARGET:
+            self.flush()
 
     def garbage(self, live: set[BlockId], spare: set[str] = frozenset()) -> tuple[int, int]:
         """What `repack(live, spare)` would free, (objects, bytes), changing nothing."""
@@ -770,3 +965,17 @@ class PackStore:
         fsync_dir(self.dir)
         self.bad_indexes = [b for b in self.bad_indexes if b[0][:-4] not in damaged]
         return kept
+
+
+_SHARES: dict[int, bool] = {}  # per filesystem (st_dev): whether files there share extents
+
+
+def shares_extents(directory: Path) -> bool:
+    """Whether files in `directory` can share extents (probed once per filesystem)."""
+    try:
+        dev = os.stat(directory).st_dev
+    except OSError:
+        return False
+    if dev not in _SHARES:
+        _SHARES[dev] = probe_reflink(directory)
+    return _SHARES[dev]

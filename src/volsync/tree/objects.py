@@ -75,9 +75,11 @@ class Objects:
         """A block's bytes, checked against its id (IntegrityError otherwise)."""
         return self._reader(block_id).get(block_id, verify=True)
 
-    def put_block(self, block_id: BlockId, data: bytes) -> None:
+    def put_block(self, block_id: BlockId, data: bytes,
+                  src: tuple[int, int] | None = None) -> None:
+        """Store a file's block; `src` (fd, offset): a private copy of it (see PackStore.put)."""
         if self.write:
-            self.volume.packs.put(block_id, data)
+            self.volume.packs.put(block_id, data, src)
 
     def copy_block(self, block_id: BlockId, fd: int, offset: int | None) -> int:
         """Write a verified block into a file (at `offset`, or at its position)."""

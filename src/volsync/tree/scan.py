@@ -207,6 +207,9 @@ class Scanner:
         self.unlinked: set[int] = set()  # inodes recorded otherwise than read: no hard link
         self.previous_dirs: dict[bytes, dict[bytes, Entry]] = {}
         self.can_clone = True
+        # a snapshot into aligned packs reads each changed file from a clone, whose blocks
+        # the packs then share (the clone is private: it cannot change after it is hashed)
+        self.share_extents = objects.write and volume.packs.aligned()
 
     def run(self) -> ScanResult:
         result = self.walk()
@@ -468,7 +471,7 @@ class Scanner:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     return None
-                if attempt == 1 and self.can_clone:
+                if self.can_clone and (attempt == 1 or self.share_extents):
                     cloned = self.read_clone(fd, name)
                     if cloned is not None:
                         return cloned
@@ -498,7 +501,7 @@ class Scanner:
             return None
         try:
             after = os.fstat(fd)
-            ids, length = self.hash_blocks(clone, os.fstat(clone).st_size)
+            ids, length = self.hash_blocks(clone, os.fstat(clone).st_size, private=True)
             xattrs = read_xattrs(fd)
         finally:
             os.close(clone)
@@ -591,16 +594,19 @@ class Scanner:
     def full_path(self, rel: bytes) -> bytes:
         return os.path.join(os.fsencode(self.volume.root), rel)
 
-    def hash_blocks(self, fd: int, size: int) -> tuple[list[BlockId], int]:
+    def hash_blocks(self, fd: int, size: int, private: bool = False
+                    ) -> tuple[list[BlockId], int]:
         """Read a file block by block; a block inside a hole is not read, and a block of
         zeros is a hole too: both become the hole id, nothing stored. A big file's blocks are
-        hashed in batches on the hash pool while the next ones are read."""
+        hashed in batches on the hash pool while the next ones are read. A `private` file (a
+        clone only this scan has) is named as where each new block's bytes are, so that the
+        store may share them instead of copying."""
         ids: list[BlockId] = []
         hole = self.fmt.algo.hole
         bs = self.block_size
         extents = data_extents(fd, size)
         hasher = _BatchHasher(self.fmt.algo.digest, self.objects.put_block, ids,
-                              parallel=size >= PARALLEL_MIN)
+                              parallel=size >= PARALLEL_MIN, src_fd=fd if private else None)
         length = 0
         offset = 0
         while True:
@@ -621,7 +627,7 @@ class Scanner:
             if data == self.zeros[: len(data)]:
                 ids.append(hole)
             else:
-                hasher.add(data)
+                hasher.add(data, offset)
             length += len(data)
             offset += len(data)
             self.bytes_read += len(data)
@@ -651,28 +657,29 @@ class _BatchHasher:
     """Fills the hole-free slots of `ids` in file order: blocks are hashed in batches, up to
     one batch per core in flight while the reader goes on, and stored in order."""
 
-    def __init__(self, digest, put, ids: list, parallel: bool):
+    def __init__(self, digest, put, ids: list, parallel: bool, src_fd: int | None = None):
         self.digest = digest
         self.put = put
+        self.src_fd = src_fd
         self.ids = ids
         self.parallel = parallel and (os.cpu_count() or 1) > 1
         self.batch: list[tuple[int, bytes]] = []
         self.batch_bytes = 0
         self.inflight: deque = deque()
 
-    def add(self, data: bytes) -> None:
+    def add(self, data: bytes, offset: int) -> None:
         self.ids.append(None)
         if not self.parallel:
-            self.store(len(self.ids) - 1, data, self.digest(data))
+            self.store((len(self.ids) - 1, data, offset), self.digest(data))
             return
-        self.batch.append((len(self.ids) - 1, data))
+        self.batch.append((len(self.ids) - 1, data, offset))
         self.batch_bytes += len(data)
         if self.batch_bytes >= BATCH_BYTES:
             self.submit()
 
     def submit(self) -> None:
         if self.batch:
-            blocks = [data for _, data in self.batch]
+            blocks = [item[1] for item in self.batch]
             self.inflight.append((self.batch, _hash_pool().submit(_digests, self.digest, blocks)))
             self.batch, self.batch_bytes = [], 0
         while len(self.inflight) > (os.cpu_count() or 1):
@@ -680,17 +687,18 @@ class _BatchHasher:
 
     def collect(self) -> None:
         items, future = self.inflight.popleft()
-        for (index, data), block_id in zip(items, future.result(), strict=True):
-            self.store(index, data, block_id)
+        for item, block_id in zip(items, future.result(), strict=True):
+            self.store(item, block_id)
 
     def finish(self) -> None:
         self.submit()
         while self.inflight:
             self.collect()
 
-    def store(self, index: int, data: bytes, block_id: bytes) -> None:
+    def store(self, item: tuple[int, bytes, int], block_id: bytes) -> None:
+        index, data, offset = item
         self.ids[index] = BlockId(block_id)
-        self.put(self.ids[index], data)
+        self.put(self.ids[index], data, None if self.src_fd is None else (self.src_fd, offset))
 
 
 def _digests(digest, blocks: list[bytes]) -> list[bytes]:

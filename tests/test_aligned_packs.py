@@ -1,0 +1,296 @@
+"""The aligned pack layout (store/alignedpack.py): records on filesystem-block boundaries with
+their headers in group pages, so that on XFS and btrfs a snapshot, a restore and a transfer
+share extents with the live tree instead of copying. The layout's own properties are tested on
+any filesystem (VOLSYNC_PACK_LAYOUT=aligned); the sharing on loop-mounted btrfs and XFS."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+from cowfs import shared_bytes
+from helpers import ok, okj, vs
+
+from volsync.errors import IntegrityError
+from volsync.model import BLAKE3, XXH3
+from volsync.store.alignedpack import ALIGN, ALIGNED_HEADER, GROUP_HEAD, capacity
+from volsync.store.packs import PackStore, read_index, shares_extents
+
+
+@pytest.fixture
+def aligned(monkeypatch):
+    monkeypatch.setenv("VOLSYNC_PACK_LAYOUT", "aligned")
+
+
+def blobs(n: int, seed: int = 1) -> list[bytes]:
+    """Sizes around the alignment: tiny, unaligned, exactly aligned, several pages."""
+    rng = random.Random(seed)
+    sizes = [4, 100, ALIGN - 1, ALIGN, ALIGN + 1, 3 * ALIGN, 65536, 70000]
+    return [i.to_bytes(4, "little") + rng.randbytes(sizes[i % len(sizes)] - 4)
+            for i in range(n)]
+
+
+def fill(directory, algo, datas) -> tuple[PackStore, list[bytes]]:
+    store = PackStore(directory, algo)
+    ids = [algo.digest(d) for d in datas]
+    for block_id, data in zip(ids, datas):
+        store.put(block_id, data)
+    store.flush()
+    return store, ids
+
+
+@pytest.mark.parametrize("algo", [XXH3, BLAKE3], ids=["xxh3", "blake3"])
+def test_records_are_aligned_and_named_by_group_pages(tmp_path, aligned, algo):
+    n = 2 * capacity(algo.size) + 5  # three groups
+    datas = blobs(n)
+    store, ids = fill(tmp_path, algo, datas)
+    names = store.pack_names()
+    assert len(names) == 1
+    pack = tmp_path / f"{names[0]}.pack"
+    assert pack.read_bytes()[:8] == ALIGNED_HEADER
+    entries = read_index(tmp_path / f"{names[0]}.idx", algo.size)[1]
+    assert [e[0] for e in entries] == ids
+    for _, off, length in entries:
+        assert length < ALIGN or off % ALIGN == 0, (off, length)
+    for prev, cur in zip(entries, entries[1:]):  # in order, never overlapping
+        assert cur[1] >= prev[1] + prev[2]
+    assert [(i, d) for i, _, d in store.scan_pack(names[0])] == list(zip(ids, datas))
+    records, damage = store.check_pack(names[0])
+    assert damage is None and [r[0] for r in records] == ids and all(r[2] for r in records)
+    assert all(store.get(i, verify=True) == d for i, d in zip(ids, datas))
+    store.close()
+
+
+def test_the_layout_follows_the_filesystem_unless_forced(tmp_path, monkeypatch):
+    monkeypatch.delenv("VOLSYNC_PACK_LAYOUT", raising=False)
+    assert PackStore(tmp_path, XXH3).aligned() is shares_extents(tmp_path)
+    monkeypatch.setenv("VOLSYNC_PACK_LAYOUT", "packed")
+    assert PackStore(tmp_path, XXH3).aligned() is False
+    monkeypatch.setenv("VOLSYNC_PACK_LAYOUT", "aligned")
+    assert PackStore(tmp_path, XXH3).aligned() is True
+
+
+def test_tmpfs_and_ext4_share_nothing(tmp_path):
+    if _fs_type(tmp_path) not in ("ext4", "tmpfs"):
+        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}")
+    assert shares_extents(tmp_path) is False
+
+
+def _fs_type(path) -> str:
+    best, kind = "", ""
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _, mnt, fs = line.split()[:3]
+            if str(path).startswith(mnt) and len(mnt) > len(best):
+                best, kind = mnt, fs
+    return kind
+
+
+@pytest.mark.parametrize("where", ["group page", "entry", "data", "truncated"])
+def test_damage_in_an_aligned_pack_is_found(tmp_path, aligned, where):
+    datas = blobs(capacity(XXH3.size) + 3)
+    store, ids = fill(tmp_path, XXH3, datas)
+    name = store.pack_names()[0]
+    entries = read_index(tmp_path / f"{name}.idx", XXH3.size)[1]
+    store.close()
+    path = tmp_path / f"{name}.pack"
+    raw = bytearray(path.read_bytes())
+    if where == "truncated":
+        raw = raw[: entries[-1][1] + entries[-1][2] // 2]
+    else:
+        at = {"group page": 0, "entry": GROUP_HEAD.size + 20,
+              "data": entries[7][1] + entries[7][2] // 2}[where]
+        raw[at] ^= 0x40
+    path.write_bytes(bytes(raw))
+    store = PackStore(tmp_path, XXH3)
+    records, damage = store.check_pack(name)
+    assert damage is not None or not all(r[2] for r in records)
+    if where == "data":
+        assert [r[0] for r in records if not r[2]] == [ids[7]]
+        with pytest.raises(IntegrityError):
+            store.get(ids[7], verify=True)
+    store.close()
+
+
+def test_a_killed_writers_records_are_adopted(tmp_path, aligned):
+    datas = blobs(40)
+    store = PackStore(tmp_path, XXH3)
+    ids = [XXH3.digest(d) for d in datas]
+    for block_id, data in zip(ids, datas):
+        store.put(block_id, data)
+    writer = store._writer
+    writer.flush()
+    writer.drain()  # as a kill leaves it: data and group page written, no index
+    # and a torn record after them: its data cut short
+    os.ftruncate(writer.fd, os.fstat(writer.fd).st_size + 100)
+    os.close(writer.fd)
+    store._writer = None
+    store.close()
+    store = PackStore(tmp_path, XXH3)
+    assert store.adopt_orphans() == 40
+    assert all(store.get(i, verify=True) == d for i, d in zip(ids, datas))
+    assert len(list(tmp_path.glob("*.pack"))) == 1  # the leftover went once copied
+    assert all(store.check_pack(n)[1] is None for n in store.pack_names())
+    store.close()
+
+
+@pytest.mark.parametrize("direction", ["packed->aligned", "aligned->packed"])
+def test_objects_move_between_layouts(tmp_path, monkeypatch, direction):
+    first, second = direction.split("->")
+    monkeypatch.setenv("VOLSYNC_PACK_LAYOUT", first)
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    src, ids = fill(tmp_path / "a", XXH3, blobs(30))
+    monkeypatch.setenv("VOLSYNC_PACK_LAYOUT", second)
+    dst = PackStore(tmp_path / "b", XXH3)
+    dst.put_many_from(src, ids)
+    dst.flush()
+    head = (tmp_path / "b" / f"{dst.pack_names()[0]}.pack").read_bytes()[:8]
+    assert (head == ALIGNED_HEADER) is (second == "aligned")
+    assert all(dst.get(i, verify=True) == src.get(i) for i in ids)
+    # repack in the receiving layout keeps what is live and drops the rest
+    freed, _ = dst.repack(set(ids[::2]))
+    assert freed == len(ids[1::2])
+    assert all(dst.get(i, verify=True) == src.get(i) for i in ids[::2])
+    src.close()
+    dst.close()
+
+
+def test_the_cli_works_on_aligned_packs_anywhere(tmp_path, aligned):
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_files(src)
+    ok("init", src)
+    ok("snapshot", src)
+    ok("transfer", src, dst)
+    assert ok("verify", dst).code == 0
+    assert _tree(dst) == _tree(src)
+
+
+# --- sharing extents on XFS and btrfs -------------------------------------------------------
+
+def write_files(root, seed: int = 7) -> int:
+    """Mixed files (big, unaligned, small, one with a hole); their bytes in all."""
+    rng = random.Random(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    total = 0
+    for i, size in enumerate([3 << 20, 1_000_003, 200_000, 65536, 5000, 10, 0, 2 << 20]):
+        data = rng.randbytes(size)
+        (root / f"f{i}").write_bytes(data)
+        total += size
+    with open(root / "sparse", "wb") as f:
+        f.seek(1 << 20)
+        f.write(rng.randbytes(300_000))
+    total += 300_000
+    (root / "d").mkdir()
+    (root / "d" / "g").write_bytes(rng.randbytes(500_000))
+    return total + 500_000
+
+
+def _tree(root) -> dict:
+    out = {}
+    for dirpath, dirs, files in os.walk(root):
+        dirs[:] = [d for d in dirs if d != ".volsync"]
+        for f in files:
+            p = os.path.join(dirpath, f)
+            out[os.path.relpath(p, root)] = open(p, "rb").read()
+    return out
+
+
+def store_bytes(vol) -> tuple[int, int]:
+    """(allocated, shared) bytes of the volume's packs."""
+    allocated = shared = 0
+    for p in (vol / ".volsync" / "packs").glob("*.pack"):
+        allocated += os.stat(p).st_blocks * 512
+        shared += shared_bytes(p)
+    return allocated, shared
+
+
+def test_a_snapshot_shares_the_live_trees_extents(cow_dir):
+    vol = cow_dir / "vol"
+    data = write_files(vol)
+    ok("init", vol)
+    ok("snapshot", vol)
+    allocated, shared = store_bytes(vol)
+    # all but the unaligned tails (which the next record's write unshares) and small records
+    assert allocated - shared < 0.05 * data + 64 * 1024, (allocated, shared, data)
+    first = _tree(vol)
+    # the live files change in place: the snapshot keeps what it captured
+    with open(vol / "f0", "r+b") as f:
+        f.seek(100_000)
+        f.write(b"changed in place" * 1000)
+    with open(vol / "d" / "g", "r+b") as f:
+        f.write(b"x" * 70_000)
+    assert ok("verify", vol).code == 0
+    out = cow_dir / "restored"
+    ok("restore", vol, "1", out)
+    assert _tree(out) == first
+    ok("snapshot", vol)
+    assert ok("verify", vol).code == 0
+
+
+def test_a_mirror_and_a_restore_on_the_same_filesystem_share_extents(cow_dir):
+    src, dst = cow_dir / "src", cow_dir / "dst"
+    data = write_files(src)
+    ok("init", src)
+    ok("snapshot", src)
+    ok("transfer", src, dst)
+    assert ok("verify", dst).code == 0
+    assert _tree(dst) == _tree(src)
+    allocated, shared = store_bytes(dst)
+    assert allocated - shared < 0.05 * data + 64 * 1024, (allocated, shared, data)
+    assert shared_bytes(dst / "f0") >= (3 << 20) - ALIGN
+    out = cow_dir / "out"
+    ok("restore", dst, "latest", out)
+    assert _tree(out) == _tree(src)
+    assert shared_bytes(out / "f1") >= 1_000_003 - 2 * ALIGN
+
+
+def test_an_incremental_update_on_cow_sends_only_the_change(cow_dir):
+    src, dst = cow_dir / "src", cow_dir / "dst"
+    write_files(src)
+    ok("init", src)
+    ok("snapshot", src)
+    ok("transfer", src, dst)
+    with open(src / "f0", "r+b") as f:
+        f.seek(2 << 20)
+        f.write(b"new bytes")
+    ok("snapshot", src)
+    r = okj("transfer", src, dst)
+    assert r["blocks_sent"] == 1
+    assert _tree(dst) == _tree(src)
+    assert ok("verify", dst).code == 0 and ok("verify", src).code == 0
+
+
+def test_a_killed_transfer_on_cow_resumes_and_verifies(cow_dir):
+    src, dst = cow_dir / "src", cow_dir / "dst"
+    write_files(src)
+    ok("init", src)
+    ok("snapshot", src)
+    env = dict(os.environ, VOLSYNC_CRASH_AT="object-received:40")
+    r = subprocess.run([sys.executable, "-m", "volsync", "transfer", str(src), str(dst)],
+                       env=env, capture_output=True, text=True)
+    assert r.returncode == 137, r.stderr
+    again = okj("transfer", src, dst)
+    assert again["blocks_sent"] < 110  # what was received before the kill is adopted
+    assert _tree(dst) == _tree(src)
+    assert vs("verify", dst).code == 0
+
+
+def test_prune_on_cow_keeps_what_is_shared(cow_dir):
+    vol = cow_dir / "vol"
+    write_files(vol)
+    ok("init", vol)
+    ok("snapshot", vol)
+    for i in range(3):
+        (vol / f"new{i}").write_bytes(os.urandom(300_000))
+        ok("snapshot", vol)
+    ok("prune", vol, "--keep-last", "1")
+    assert ok("verify", vol).code == 0
+    out = cow_dir / "out"
+    ok("restore", vol, "latest", out)
+    assert _tree(out) == _tree(vol)
+    shutil.rmtree(out)
