@@ -8,6 +8,7 @@ import stat
 from pathlib import Path
 
 import pytest
+from cowfs import btrfs_dir, cow_dir, cow_mounts, xfs_dir  # noqa: F401  (fixtures)
 from helpers import Result, sub, vs
 
 META = b".volsync"
