@@ -871,8 +871,10 @@ def df(volume: str, out: Output) -> None:
     store is in extents shared with other files (on btrfs or XFS: reflinked with the live
     tree or other volumes; on ext4 nothing is shared). Reads only; takes no lock.
 
-    Sizes are the blocks allocated, hard-linked files counted once; shared is what the
-    filesystem reports by FIEMAP as shared extents."""
+    Sizes are the blocks allocated, hard-linked files counted once. Shared is what the
+    filesystem reports (FIEMAP) as extents other files also use, so unshared is about what
+    deleting the store would free; btrfs counts an extent as shared whole when any part of it
+    is used elsewhere (and frees it only when no part is)."""
     use = ops.disk_use(Volume.open(volume))
     store = use.store
     data = {"volume": use.path, "live_bytes": use.live_bytes, "store_bytes": store.allocated,

@@ -4,7 +4,11 @@ and what the live tree takes.
 
 Allocated bytes are `st_blocks * 512`. Shared bytes come from FIEMAP: the extents the
 filesystem marks FIEMAP_EXTENT_SHARED (referenced by more than one file or snapshot). Where
-the filesystem has no FIEMAP (tmpfs) or shares nothing (ext4), shared is 0.
+the filesystem has no FIEMAP (tmpfs) or shares nothing (ext4), shared is 0. XFS reports
+sharing block by block. btrfs reports a whole extent as shared when any part of it is
+referenced elsewhere (a clone of 64 KiB out of a 100 MiB pack extent marks all 100 MiB), and
+keeps the whole extent allocated until no part is referenced, so on both "unshared" is about
+what deleting the files would free.
 
 Nothing is locked: the figures are a reading of a moment, as `df` and `du` give, and a file
 that vanishes during the walk is passed over. The walks hold one directory's pending
