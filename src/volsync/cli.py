@@ -303,8 +303,9 @@ SERVED = {"init": ("directory",), "snapshot": ("volume",), "snapshots": ("volume
           "status": ("volume",), "diff": ("volume",), "revert": ("volume",),
           "restore": ("volume", "directory"), "verify": ("volume",), "prune": ("volume",),
           "upgrade": ("volume",), "break": ("dst",), "holds": ("volume",),
-          "release": ("volume",), "destroy": ("volume",), "ls": ("volume",), "cat": ("volume",)}
-SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify", "holds", "ls", "cat"}
+          "release": ("volume",), "destroy": ("volume",), "ls": ("volume",), "cat": ("volume",),
+          "df": ("volume",)}
+SERVED_READ_ONLY = {"snapshots", "status", "diff", "verify", "holds", "ls", "cat", "df"}
 OUT_BUFFER = 1 << 18  # a served command's stdout is sent on in pieces of about this size
 
 
@@ -859,6 +860,32 @@ def holds(volume: str, out: Output) -> None:
     lines += [f"{h.mirror_id[:12]:12}  {iso(h.time):20}  "
               f"{' '.join(name(i) for i in h.snapshots) or '-':10}  {h.address}" for h in rows]
     out.emit(data, "\n".join(lines) if rows else "no holds")
+
+
+@cli.command()
+@click.argument("volume")
+@common_options
+@served("volume")
+def df(volume: str, out: Output) -> None:
+    """How much disk VOL takes: its live tree, and its store (.volsync/) with how much of the
+    store is in extents shared with other files (on btrfs or XFS: reflinked with the live
+    tree or other volumes; on ext4 nothing is shared). Reads only; takes no lock.
+
+    Sizes are the blocks allocated, hard-linked files counted once. Shared is what the
+    filesystem reports (FIEMAP) as extents other files also use, so unshared is about what
+    deleting the store would free; btrfs counts an extent as shared whole when any part of it
+    is used elsewhere (and frees it only when no part is)."""
+    use = ops.disk_use(Volume.open(volume))
+    store = use.store
+    data = {"volume": use.path, "live_bytes": use.live_bytes, "store_bytes": store.allocated,
+            "store_shared_bytes": store.shared, "store_unshared_bytes": store.unshared,
+            "store_files": store.files, "filesystem": use.filesystem}
+    ratio = (f" ({store.unshared / use.live_bytes:.2f} of the live tree)"
+             if use.live_bytes else "")
+    out.emit(data, f"{quote_path(use.path)}: live tree {human_bytes(use.live_bytes)}; store "
+                   f"{human_bytes(store.allocated)} on disk, {human_bytes(store.shared)} of it "
+                   f"shared with other files (the live tree, other volumes); unshared "
+                   f"{human_bytes(store.unshared)}{ratio}; filesystem {use.filesystem}")
 
 
 @cli.command()

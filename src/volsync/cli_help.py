@@ -37,6 +37,8 @@ EXAMPLES = {
     "ls": "volsync ls /srv/data 12 etc\n"
           "volsync ls /srv/data latest --no-recursive --json",
     "holds": "volsync holds /srv/data",
+    "df": "volsync df /srv/data\n"
+          "volsync df backup@beta:/srv/mirrors/data --json",
     "release": "volsync release /srv/data 3f9a1c2e   # a mirror id (prefix) 'holds' lists",
     "destroy": "volsync destroy /srv/data 12 --dry-run\n"
                "volsync destroy /srv/data p1",

@@ -34,6 +34,7 @@ from .model import (
 from .quoting import quote_path
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
+from .store.space import StoreSpace, filesystem_type, live_bytes, store_space
 from .store.trees import META_NAME
 from .store.volume import DEFAULT_BLOCK, Volume, preserved_names
 from .store.walk import objects_under
@@ -416,6 +417,25 @@ def status(volume: Volume, strict: bool = True) -> Status:
     return Status(state.mode, state.upstream, lineage[-1] if lineage else None, changes,
                   volume.lock_holder(), state.journal.get("op") if state.journal else None,
                   state, tuple(live.file_warnings))
+
+
+# --- disk use (df) ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class DiskUse:
+    """What a volume takes on disk: its live tree, its store (`.volsync/`) and how much of
+    the store is in extents shared with other files (reflinks on btrfs or XFS)."""
+
+    path: str
+    live_bytes: int
+    store: StoreSpace
+    filesystem: str
+
+
+def disk_use(volume: Volume) -> DiskUse:
+    """Read the volume's disk use. Takes no lock (a reading of a moment, as `status`)."""
+    return DiskUse(str(volume.root), live_bytes(volume.root), store_space(volume.meta),
+                   filesystem_type(volume.root))
 
 
 # --- verify -------------------------------------------------------------------------------------
