@@ -493,11 +493,14 @@ class Scanner:
 
     def read_clone(self, fd: int, name: bytes) -> tuple[Entry, list | None] | None:
         """Read a copy-on-write clone of the open file (a consistent copy), or None when the
-        filesystem cannot make one (then no clone is tried again in this scan)."""
+        filesystem cannot make one (then, unless the store shares extents, no clone is tried
+        again in this scan)."""
         before = os.fstat(fd)
         clone = clone_file(fd, self.volume.tmp)
         if clone is None:
-            self.can_clone = False
+            # where the store shares extents, one file may refuse (btrfs nodatacow, a swap
+            # file): it is read as it is; elsewhere no clone is tried again in this scan
+            self.can_clone = self.share_extents
             return None
         try:
             after = os.fstat(fd)
