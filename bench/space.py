@@ -17,6 +17,8 @@ data set of bench/gendata.py is generated in it (untimed), then, each step timed
     volsync init SRC                     untimed
     volsync snapshot SRC                 the source volume's store
     volsync transfer SRC MIRROR          a mirror on the same filesystem (live tree + store)
+    volsync snapshot SRC                 again, nothing changed
+    volsync transfer SRC MIRROR          again, nothing to send
 
 Space is measured twice: the filesystem's used blocks (statvfs) before and after each step,
 and `volsync df --json` of the source and the mirror. Ratios are per GiB of live data (the
@@ -188,6 +190,8 @@ class Bench:
         os.sync()
         row.used["source"] = used_bytes(at) - before  # init + snapshot: the store
         self.step(row, "transfer", [*self.volsync, "transfer", src, mirror], at)
+        self.step(row, "snapshot again", [*self.volsync, "snapshot", src], at)
+        self.step(row, "transfer again", [*self.volsync, "transfer", src, mirror], at)
         row.df_src, row.df_mirror = self.df(src), self.df(mirror)
         row.live = row.df_src["live_bytes"]
         if not self.args.no_check and gendata.digest(src) != gendata.digest(mirror):
@@ -228,8 +232,9 @@ def report(rows: list[Row], args: argparse.Namespace, bench: Bench) -> str:
         "",
         "Wall time in seconds (each command and a `sync` after it; warm page cache).",
         "",
-        "| filesystem | volsync snapshot | volsync transfer | rsync -a | cp -a --reflink=auto |",
-        "|---|---|---|---|---|",
+        ("| filesystem | volsync snapshot | volsync transfer | snapshot + transfer vs rsync -a "
+         "| no-change snapshot | no-change transfer | rsync -a | cp -a --reflink=auto |"),
+        "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for r in rows:
@@ -249,8 +254,13 @@ def report(rows: list[Row], args: argparse.Namespace, bench: Bench) -> str:
             f"{ratio(m['store_unshared_bytes'], r.live)} | {ratio(u.get('rsync', 0), r.live)} | "
             f"{ratio(u.get('cp', 0), r.live)} |")
         t = {k: f"{v:.2f}" for k, v in r.seconds.items()}
+        sec = r.seconds
+        first = (f"{(sec['snapshot'] + sec['transfer']) / sec['rsync']:.2f}×"
+                 if {"snapshot", "transfer", "rsync"} <= sec.keys() and sec["rsync"] else "-")
         timing.append(f"| {r.fs} | {t.get('snapshot', '-')} | {t.get('transfer', '-')} | "
-                      f"{t.get('rsync', '-')} | {t.get('cp', '-')} |")
+                      f"{first} | {t.get('snapshot again', '-')} | "
+                      f"{t.get('transfer again', '-')} | {t.get('rsync', '-')} | "
+                      f"{t.get('cp', '-')} |")
     details = ["", "Raw figures (bytes):", ""]
     for r in rows:
         if r.live:
