@@ -245,12 +245,36 @@ class AlignedPackWriter(PackWriter):
             self._write_group()
 
     def _write_group(self) -> None:
+        """Write the group page now, in this thread (only this thread writes group pages, so
+        an older one never lands over a newer; records it names whose data is still queued
+        are checked by adopt like any torn record)."""
         if self.group_entries or self.group == 0:
-            self._write_at(self.group, group_page(self.group == 0, self.group_entries))
+            try:
+                pwrite_all(self.fd, group_page(self.group == 0, self.group_entries), self.group)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
             self.page_written = len(self.group_entries)
 
     def add_run(self, src_fd: int, start: int, records: list[tuple[BlockId, int, int]]) -> None:
         raise AssertionError("runs are copied between packed-layout packs only")
+
+    def add_span(self, src_fd: int, records: list[tuple[BlockId, int, int]]) -> None:
+        """Append records the kernel copies in one call from a span of another aligned pack
+        ((id, offset there, length), in order, each less than a page after the one before):
+        the span keeps its layout from the page its first record is in, so the filesystem
+        shares its extents. Split where this pack's group fills."""
+        while records:
+            self._begin(records[0][0], ALIGN, shared=True)  # room in the group, aligned
+            part, records = records[: self.cap - len(self.group_entries)], \
+                records[self.cap - len(self.group_entries) :]
+            low = part[0][1] & ~(ALIGN - 1)
+            size = part[-1][1] + part[-1][2] - low
+            self.flush()
+            base = self.flushed
+            copy_range(src_fd, low, self.fd, base, size)
+            self.flushed = base + size
+            for block_id, off, length in part:
+                self._done(block_id, base + off - low, length)
 
     def seal(self) -> dict[BlockId, tuple[int, int]]:
         self._write_group()
@@ -508,6 +532,8 @@ class PackStore:
         run is copied."""
         run: list[tuple[BlockId, int, int]] = []  # (id, offset, length) in one source pack
         run_pack = None
+        span: list[tuple[BlockId, int, int]] = []  # the same, between aligned packs
+        span_pack = None
         for block_id in ids:  # unique ids
             if self.has(block_id):
                 continue
@@ -518,10 +544,15 @@ class PackStore:
                     on_object(len(data))
                 continue
             name, off, length, aligned = self._checked_location(other, block_id)
-            if aligned or self.aligned():  # record by record (sharing extents where it can)
-                if run:
-                    self._copy_run(other, run_pack, run, on_object)
-                    run = []
+            if aligned and self.aligned():  # spans of records (sharing their extents)
+                if span and not (span_pack == name and _follows(span[-1], off)
+                                 and off - span[0][1] < PACK_TARGET // 4):
+                    self._copy_span(other, span_pack, span, on_object)
+                    span = []
+                span_pack = name
+                span.append((block_id, off, length))
+                continue
+            if aligned or self.aligned():  # between layouts: record by record
                 self._copy_one(other, name, block_id, off, length, on_object)
                 continue
             contiguous = (run and run_pack == name
@@ -533,6 +564,8 @@ class PackStore:
             run.append((block_id, off, length))
         if run:
             self._copy_run(other, run_pack, run, on_object)
+        if span:
+            self._copy_span(other, span_pack, span, on_object)
 
     def _checked_location(self, other: PackStore, block_id: BlockId
                           ) -> tuple[str, int, int, bool]:
@@ -554,6 +587,17 @@ class PackStore:
             del view
             self._check_in_place(pack, block_id, off, length)
         return name, off, length, aligned
+
+    def _copy_span(self, other: PackStore, name: str, span, on_object) -> None:
+        w = self._new_writer()
+        with other._pool.use(name) as pack:
+            w.add_span(pack.fd, span)
+        w.flush()  # the group page names them (a killed run's records are adopted)
+        for _, _, length in span:
+            if on_object:
+                on_object(length)
+        if w.size >= PACK_TARGET:
+            self.flush()
 
     def _copy_one(self, other: PackStore, name: str, block_id: BlockId, off: int, length: int,
                   on_object) -> None:
@@ -965,6 +1009,12 @@ class PackStore:
         fsync_dir(self.dir)
         self.bad_indexes = [b for b in self.bad_indexes if b[0][:-4] not in damaged]
         return kept
+
+
+def _follows(prev: tuple[BlockId, int, int], off: int) -> bool:
+    """Whether a record at `off` comes right after `prev` in an aligned pack (less than a page
+    between them: no group page, no long hole)."""
+    return 0 <= off - (prev[1] + prev[2]) < ALIGN
 
 
 _SHARES: dict[int, bool] = {}  # per filesystem (st_dev): whether files there share extents
