@@ -29,6 +29,7 @@ from .alignedpack import (
     entry_struct,
     group_page,
     probe_reflink,
+    small_cow_reservations,
     walk_groups,
 )
 from .blockindex import MIDX_NAME, BlockIndex, Location, build_midx, open_midx
@@ -216,6 +217,7 @@ class AlignedPackWriter(PackWriter):
         self.group = 0
         self.group_entries: list[bytes] = []
         self.realign = False  # the last record shares extents: the next one starts aligned
+        small_cow_reservations(self.fd)
         self.page_written = -1  # how many entries the group page last written named
 
     def _begin(self, block_id: BlockId, length: int, shared: bool) -> None:
