@@ -666,7 +666,7 @@ class _BatchHasher:
         self.src_fd = src_fd
         self.ids = ids
         self.parallel = parallel and (os.cpu_count() or 1) > 1
-        self.batch: list[tuple[int, bytes]] = []
+        self.batch: list[tuple[int, bytes, int]] = []  # (index, data, offset)
         self.batch_bytes = 0
         self.inflight: deque = deque()
 
