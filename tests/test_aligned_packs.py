@@ -332,3 +332,33 @@ def test_unshared_tails_hold_no_reservations_on_xfs(xfs_dir):
     os.sync()
     allocated, shared = store_bytes(vol)
     assert allocated - shared < 0.1 * 200 * 70_000, (allocated, shared)
+
+
+def test_a_failover_drill_on_cow_keeps_every_version(cow_dir):
+    # failover writes in place on the mirror's live files (which share extents with both
+    # stores) must change neither store: the reverse resync keeps SRC's late write preserved,
+    # and every snapshot on both sides restores to what it captured
+    src, dst = cow_dir / "src", cow_dir / "dst"
+    write_files(src)
+    ok("init", src)
+    ok("snapshot", src)
+    ok("transfer", src, dst)
+    first = _tree(src)
+    ok("break", dst)
+    with open(dst / "f0", "r+b") as f:  # in place, inside shared extents
+        f.seek(4096)
+        f.write(b"failover write" * 5000)
+    with open(src / "f1", "r+b") as f:  # SRC's late write, never sent
+        f.write(b"late on src" * 100)
+    late = _tree(src)
+    r = okj("resync", dst, src, "--force")
+    assert r["preserved"], r
+    assert _tree(src) == _tree(dst)
+    for vol in (src, dst):
+        assert ok("verify", vol).code == 0
+        ok("restore", vol, "1", cow_dir / f"first-{vol.name}")
+        assert _tree(cow_dir / f"first-{vol.name}") == first
+    name = okj("snapshots", src, "--all")["snapshots"]
+    preserved = [s["name"] for s in name if s["name"].startswith("p")]
+    ok("restore", src, preserved[-1], cow_dir / "late")
+    assert _tree(cow_dir / "late") == late
