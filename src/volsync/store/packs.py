@@ -520,6 +520,42 @@ class PackStore:
             copy_range(pack.fd, off, out_fd, out_off, length)
         return length
 
+    def copy_many_to(self, ids: list[BlockId], out_fd: int, out_off: int,
+                     checked: frozenset[BlockId] = frozenset()) -> int:
+        """Write objects one after another into a file from `out_off`, each checked against
+        its id (unless in `checked`) as copy_to does; those lying one after another in a
+        pack (an aligned pack's blocks of one file) go by one kernel copy, which the
+        filesystem does by sharing extents where it can. Returns the bytes written."""
+        pos = out_off
+        run: list[tuple[BlockId, int, int]] = []  # (id, offset, length) in one pack
+        run_name = None
+        for block_id in ids:
+            loc = None if self._writer and block_id in self._writer.entries \
+                else self.index().get(block_id)
+            if run and (loc is None or loc[0] != run_name
+                        or loc[1] != run[-1][1] + run[-1][2]):
+                pos += self._copy_out(run_name, run, out_fd, pos, checked)
+                run = []
+            if loc is None:  # in the pack being written, or missing (which raises)
+                pos += self.copy_to(block_id, out_fd, pos, block_id not in checked)
+                continue
+            run_name = loc[0]
+            run.append((block_id, loc[1], loc[2]))
+        if run:
+            pos += self._copy_out(run_name, run, out_fd, pos, checked)
+        return pos - out_off
+
+    def _copy_out(self, name: str, run: list[tuple[BlockId, int, int]], out_fd: int,
+                  out_off: int, checked: frozenset[BlockId]) -> int:
+        size = run[-1][1] + run[-1][2] - run[0][1]
+        verify = any(block_id not in checked for block_id, _, _ in run)
+        with self._pool.use(name, mapped=verify) as pack:
+            for block_id, off, length in run:
+                if block_id not in checked:
+                    self._check_in_place(pack, block_id, off, length)
+            copy_range(pack.fd, run[0][1], out_fd, out_off, size)
+        return size
+
     def _check_in_place(self, pack: OpenPack, block_id: BlockId, off: int, length: int) -> None:
         view = pack.view
         if off + length > len(view):

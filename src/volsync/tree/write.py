@@ -44,6 +44,7 @@ from .scan import DIR_KEY, FILE_KEY, ROOT_KEY_NAME, _join, stat_key
 
 Progress = Callable[[int], None]
 FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 0x01, 0x02
+STRETCH_BLOCKS = 64  # a new file's blocks are written this many at a time, at most
 SYNCFS_TRUSTED = {  # statfs f_type of filesystems whose syncfs reaches the disk and reports
     0xEF53,  # ext2/3/4
     0x58465342,  # xfs
@@ -400,13 +401,23 @@ class Materializer:
                        os.lstat(path))
 
     def write_content(self, fd: int, entry: Entry) -> None:
+        """A new file's blocks, in stretches of consecutive blocks (one kernel copy where
+        they lie one after another in a pack); holes are left unwritten."""
         hole = self.fmt.algo.hole
         bs = self.fmt.block_size
+        stretch: list[BlockId] = []
+        first = 0
         for start, block_id, count in self.objects.runs(entry.ref, entry.size):
+            if stretch and (block_id == hole or len(stretch) == STRETCH_BLOCKS):
+                self.count(self.objects.copy_blocks(stretch, fd, first * bs))
+                stretch = []
             if block_id != hole:
-                self.count(self.objects.copy_block(block_id, fd, start * bs))
+                first = start if not stretch else first
+                stretch.append(block_id)
             else:  # nothing to write, but that much of the file is done
                 self.advance(min(entry.size, (start + count) * bs) - start * bs)
+        if stretch:
+            self.count(self.objects.copy_blocks(stretch, fd, first * bs))
         os.ftruncate(fd, entry.size)
 
     def link_member(self, dfd: int, rel: bytes, entry: Entry) -> list | None:
