@@ -53,6 +53,7 @@ MIDX_MAX_PACKS = 16
 BUFFER_LIMIT = 4 << 20
 QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
 SYNC_EVERY = 32 << 20  # start writeback this often, so the final fsync is short
+DEFER_LIMIT = 8 << 20  # a deferred run of clonable blocks is copied once this long
 SMALL_PACK = 8 << 20  # a pack smaller than this is merged by a repack once there are
 MERGE_SMALL_PACKS = 64  # more than this many of them (each snapshot writes its own)
 
@@ -219,6 +220,9 @@ class AlignedPackWriter(PackWriter):
         self.realign = False  # the last record shares extents: the next one starts aligned
         small_cow_reservations(self.fd)
         self.page_written = -1  # how many entries the group page last written named
+        # a run of clonable records from one private file, copied by one call when it ends:
+        # [src fd, src offset, offset here, length]
+        self.deferred: list[int] | None = None
 
     def _begin(self, block_id: BlockId, length: int, shared: bool) -> None:
         if len(self.group_entries) == self.cap:
@@ -239,9 +243,48 @@ class AlignedPackWriter(PackWriter):
         super()._done(block_id, offset, length)
         self.group_entries.append(self.entry.pack(block_id, offset, length))
 
+    def add_deferred(self, block_id: BlockId, src_fd: int, src_off: int, length: int) -> None:
+        """add_copy of a block of a private file (a scan's clone) that stays open until
+        `settle`: consecutive blocks of it are copied by one kernel call (once the run ends,
+        at `settle`, or when anything else is written or read)."""
+        d = self.deferred
+        if not (d and d[0] == src_fd and d[1] + d[3] == src_off and src_off % ALIGN == 0
+                and self.flushed == d[2] + d[3] and not self.buffer
+                and len(self.group_entries) < self.cap and d[3] < DEFER_LIMIT):
+            if src_off % ALIGN:
+                self.add_copy(block_id, src_fd, src_off, length)
+                return
+            self.settle()
+            self._begin(block_id, length, shared=True)
+            self.flush()
+            d = self.deferred = [src_fd, src_off, self.flushed, 0]
+        offset = d[2] + d[3]
+        d[3] += length
+        self.flushed = offset + length
+        self.realign = True
+        self._done(block_id, offset, length)
+
+    def settle(self) -> None:
+        """Copy the deferred run, if any (before its source is closed)."""
+        d, self.deferred = self.deferred, None
+        if d:
+            try:
+                copy_range(d[0], d[1], self.fd, d[2], d[3])
+            except OSError as exc:  # ENOSPC, EIO: name the pack being written
+                raise OSError(exc.errno, exc.strerror, str(self.path)) from None
+
+    def add_copy(self, block_id: BlockId, src_fd: int, src_off: int, length: int) -> None:
+        self.settle()
+        super().add_copy(block_id, src_fd, src_off, length)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self.settle()
+        return super().read(offset, length)
+
     def flush(self) -> None:
         """Also name the records flushed so far in the group page, so that a killed writer's
         records are found again (adopt); small records are thus named once per buffer."""
+        self.settle()
         super().flush()
         if len(self.group_entries) != self.page_written:
             self._write_group()
@@ -667,12 +710,17 @@ class PackStore:
             return False
         w = self._new_writer()
         if src is not None and isinstance(w, AlignedPackWriter) and src[1] % ALIGN == 0:
-            w.add_copy(block_id, src[0], src[1], len(data))
+            w.add_deferred(block_id, src[0], src[1], len(data))
         else:
             w.add(block_id, data)
         if w.size >= PACK_TARGET:
             self.flush()
         return True
+
+    def settle(self) -> None:
+        """Copy what `put` deferred from a private source (call before closing it)."""
+        if isinstance(self._writer, AlignedPackWriter):
+            self._writer.settle()
 
     def _new_writer(self) -> PackWriter:
         if self._writer is None:

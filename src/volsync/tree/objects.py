@@ -81,6 +81,11 @@ class Objects:
         if self.write:
             self.volume.packs.put(block_id, data, src)
 
+    def settle(self) -> None:
+        """Copy what put_block deferred from a private source (before it is closed)."""
+        if self.write:
+            self.volume.packs.settle()
+
     def copy_blocks(self, block_ids: list[BlockId], fd: int, offset: int) -> int:
         """Write a file's consecutive blocks from `offset`, each verified as copy_block does;
         blocks lying one after another in a pack go by one kernel copy."""

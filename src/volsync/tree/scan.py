@@ -507,7 +507,10 @@ class Scanner:
             ids, length = self.hash_blocks(clone, os.fstat(clone).st_size, private=True)
             xattrs = read_xattrs(fd)
         finally:
-            os.close(clone)
+            try:
+                self.objects.settle()  # the store's copies from the clone, before it closes
+            finally:
+                os.close(clone)
         entry = _entry(name, Kind.FILE, after, length, self.objects.content_ref(ids), xattrs)
         # the clone is the file as this stat describes only if nothing changed around it
         return entry, stat_key(after, self.scan_start) if _same_stat(before, after) else None
