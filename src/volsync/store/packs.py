@@ -244,16 +244,13 @@ class AlignedPackWriter(PackWriter):
         self.group_entries.append(self.entry.pack(block_id, offset, length))
 
     def add_deferred(self, block_id: BlockId, src_fd: int, src_off: int, length: int) -> None:
-        """add_copy of a block of a private file (a scan's clone) that stays open until
-        `settle`: consecutive blocks of it are copied by one kernel call (once the run ends,
-        at `settle`, or when anything else is written or read)."""
+        """add_copy, at an aligned `src_off`, of a block of a private file (a scan's clone)
+        that stays open until `settle`: consecutive blocks of it are copied by one kernel call
+        (once the run ends, at `settle`, or when anything else is written or read)."""
         d = self.deferred
-        if not (d and d[0] == src_fd and d[1] + d[3] == src_off and src_off % ALIGN == 0
+        if not (d and d[0] == src_fd and d[1] + d[3] == src_off
                 and self.flushed == d[2] + d[3] and not self.buffer
                 and len(self.group_entries) < self.cap and d[3] < DEFER_LIMIT):
-            if src_off % ALIGN:
-                self.add_copy(block_id, src_fd, src_off, length)
-                return
             self.settle()
             self._begin(block_id, length, shared=True)
             self.flush()
@@ -320,6 +317,7 @@ class AlignedPackWriter(PackWriter):
             self.flushed = base + size
             for block_id, off, length in part:
                 self._done(block_id, base + off - low, length)
+        self.flush()  # the group page names them (a killed run's records are adopted)
 
     def seal(self) -> dict[BlockId, tuple[int, int]]:
         self._write_group()
@@ -628,25 +626,25 @@ class PackStore:
             if aligned and self.aligned():  # spans of records (sharing their extents)
                 if span and not (span_pack == name and _follows(span[-1], off)
                                  and off - span[0][1] < PACK_TARGET // 4):
-                    self._copy_span(other, span_pack, span, on_object)
+                    self._copy_records(other, span_pack, span, on_object, "span")
                     span = []
                 span_pack = name
                 span.append((block_id, off, length))
                 continue
             if aligned or self.aligned():  # between layouts: record by record
-                self._copy_one(other, name, block_id, off, length, on_object)
+                self._copy_records(other, name, [(block_id, off, length)], on_object, "each")
                 continue
             contiguous = (run and run_pack == name
                           and off == run[-1][1] + run[-1][2] + self.record.size)
             if run and not contiguous:
-                self._copy_run(other, run_pack, run, on_object)
+                self._copy_records(other, run_pack, run, on_object, "run")
                 run = []
             run_pack = name
             run.append((block_id, off, length))
         if run:
-            self._copy_run(other, run_pack, run, on_object)
+            self._copy_records(other, run_pack, run, on_object, "run")
         if span:
-            self._copy_span(other, span_pack, span, on_object)
+            self._copy_records(other, span_pack, span, on_object, "span")
 
     def _checked_location(self, other: PackStore, block_id: BlockId
                           ) -> tuple[str, int, int, bool]:
@@ -669,32 +667,22 @@ class PackStore:
             self._check_in_place(pack, block_id, off, length)
         return name, off, length, aligned
 
-    def _copy_span(self, other: PackStore, name: str, span, on_object) -> None:
+    def _copy_records(self, other: PackStore, name: str, records, on_object, how: str
+                      ) -> None:
+        """Copy records of one of the other store's packs ((id, offset, length), checked):
+        `how` is "run" (packed to packed: the bytes from the first record's header on, in one
+        call), "span" (aligned to aligned, in one call) or "each" (between the layouts). Then
+        each is counted, and a full pack is sealed."""
         w = self._new_writer()
         with other._pool.use(name) as pack:
-            w.add_span(pack.fd, span)
-        w.flush()  # the group page names them (a killed run's records are adopted)
-        for _, _, length in span:
-            if on_object:
-                on_object(length)
-        if w.size >= PACK_TARGET:
-            self.flush()
-
-    def _copy_one(self, other: PackStore, name: str, block_id: BlockId, off: int, length: int,
-                  on_object) -> None:
-        w = self._new_writer()
-        with other._pool.use(name) as pack:
-            w.add_copy(block_id, pack.fd, off, length)
-        if on_object:
-            on_object(length)
-        if w.size >= PACK_TARGET:
-            self.flush()
-
-    def _copy_run(self, other: PackStore, name: str, run, on_object) -> None:
-        w = self._new_writer()
-        with other._pool.use(name) as pack:
-            w.add_run(pack.fd, run[0][1] - self.record.size, run)
-        for _, _, length in run:
+            if how == "run":
+                w.add_run(pack.fd, records[0][1] - self.record.size, records)
+            elif how == "span":
+                w.add_span(pack.fd, records)
+            else:
+                for block_id, off, length in records:
+                    w.add_copy(block_id, pack.fd, off, length)
+        for _, _, length in records:
             if on_object:
                 on_object(length)
         if w.size >= PACK_TARGET:
