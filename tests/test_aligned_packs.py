@@ -10,16 +10,17 @@ import os
 import random
 import shutil
 import subprocess
-import sys
 
 import pytest
+from conftest import read_tree
 from cowfs import shared_bytes
-from helpers import ok, okj, vs
+from helpers import ok, okj, sub, vs
 
 from volsync.errors import IntegrityError
 from volsync.model import BLAKE3, XXH3
 from volsync.store.alignedpack import ALIGN, ALIGNED_HEADER, GROUP_HEAD, capacity
 from volsync.store.packs import PackStore, read_index, shares_extents
+from volsync.store.space import filesystem_type
 
 
 @pytest.fixture
@@ -76,19 +77,9 @@ def test_the_layout_follows_the_filesystem_unless_forced(tmp_path, monkeypatch):
 
 
 def test_tmpfs_and_ext4_share_nothing(tmp_path):
-    if _fs_type(tmp_path) not in ("ext4", "tmpfs"):
-        pytest.skip(f"{tmp_path} is on {_fs_type(tmp_path)}")
+    if filesystem_type(tmp_path) not in ("ext4", "tmpfs"):
+        pytest.skip(f"{tmp_path} is on {filesystem_type(tmp_path)}")
     assert shares_extents(tmp_path) is False
-
-
-def _fs_type(path) -> str:
-    best, kind = "", ""
-    with open("/proc/self/mounts") as f:
-        for line in f:
-            _, mnt, fs = line.split()[:3]
-            if str(path).startswith(mnt) and len(mnt) > len(best):
-                best, kind = mnt, fs
-    return kind
 
 
 @pytest.mark.parametrize("where", ["group page", "entry", "data", "truncated"])
@@ -162,13 +153,9 @@ def test_objects_move_between_layouts(tmp_path, monkeypatch, direction):
 
 
 def test_the_cli_works_on_aligned_packs_anywhere(tmp_path, aligned):
-    src, dst = tmp_path / "src", tmp_path / "dst"
-    write_files(src)
-    ok("init", src)
-    ok("snapshot", src)
-    ok("transfer", src, dst)
+    src, dst, _ = mirrored(tmp_path)
     assert ok("verify", dst).code == 0
-    assert _tree(dst) == _tree(src)
+    assert read_tree(dst) == read_tree(src)
 
 
 # --- sharing extents on XFS and btrfs -------------------------------------------------------
@@ -191,15 +178,20 @@ def write_files(root, seed: int = 7) -> int:
     return total + 500_000
 
 
-def _tree(root) -> dict:
-    out = {}
-    for dirpath, dirs, files in os.walk(root):
-        dirs[:] = [d for d in dirs if d != ".volsync"]
-        for f in files:
-            p = os.path.join(dirpath, f)
-            with open(p, "rb") as fh:
-                out[os.path.relpath(p, root)] = fh.read()
-    return out
+def snapshotted(root) -> int:
+    """A volume of write_files' files with one snapshot; their bytes in all."""
+    data = write_files(root)
+    ok("init", root)
+    ok("snapshot", root)
+    return data
+
+
+def mirrored(base) -> tuple:
+    """SRC (snapshotted) and DST, its new mirror, under `base`; and SRC's data bytes."""
+    src, dst = base / "src", base / "dst"
+    data = snapshotted(src)
+    ok("transfer", src, dst)
+    return src, dst, data
 
 
 def store_bytes(vol) -> tuple[int, int]:
@@ -213,13 +205,11 @@ def store_bytes(vol) -> tuple[int, int]:
 
 def test_a_snapshot_shares_the_live_trees_extents(cow_dir):
     vol = cow_dir / "vol"
-    data = write_files(vol)
-    ok("init", vol)
-    ok("snapshot", vol)
+    data = snapshotted(vol)
     allocated, shared = store_bytes(vol)
     # all but the unaligned tails (which the next record's write unshares) and small records
     assert allocated - shared < 0.05 * data + 64 * 1024, (allocated, shared, data)
-    first = _tree(vol)
+    first = read_tree(vol)
     # the live files change in place: the snapshot keeps what it captured
     with open(vol / "f0", "r+b") as f:
         f.seek(100_000)
@@ -229,64 +219,50 @@ def test_a_snapshot_shares_the_live_trees_extents(cow_dir):
     assert ok("verify", vol).code == 0
     out = cow_dir / "restored"
     ok("restore", vol, "1", out)
-    assert _tree(out) == first
+    assert read_tree(out) == first
     ok("snapshot", vol)
     assert ok("verify", vol).code == 0
 
 
 def test_a_mirror_and_a_restore_on_the_same_filesystem_share_extents(cow_dir):
-    src, dst = cow_dir / "src", cow_dir / "dst"
-    data = write_files(src)
-    ok("init", src)
-    ok("snapshot", src)
-    ok("transfer", src, dst)
+    src, dst, data = mirrored(cow_dir)
     assert ok("verify", dst).code == 0
-    assert _tree(dst) == _tree(src)
+    assert read_tree(dst) == read_tree(src)
     allocated, shared = store_bytes(dst)
     assert allocated - shared < 0.05 * data + 64 * 1024, (allocated, shared, data)
     assert shared_bytes(dst / "f0") >= (3 << 20) - ALIGN
     out = cow_dir / "out"
     ok("restore", dst, "latest", out)
-    assert _tree(out) == _tree(src)
+    assert read_tree(out) == read_tree(src)
     assert shared_bytes(out / "f1") >= 1_000_003 - 2 * ALIGN
 
 
 def test_an_incremental_update_on_cow_sends_only_the_change(cow_dir):
-    src, dst = cow_dir / "src", cow_dir / "dst"
-    write_files(src)
-    ok("init", src)
-    ok("snapshot", src)
-    ok("transfer", src, dst)
+    src, dst, _ = mirrored(cow_dir)
     with open(src / "f0", "r+b") as f:
         f.seek(2 << 20)
         f.write(b"new bytes")
     ok("snapshot", src)
     r = okj("transfer", src, dst)
     assert r["blocks_sent"] == 1
-    assert _tree(dst) == _tree(src)
+    assert read_tree(dst) == read_tree(src)
     assert ok("verify", dst).code == 0 and ok("verify", src).code == 0
 
 
 def test_a_killed_transfer_on_cow_resumes_and_verifies(cow_dir):
     src, dst = cow_dir / "src", cow_dir / "dst"
-    write_files(src)
-    ok("init", src)
-    ok("snapshot", src)
-    env = dict(os.environ, VOLSYNC_CRASH_AT="object-received:40")
-    r = subprocess.run([sys.executable, "-m", "volsync", "transfer", str(src), str(dst)],
-                       env=env, capture_output=True, text=True, check=False)
-    assert r.returncode == 137, r.stderr
+    snapshotted(src)
+    r = sub("transfer", src, dst, env_extra={"VOLSYNC_CRASH_AT": "object-received:40"})
+    assert r.code == 137, r.err
     again = okj("transfer", src, dst)
     assert again["blocks_sent"] < 110  # what was received before the kill is adopted
-    assert _tree(dst) == _tree(src)
+    assert read_tree(dst) == read_tree(src)
     assert vs("verify", dst).code == 0
 
 
 def test_prune_on_cow_keeps_what_is_shared(cow_dir):
     vol = cow_dir / "vol"
-    write_files(vol)
-    ok("init", vol)
-    ok("snapshot", vol)
+    snapshotted(vol)
     for i in range(3):
         (vol / f"new{i}").write_bytes(os.urandom(300_000))
         ok("snapshot", vol)
@@ -294,7 +270,7 @@ def test_prune_on_cow_keeps_what_is_shared(cow_dir):
     assert ok("verify", vol).code == 0
     out = cow_dir / "out"
     ok("restore", vol, "latest", out)
-    assert _tree(out) == _tree(vol)
+    assert read_tree(out) == read_tree(vol)
     shutil.rmtree(out)
 
 
@@ -309,14 +285,12 @@ def test_a_file_that_refuses_a_clone_is_read_and_the_rest_still_share(btrfs_dir)
     nocow.touch()
     subprocess.run(["chattr", "+C", str(nocow)], check=True)
     nocow.write_bytes(os.urandom(300_000))
-    data = write_files(vol)
-    ok("init", vol)
-    ok("snapshot", vol)
+    data = snapshotted(vol)
     allocated, shared = store_bytes(vol)
     assert allocated - shared < 300_000 + 0.05 * data + 64 * 1024, (allocated, shared)
     out = btrfs_dir / "out"
     ok("restore", vol, "latest", out)
-    assert _tree(out) == _tree(vol)
+    assert read_tree(out) == read_tree(vol)
     assert ok("verify", vol).code == 0
 
 
@@ -338,36 +312,26 @@ def test_a_failover_drill_on_cow_keeps_every_version(cow_dir):
     # failover writes in place on the mirror's live files (which share extents with both
     # stores) must change neither store: the reverse resync keeps SRC's late write preserved,
     # and every snapshot on both sides restores to what it captured
-    src, dst = cow_dir / "src", cow_dir / "dst"
-    write_files(src)
-    ok("init", src)
-    ok("snapshot", src)
-    ok("transfer", src, dst)
-    first = _tree(src)
+    src, dst, _ = mirrored(cow_dir)
+    first = read_tree(src)
     ok("break", dst)
     with open(dst / "f0", "r+b") as f:  # in place, inside shared extents
         f.seek(4096)
         f.write(b"failover write" * 5000)
     with open(src / "f1", "r+b") as f:  # SRC's late write, never sent
         f.write(b"late on src" * 100)
-    late = _tree(src)
+    late = read_tree(src)
     r = okj("resync", dst, src, "--force")
     assert r["preserved"], r
-    assert _tree(src) == _tree(dst)
+    assert read_tree(src) == read_tree(dst)
     for vol in (src, dst):
         assert ok("verify", vol).code == 0
         ok("restore", vol, "1", cow_dir / f"first-{vol.name}")
-        assert _tree(cow_dir / f"first-{vol.name}") == first
+        assert read_tree(cow_dir / f"first-{vol.name}") == first
     name = okj("snapshots", src, "--all")["snapshots"]
     preserved = [s["name"] for s in name if s["name"].startswith("p")]
     ok("restore", src, preserved[-1], cow_dir / "late")
-    assert _tree(cow_dir / "late") == late
-
-
-def _run(args, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "volsync", *map(str, args)],
-                          env=dict(os.environ, **env), capture_output=True, text=True,
-                          check=False)
+    assert read_tree(cow_dir / "late") == late
 
 
 @pytest.mark.parametrize("switch", ["VOLSYNC_CRASH_AT=pack-data-durable:1",
@@ -379,17 +343,17 @@ def test_a_snapshot_on_cow_cut_short_leaves_a_volume_that_verifies(cow_dir, swit
     # a snapshot's clonable blocks are copied a run at a time: a kill or an I/O error at any
     # of these steps leaves a volume that verifies, and the rerun captures everything
     vol = cow_dir / "vol"
-    write_files(vol)
+    data = write_files(vol)
     ok("init", vol)
     name, value = switch.split("=", 1)
-    r = _run(["snapshot", vol], **{name: value})
-    assert r.returncode in (1, 137), (r.returncode, r.stderr)
-    assert "Traceback" not in r.stderr
+    r = sub("snapshot", vol, env_extra={name: value})
+    assert r.code in (1, 137), (r.code, r.err)
+    assert "Traceback" not in r.err
     assert vs("verify", vol).code == 0
     ok("snapshot", vol)
     assert ok("verify", vol).code == 0
     out = cow_dir / "out"
     ok("restore", vol, "latest", out)
-    assert _tree(out) == _tree(vol)
+    assert read_tree(out) == read_tree(vol)
     allocated, shared = store_bytes(vol)
-    assert allocated - shared < 0.1 * sum(len(v) for v in _tree(vol).values()) + 256 * 1024
+    assert allocated - shared < 0.1 * data + 256 * 1024

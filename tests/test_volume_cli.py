@@ -9,6 +9,7 @@ import re
 import stat
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -691,17 +692,23 @@ def _fill(v: Path, i: int) -> None:
     (v / f"unique{i}").write_bytes(os.urandom(50_000))
 
 
+def _unique_snapshots(run, v: Path, count: int) -> Iterator[dict]:
+    """Take `count` snapshots, each holding one new 50 KB file in place of the one before (so
+    each older snapshot holds blocks no later one has), yielding the tree each captured."""
+    for i in range(count):
+        _fill(v, i)
+        if i:
+            (v / f"unique{i - 1}").unlink()
+        tree = read_tree(v)
+        snap(run, v)
+        yield tree
+
+
 def test_prune_keep_last(run, make_volume, tmp_path):
     """prune --keep-last N drops older lineage snapshots, frees their blocks, and the rest
     still restores and verifies."""
     v = make_volume(BASE)
-    trees = []
-    for i in range(4):
-        _fill(v, i)
-        if i:
-            (v / f"unique{i - 1}").unlink()
-        trees.append(read_tree(v))
-        snap(run, v)
+    trees = list(_unique_snapshots(run, v, 4))
     r = run("prune", v, "--keep-last", "2", "--json")
     assert r.code == 0, r
     assert r.json["removed"] == [1, 2]
@@ -730,12 +737,8 @@ def test_the_block_index_through_snapshot_prune_verify(run, make_volume, tmp_pat
     v = make_volume(BASE)
     midx_path = v / ".volsync" / "packs" / MIDX_NAME
     trees = []
-    for i in range(3):
-        _fill(v, i)
-        if i:
-            (v / f"unique{i - 1}").unlink()
-        trees.append(read_tree(v))
-        snap(run, v)
+    for tree in _unique_snapshots(run, v, 3):
+        trees.append(tree)
         assert midx_path.exists()
     assert run("prune", v, "--keep-last", "1").code == 0
     with opened(v) as vol:
