@@ -207,9 +207,6 @@ class Scanner:
         self.unlinked: set[int] = set()  # inodes recorded otherwise than read: no hard link
         self.previous_dirs: dict[bytes, dict[bytes, Entry]] = {}
         self.can_clone = True
-        # a snapshot into aligned packs reads each changed file from a clone, whose blocks
-        # the packs then share (the clone is private: it cannot change after it is hashed)
-        self.share_extents = objects.write and volume.packs.aligned()
 
     def run(self) -> ScanResult:
         result = self.walk()
@@ -471,7 +468,7 @@ class Scanner:
                 before = os.fstat(fd)
                 if not stat.S_ISREG(before.st_mode):
                     return None
-                if self.can_clone and (attempt == 1 or self.share_extents):
+                if self.can_clone and (attempt == 1 or self.share_extents()):
                     cloned = self.read_clone(fd, name)
                     if cloned is not None:
                         return cloned
@@ -491,6 +488,12 @@ class Scanner:
             last = (before, ids, length, xattrs)
         return self.busy_file(rel, name, ino, last)
 
+    def share_extents(self) -> bool:
+        """Whether a snapshot into aligned packs reads each changed file from a clone, whose
+        blocks the packs then share (the clone is private: it cannot change after it is
+        hashed). Asked only once a file must be read: a scan that reads none probes nothing."""
+        return self.objects.write and self.volume.packs.aligned()
+
     def read_clone(self, fd: int, name: bytes) -> tuple[Entry, list | None] | None:
         """Read a copy-on-write clone of the open file (a consistent copy), or None when the
         filesystem cannot make one (then, unless the store shares extents, no clone is tried
@@ -500,7 +503,7 @@ class Scanner:
         if clone is None:
             # where the store shares extents, one file may refuse (btrfs nodatacow, a swap
             # file): it is read as it is; elsewhere no clone is tried again in this scan
-            self.can_clone = self.share_extents
+            self.can_clone = self.share_extents()
             return None
         try:
             after = os.fstat(fd)
