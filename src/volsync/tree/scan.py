@@ -376,7 +376,7 @@ class Scanner:
             placeholder = self.placeholder(rel)
             return BlockId(placeholder), size, files
         tree_id = self.objects.put_tree(Tree(tuple(entries), meta))
-        self.new[rel] = [tree_id, size, files, keys]
+        self.new[rel] = [tree_id, size, files, packed_keys(keys)]
         return tree_id, size, files
 
     def placeholder(self, rel: bytes) -> bytes:
@@ -417,7 +417,7 @@ class Scanner:
             tree_id = self.objects.put_tree(Tree(tuple(entries), p.meta))
             by_placeholder[self.placeholders[rel]] = tree_id
             final[rel] = tree_id
-            self.new[rel] = [tree_id, p.size, p.files, keys]
+            self.new[rel] = [tree_id, p.size, p.files, packed_keys(keys)]
         return final
 
     def cached_tree(self, cached) -> Tree:

@@ -37,7 +37,7 @@ from ..store.blocklist import zip_runs
 from ..store.crash import crashpoint, fault
 from ..store.fsutil import fsync
 from ..store.trees import META_NAME
-from ..store.volume import unpacked_keys
+from ..store.volume import packed_keys, unpacked_keys
 from .meta import NotRestored, apply_metadata, entry_path, loosen_for_writing
 from .objects import Objects
 from .scan import DIR_KEY, FILE_KEY, ROOT_KEY_NAME, _join, stat_key
@@ -169,7 +169,7 @@ class Materializer:
                 raise OSError(exc.errno, exc.strerror, where) from None
         if changed and self.per_file_sync:
             fsync(dfd)
-        self.cache[rel] = [target_id, size, files, keys]
+        self.cache[rel] = [target_id, size, files, packed_keys(keys)]
         return size, files
 
     def sync_entry(self, dfd: int, rel: bytes, entry: Entry, old: Entry | None,
