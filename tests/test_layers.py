@@ -7,7 +7,7 @@ from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "src" / "volsync"
 LAYER = {
-    "model": 0, "errors": 0, "quoting": 0, "store": 1, "wire": 1, "tree": 2, "ops": 3, "plan": 3, "retention": 3.5,
+    "model": 0, "errors": 0, "quoting": 0, "child": 0, "store": 1, "wire": 1, "tree": 2, "ops": 3, "plan": 3, "retention": 3.5,
     "endpoint": 4, "remote": 5, "sync": 6, "stream": 6, "render": 6, "cli_help": 6, "cli": 7, "__main__": 8,
     "__init__": 0,
 }

@@ -14,11 +14,12 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, suppress
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
+from .child import ReadingChild
 from .errors import BadArgument, IntegrityError, NoCommonSnapshot, VolumeLocked
 from .model import READ_ONLY, READ_WRITE, BlockId, FileWarning, Snapshot, VolumeState
 from .ops import (
@@ -35,7 +36,7 @@ from .retention import record_hold, without_hold
 from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
 from .store.volume import META, Volume, is_create_leftover, is_volume
-from .tree import Materializer, NotRestored, Objects, Progress, live_differs, scan
+from .tree import Materializer, NotRestored, Objects, Progress, ScanResult, live_differs, scan
 
 SEAL_EVERY = 64 << 20  # a receiver makes what it got durable this often (resume point)
 RECEIVED_PACKS = "received_packs"  # state.extra: packs of an unfinished receive
@@ -64,6 +65,7 @@ class LocalEndpoint:
         self._objects: Objects | None = None  # SRC: reads, through a dry run's scan
         self._live = None  # DST: (ScanResult, Objects) of its live tree
         self._received: set[BlockId] = set()  # objects this run received, each re-hashed
+        self._packs_before: set[str] | None = None  # SRC's packs before scan_source
         self.scan_warnings: tuple[FileWarning, ...] = ()  # of snapshot_source's scan
         self.scan_warnings_omitted = 0  # (a remote SRC sends at most a bounded number)
 
@@ -184,8 +186,30 @@ class LocalEndpoint:
             self._objects = objects
             return Snapshot(new_snapshot_id(), next_number(vol, state), 0.0, None, result.root,
                             result.size, result.files, vol.config.volume_id)
+        return self.commit_source(self.scan_source(progress, strict))
+
+    def scan_source(self, progress: Progress | None = None, strict: bool = True
+                    ) -> ScanResult | None:
+        """The first half of `snapshot_source`: a read-write SRC's live changes stored (its
+        new blocks and trees), not yet recorded; None where there is nothing to capture."""
+        vol = self.volume
+        state = vol.state()
+        self.scan_warnings = ()
+        if state.mode != READ_WRITE or state.journal:
+            return None
+        self._packs_before = set(vol.packs.pack_names())
         result, _ = scan(vol, write=True, progress=progress, strict=strict)
         self.scan_warnings = tuple(result.file_warnings)
+        return result
+
+    def commit_source(self, result: ScanResult | None) -> Snapshot | None:
+        """The second half: the scan becomes SRC's next snapshot if the live tree changed
+        (its stat cache is saved either way)."""
+        if result is None:
+            return None
+        vol = self.volume
+        state = vol.state()
+        latest = vol.lineage(state)[-1].root if state.lineage else None
         if result.root == latest:
             vol.packs.flush()
             if result.cache_changed:
@@ -194,6 +218,12 @@ class LocalEndpoint:
         snap = record_scan(vol, result, next_number(vol, state), None)
         vol.commit(state.with_(lineage=state.lineage + (snap.id,)))
         return snap
+
+    def drop_source_scan(self) -> None:
+        """Take back what `scan_source` stored (the transfer was refused): SRC's store is
+        as it was, and its stat cache was not saved."""
+        if self._packs_before is not None:
+            self.volume.packs.drop_since(self._packs_before)
 
     def would_change_source(self) -> bool:
         """A read-write SRC whose live tree differs from its latest snapshot."""
@@ -235,6 +265,31 @@ class LocalEndpoint:
         state = vol.state()
         self._live = scan(vol, write=False)
         return _facts(vol, state, *self._live)
+
+    @contextmanager
+    def inspecting_live(self) -> Iterator[Callable[[], LiveFacts]]:
+        """`inspect_live` in a child process (it only reads) while the caller works on the
+        other volume, so the two scans use two cores; the yielded function waits for it.
+        Where no child can be made, or it fails, the scan runs here when asked for (an error
+        is then raised as `inspect_live` raises it)."""
+        vol = self.volume
+        state = vol.state()
+        child = ReadingChild.start(lambda: _live_scan_out(vol))
+        try:
+            def facts() -> LiveFacts:
+                got = child.result() if child else None
+                if got is None:
+                    return self.inspect_live()
+                live, overlay = got
+                objects = Objects(vol, write=False)
+                objects.overlay = overlay
+                self._live = (live, objects)
+                return _facts(vol, state, live, objects)
+
+            yield facts
+        finally:
+            if child:
+                child.cancel()
 
     def keep_live_changes(self, progress: Progress | None = None) -> Snapshot | None:
         """Store DST's live tree and, if the planner's rule keeps it, write (not yet commit)
@@ -417,6 +472,12 @@ def _note_received(vol: Volume, known: set[str]) -> set[str]:
         received.update({name: time.time() for name in new})
         vol.commit(state.with_(extra={**state.extra, RECEIVED_PACKS: received}))
     return names
+
+
+def _live_scan_out(vol: Volume) -> tuple[ScanResult, dict]:
+    """What a child scanning DST's live tree hands back: the scan and the trees it built."""
+    live, objects = scan(vol, write=False)
+    return live, objects.overlay
 
 
 def _facts(vol: Volume, state: VolumeState, live, objects: Objects) -> LiveFacts:

@@ -21,6 +21,7 @@ from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .endpoint import LocalEndpoint
 from .errors import BadArgument, Diverged, VolsyncError
 from .model import (
     READ_ONLY,
@@ -224,16 +225,20 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
     the objects, write DST's live tree and commit (see the module's docstring). With
     `share_src`, SRC records DST's hold and lets go of its exclusive lock before sending."""
     src_info, dst_info = src.info("src"), dst.info("dst")
-    facts = dst.inspect_live()
-    problem = refusal(kind, src_info, list(src_info.lineage), dst_info, facts)
-    if problem is not None:
-        raise problem
-    if kind == RESYNC and confirm is not None:
-        _confirm_takeover(src_info, dst_info, facts, confirm)
-    src_snap = None
-    if not no_snapshot and src_info.mode == READ_WRITE:
-        progress_step(progress, "snapshot SRC", counted=src.is_local)
-        src_snap = src.snapshot_source(progress=progress, strict=strict)
+    snapshot = not no_snapshot and src_info.mode == READ_WRITE
+    if kind == TRANSFER and snapshot and src.is_local and dst.is_local and dst_info.lineage:
+        src_snap = _snapshot_beside_scan(src, dst, src_info, dst_info, progress, strict)
+    else:
+        facts = dst.inspect_live()
+        problem = refusal(kind, src_info, list(src_info.lineage), dst_info, facts)
+        if problem is not None:
+            raise problem
+        if kind == RESYNC and confirm is not None:
+            _confirm_takeover(src_info, dst_info, facts, confirm)
+        src_snap = None
+        if snapshot:
+            progress_step(progress, "snapshot SRC", counted=src.is_local)
+            src_snap = src.snapshot_source(progress=progress, strict=strict)
     live_snap = None
     if kind == RESYNC:
         progress_step(progress, "scan DST", counted=dst.is_local)
@@ -265,6 +270,26 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
         hold.settle(hold_wait)
     on_wire = wire_bytes(src, dst) if not (src.is_local and dst.is_local) else plan.bytes
     return _warned(SyncResult(plan, False, src_snap, live_snap, skipped, on_wire), src)
+
+
+def _snapshot_beside_scan(src: LocalEndpoint, dst: LocalEndpoint, src_info: VolumeInfo,
+                          dst_info: VolumeInfo, progress: Progress | None,
+                          strict: bool) -> Snapshot | None:
+    """A local mirror update: DST's live tree is scanned in a child process while SRC's
+    changes are stored, on two cores; they become SRC's snapshot only once DST's scan lets
+    the transfer go on (a refused transfer records no snapshot, as before)."""
+    problem = refusal(TRANSFER, src_info, list(src_info.lineage), dst_info, None)
+    if problem is not None:
+        raise problem
+    with dst.inspecting_live() as dst_facts:
+        progress_step(progress, "snapshot SRC", counted=True)
+        scanned = src.scan_source(progress=progress, strict=strict)
+        facts = dst_facts()
+    problem = refusal(TRANSFER, src_info, list(src_info.lineage), dst_info, facts)
+    if problem is not None:
+        src.drop_source_scan()
+        raise problem
+    return src.commit_source(scanned)
 
 
 def _confirm_takeover(src: VolumeInfo, dst: VolumeInfo, facts, confirm: Confirm) -> None:

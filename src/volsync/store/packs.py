@@ -753,6 +753,15 @@ class PackStore:
             self._writer.abandon()
             self._writer = None
 
+    def drop_since(self, before: set[str]) -> None:
+        """Undo what a run stored since `pack_names()` was `before` (a refused transfer):
+        objects not yet flushed are dropped, and the packs it sealed removed; no committed
+        record refers to them, as `put` never writes an id the store has."""
+        self.discard()
+        for name in set(self.pack_names()) - before:
+            self._drop_pack(name)
+        self._reset_index()
+
     def adopt_orphans(self) -> int:
         """Index packs that have none (a writer killed before sealing, or a lost index):
         records that match their ids are kept, the torn tail is cut off. Objects received
