@@ -402,6 +402,33 @@ def test_refuses_written_dst(remote_pair):
     assert status(dst)["changed_paths"] == ["dir/sub/c"]
 
 
+def test_push_src_scan_failing_while_far_side_scans(shim, tmp_path, monkeypatch):
+    """A push asks the far side to scan DST, then scans SRC here: SRC's scan failing leaves
+    the session out of step; the command fails with the scan's error, the far lock goes with
+    the session, and the next transfer works."""
+    from importlib import import_module
+
+    scan_module = import_module("volsync.tree.scan")
+    a = src_volume(tmp_path / "A")
+    b = tmp_path / "B"
+    ok("transfer", a, scp(b))
+    write(a, {"new.txt": "new\n"})
+    time.sleep(0.1)  # not racy: only the new file is read
+
+    def unreadable(self, rel, dfd, name, ino=0):
+        raise PermissionError(13, "Permission denied", os.fsdecode(name))
+
+    before = lineage(a)
+    with monkeypatch.context() as patched:
+        patched.setattr(scan_module.Scanner, "read_file", unreadable)
+        r = vs("transfer", a, scp(b))
+    assert r.code != 0 and "new.txt" in r.err and "Traceback" not in r.err, r.err
+    assert lineage(a) == before == lineage(b)
+    ok("transfer", a, scp(b))
+    same_live_tree(a, b)
+    assert lineage(b) == lineage(a)
+
+
 def test_refuses_diverged_dst_with_json_details(remote_pair):
     a, b, src, dst = remote_pair
     write(a, {"a.txt": "two\n"})

@@ -16,7 +16,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import ExitStack, contextmanager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .child import ReadingChild
@@ -281,6 +281,8 @@ class LocalEndpoint:
                 if got is None:
                     return self.inspect_live()
                 live, overlay = got
+                if live.cache is None:
+                    live = replace(live, cache=vol.load_statcache())
                 objects = Objects(vol, write=False)
                 objects.overlay = overlay
                 self._live = (live, objects)
@@ -475,8 +477,11 @@ def _note_received(vol: Volume, known: set[str]) -> set[str]:
 
 
 def _live_scan_out(vol: Volume) -> tuple[ScanResult, dict]:
-    """What a child scanning DST's live tree hands back: the scan and the trees it built."""
+    """What a child scanning DST's live tree hands back: the scan and the trees it built;
+    the stat cache only if it differs from the saved one (the parent loads that itself)."""
     live, objects = scan(vol, write=False)
+    if not live.cache_changed:
+        live = replace(live, cache=None)
     return live, objects.overlay
 
 

@@ -10,7 +10,12 @@ DST's live tree is brought to SRC's latest, writing only what differs; (7) one a
 adds SRC's snapshots to DST's lineage, moves DST's own later ones to preserved, makes DST
 SRC's mirror and clears the journal. A crash or a failure before (7) leaves DST's lineage as
 it was and its live tree for the next command to put back (or, for an interrupted transfer,
-to finish); what was received stays, so a rerun does not send it again."""
+to finish); what was received stays, so a rerun does not send it again.
+
+A mirror update from a local SRC runs (1) and (2) side by side: DST's live tree is scanned
+(by a child process, or by the far side) while SRC's changes are stored, and they become
+SRC's snapshot only after the refusals have seen DST's scan (a refusal then takes back what
+SRC's scan stored)."""
 
 from __future__ import annotations
 
@@ -226,7 +231,7 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
     `share_src`, SRC records DST's hold and lets go of its exclusive lock before sending."""
     src_info, dst_info = src.info("src"), dst.info("dst")
     snapshot = not no_snapshot and src_info.mode == READ_WRITE
-    if kind == TRANSFER and snapshot and src.is_local and dst.is_local and dst_info.lineage:
+    if kind == TRANSFER and snapshot and isinstance(src, LocalEndpoint) and dst_info.lineage:
         src_snap = _snapshot_beside_scan(src, dst, src_info, dst_info, progress, strict)
     else:
         facts = dst.inspect_live()
@@ -272,12 +277,13 @@ def apply_sync(kind: str, src: Endpoint, dst: Endpoint, no_snapshot: bool,
     return _warned(SyncResult(plan, False, src_snap, live_snap, skipped, on_wire), src)
 
 
-def _snapshot_beside_scan(src: LocalEndpoint, dst: LocalEndpoint, src_info: VolumeInfo,
+def _snapshot_beside_scan(src: LocalEndpoint, dst: Endpoint, src_info: VolumeInfo,
                           dst_info: VolumeInfo, progress: Progress | None,
                           strict: bool) -> Snapshot | None:
-    """A local mirror update: DST's live tree is scanned in a child process while SRC's
-    changes are stored, on two cores; they become SRC's snapshot only once DST's scan lets
-    the transfer go on (a refused transfer records no snapshot, as before)."""
+    """A mirror update from a local SRC: DST's live tree is scanned meanwhile (by a child
+    process here, or by the far side) while SRC's changes are stored; they become SRC's
+    snapshot only once DST's scan lets the transfer go on (a refused transfer takes back
+    what SRC's scan stored and records no snapshot, as before)."""
     problem = refusal(TRANSFER, src_info, list(src_info.lineage), dst_info, None)
     if problem is not None:
         raise problem

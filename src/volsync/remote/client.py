@@ -15,7 +15,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 from .. import __version__
@@ -406,6 +406,26 @@ class RemoteEndpoint:
 
     def inspect_live(self) -> LiveFacts:
         return p.facts_in(self.conn.call("inspect_live"))
+
+    @contextmanager
+    def inspecting_live(self) -> Iterator[Callable[[], LiveFacts]]:
+        """`inspect_live` asked now and answered when the yielded function is called: the far
+        side scans while this side works on the other volume. A reply never read leaves the
+        session out of step, so it is not used again."""
+        self.conn.ch.send(["inspect_live", {}])
+        self.conn.ch.flush()
+        answered = False
+
+        def facts() -> LiveFacts:
+            nonlocal answered
+            answered = True
+            return p.facts_in(self.conn._reply())
+
+        try:
+            yield facts
+        finally:
+            if not answered:
+                self.conn.broken = True
 
     def keep_live_changes(self, progress: Progress | None = None) -> Snapshot | None:
         return p.snap_in(self.conn.call("keep_live_changes"), self.id_size)
