@@ -461,3 +461,48 @@ def test_missing_objects_asks_a_remote_receiver_per_level_not_per_object():
     assert len(calls["has"]) <= 4 and len(calls["read"]) <= 4
     assert kept not in store.reads[1:] and bid("kept") not in {o for o, _ in out}
     check_children_first(store, out, {kept})
+
+
+def _reference_children_first(roots, nodes):
+    """The plain post-order (a `done` set, every node a (length, kind, children) tuple)."""
+    out, done = [], set()
+    for root in roots:
+        if root not in nodes or root in done:
+            continue
+        stack = [(root, False)]
+        while stack:
+            object_id, expanded = stack.pop()
+            if expanded:
+                out.append((object_id, *nodes[object_id][:2]))
+                continue
+            if object_id in done:
+                continue
+            done.add(object_id)
+            stack.append((object_id, True))
+            stack.extend((c, False) for c in reversed(nodes[object_id][2])
+                         if c in nodes and c not in done)
+    return out
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_children_first_order_on_random_graphs(seed):
+    """The walk keeps a block as its length alone and forgets each node once met; the order
+    is still the plain post-order's, shared subtrees and cycles (hostile trees) included."""
+    import random
+
+    from volsync.store.walk import BLOCK, _children_first
+
+    r = random.Random(seed)
+    ids = [bytes([i]) for i in range(r.randint(1, 40))]
+    full, compact = {}, {}
+    for i in ids:
+        if r.random() < 0.2:
+            continue  # DST holds it: not a node
+        length = r.randint(1, 99)
+        if r.random() < 0.5:
+            full[i], compact[i] = (length, BLOCK, []), length
+        else:
+            children = [r.choice(ids) for _ in range(r.randint(0, 6))]
+            full[i] = compact[i] = (length, r.choice(["tree", "list"]), children)
+    roots = [r.choice(ids) for _ in range(r.randint(1, 3))]
+    assert _children_first(roots, compact) == _reference_children_first(roots, full)

@@ -85,7 +85,7 @@ def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_m
     roots = list(dict.fromkeys(roots))
     tops = set(roots)
     empty, hole = empty_tree_id(fmt.algo), fmt.algo.hole
-    nodes: dict[BlockId, tuple[int, str, list[BlockId]]] = {}
+    nodes: dict[BlockId, int | tuple[int, str, list[BlockId]]] = {}  # a block: its length
     seen: set[BlockId] = set()
     level: list[tuple] = [(TREE, r) for r in roots]
     trips = 0
@@ -106,7 +106,7 @@ def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_m
         for item in need:
             kind, object_id = item[0], item[1]
             if kind == BLOCK:
-                nodes[object_id] = (item[2], BLOCK, [])
+                nodes[object_id] = item[2]  # no tuple, no list: most objects are blocks
                 continue
             raw = data[object_id]
             children = (_tree_children(raw, object_id, fmt, object_id in tops) if kind == TREE
@@ -164,24 +164,22 @@ def _list_children(raw: bytes, list_id: BlockId, where: tuple, fmt: Format) -> l
 
 def _children_first(roots: list[BlockId], nodes: dict) -> list[tuple[BlockId, int, str]]:
     """Post-order over the missing objects: a tree or list only after everything under it,
-    so a receiver that stops half way never holds a parent without its children."""
+    so a receiver that stops half way never holds a parent without its children. Each node
+    leaves `nodes` when it is met, so one met again (a shared subtree) is not sent twice."""
     out: list[tuple[BlockId, int, str]] = []
-    done: set[BlockId] = set()
     for root in roots:
-        if root not in nodes or root in done:
-            continue
-        stack: list[tuple[BlockId, bool]] = [(root, False)]
+        stack: list[tuple[BlockId, tuple | None]] = [(root, None)]
         while stack:
             object_id, expanded = stack.pop()
-            if expanded:
-                length, kind, _ = nodes[object_id]
-                out.append((object_id, length, kind))
+            if expanded is not None:  # everything under it is out: now the node itself
+                out.append((object_id, expanded[0], expanded[1]))
                 continue
-            if object_id in done:
+            node = nodes.pop(object_id, None)
+            if node is None:
                 continue
-            done.add(object_id)
-            stack.append((object_id, True))
-            for child in reversed(nodes[object_id][2]):
-                if child in nodes and child not in done:
-                    stack.append((child, False))
+            if type(node) is int:
+                out.append((object_id, node, BLOCK))
+                continue
+            stack.append((object_id, node))
+            stack.extend((child, None) for child in reversed(node[2]) if child in nodes)
     return out
