@@ -1421,3 +1421,29 @@ def test_a_writer_that_read_every_index_still_replaces_a_damaged_midx(packdir):
     assert s2.check_midx() is None
     assert all(s2.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
     assert not s2.maintain_index()  # checked once, then good
+
+
+@pytest.mark.parametrize("body_size", [0, 200, 300, 70_000, 200_000])
+def test_sealed_body_read_in_place_or_by_the_general_decoder(body_size):
+    """open_sealed reads seal()'s own layout (bodies of each msgpack bin width) as a view
+    into the file's bytes, and gives the same value and the same errors as decoding the
+    whole envelope; a file laid out otherwise (a str body, extra fields) goes to the general
+    decoder, which says what is wrong."""
+    from volsync.store.codec import _envelope, open_sealed, seal
+
+    value = {b"k": os.urandom(body_size)}
+    data = seal("statcache", value)
+    assert isinstance(_envelope(data)[3], memoryview)
+    assert open_sealed(data, "statcache", "w") == value
+    body = msgpack.packb(value, use_bin_type=True)
+    as_str = msgpack.packb(["volsync", 2, "statcache", body.hex(), xxhash.xxh3_64_intdigest(body)])
+    six = msgpack.packb(["volsync", 2, "statcache", body, xxhash.xxh3_64_intdigest(body), 0])
+    for bad, says in ((data[:-1], "undecodable"), (data + b"\0", "undecodable"),
+                      (as_str, "expected a statcache file"), (six, "not a volsync")):
+        assert _envelope(bad) is None
+        with pytest.raises(IntegrityError, match=says):
+            open_sealed(bad, "statcache", "w")
+    flipped = bytearray(data)
+    flipped[-12] ^= 1  # in the body: the checksum no longer matches
+    with pytest.raises(IntegrityError, match="checksum mismatch"):
+        open_sealed(bytes(flipped), "statcache", "w")
