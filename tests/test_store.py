@@ -7,6 +7,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 
 import msgpack
 import pytest
@@ -1447,3 +1448,31 @@ def test_sealed_body_read_in_place_or_by_the_general_decoder(body_size):
     flipped[-12] ^= 1  # in the body: the checksum no longer matches
     with pytest.raises(IntegrityError, match="checksum mismatch"):
         open_sealed(bytes(flipped), "statcache", "w")
+
+
+def test_a_command_that_reads_no_object_leaves_the_index_unread(tmp_path, monkeypatch):
+    """Releasing the lock checks whether the midx is due only where the command read the
+    index: a no-change transfer (or snapshot) opens no pack index at all, which at millions
+    of blocks would mean parsing every index the midx does not cover; a run that stores
+    objects still reads it and keeps the midx up."""
+    from helpers import make_volume, ok, write
+
+    from volsync.store.packs import PackStore
+
+    a = make_volume(tmp_path / "A", {f"f{i}": os.urandom(5000) for i in range(20)})
+    time.sleep(0.1)  # no file written within a timestamp tick of a scan (racy: read again)
+    ok("transfer", a, tmp_path / "B")
+    opened = []
+    real = PackStore._open_index
+
+    def counting(self, use_midx):
+        opened.append(self.dir)
+        return real(self, use_midx)
+
+    monkeypatch.setattr(PackStore, "_open_index", counting)
+    ok("transfer", a, tmp_path / "B")
+    ok("snapshot", a)
+    assert opened == []
+    write(a, {"f3": b"changed"})
+    ok("transfer", a, tmp_path / "B")
+    assert opened

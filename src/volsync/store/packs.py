@@ -446,9 +446,14 @@ class PackStore:
         self.bad_indexes = []
 
     # --- the midx (lock holder only) -------------------------------------------------------
-    def maintain_index(self, force: bool = False) -> bool:
+    def maintain_index(self, force: bool = False, if_read: bool = False) -> bool:
         """Rewrite the midx when it is stale, damaged, or leaves too many entries or packs
-        to the overlay (or when `force`d and there is something to cover): True if it was."""
+        to the overlay (or when `force`d and there is something to cover): True if it was.
+        With `if_read`, only where this store's index was read (a command that looked up no
+        object changed nothing in it: opening the index just to check would read every pack
+        index the midx does not cover, a cost that grows with the volume)."""
+        if if_read and self._index is None:
+            return False
         index = self.index()
         if self._defer_midx or not (force or self._midx_due(index)):
             return False

@@ -182,7 +182,7 @@ class Volume:
             self.packs.adopt_orphans()
             yield self
             self.packs.flush()
-            self.packs.maintain_index()
+            self.packs.maintain_index(if_read=True)
         finally:
             try:
                 self.packs.discard()
