@@ -361,8 +361,8 @@ mkdir -p "$BIG"
 head -c $((100 << 20)) /dev/urandom >"$BIG/image.bin"   # 100 MiB: a receiver seals every 64 MiB
 vs init "$BIG" --quiet
 vs snapshot "$BIG" --quiet
-echo "\$ volsync transfer $BIG $HOST:$E --bwlimit 25M --json &    # cut once 80 MB arrived"
-"${VS[@]}" transfer "$BIG" "$HOST:$E" --bwlimit 25M --json >"$TMP/cut1.json" 2>"$TMP/cut1.err" &
+echo "\$ volsync transfer $BIG $HOST:$E --bwlimit 10M --json &    # cut once 80 MB arrived"
+"${VS[@]}" transfer "$BIG" "$HOST:$E" --bwlimit 10M --json >"$TMP/cut1.json" 2>"$TMP/cut1.err" &
 VSPID=$!
 got=0
 for _ in $(seq 1 1200); do            # up to 120 s: wait until the far side holds 80 MB
