@@ -214,3 +214,13 @@ def snap(vol, label: str | None = None) -> dict:
 def verify_clean(vol) -> None:
     r = vs("verify", vol, "--json")
     assert r.code == 0 and r.json["ok"], f"verify {vol}: {r.out}{r.err}"
+
+
+def alive(pid: int) -> bool:
+    """The process is running (a zombie, dead but not yet reaped, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat_line = f.read()
+    except OSError:
+        return False
+    return stat_line[stat_line.rindex(b")") + 2 :][:1] != b"Z"

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import clean_env, content, make_volume, ok, okj, opened, snap, vs, write
+from helpers import alive, clean_env, content, make_volume, ok, okj, opened, snap, vs, write
 
 from volsync.store.volume import is_volume
 
@@ -499,20 +499,11 @@ def rsh_pid(client: int) -> int | None:
 
 def wait_gone(pids, timeout: float = 30) -> list[int]:
     deadline = time.monotonic() + timeout
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
-        alive = [p for p in alive if _alive(p)]
+    left = list(pids)
+    while left and time.monotonic() < deadline:
+        left = [p for p in left if alive(p)]
         time.sleep(0.02)
-    return alive
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return False
-    return stat[stat.rindex(b")") + 2 :][:1] != b"Z"
+    return left
 
 
 def pack_bytes(vol: Path) -> int:

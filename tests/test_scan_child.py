@@ -13,7 +13,17 @@ import textwrap
 import time
 from pathlib import Path
 
-from helpers import clean_env, content, fingerprint, lineage, make_volume, ok, verify_clean, write
+from helpers import (
+    alive,
+    clean_env,
+    content,
+    fingerprint,
+    lineage,
+    make_volume,
+    ok,
+    verify_clean,
+    write,
+)
 
 LAUNCHER = textwrap.dedent("""
     import os, sys
@@ -118,7 +128,7 @@ def test_src_failure_stops_the_child(tmp_path):
     assert code != 0 and forks == 1 and "Traceback" not in err, err
     assert "Permission denied" in err
     pids = [int(x) for x in next(tmp_path.glob("forks-*.pids")).read_text().split()]
-    assert len(pids) == 1 and not _alive(pids[0])
+    assert len(pids) == 1 and not alive(pids[0])
     assert lineage(b) == lineage(a)
     verify_clean(b)
 
@@ -136,13 +146,13 @@ def test_child_dies_with_its_parent(tmp_path):
                          env=clean_env())
     try:
         pid = int(p.stdout.readline())
-        assert _alive(pid)
+        assert alive(pid)
         p.send_signal(signal.SIGKILL)
         p.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(pid) and time.monotonic() < deadline:
+        while alive(pid) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(pid)
+        assert not alive(pid)
     finally:
         p.kill()
 
@@ -160,11 +170,3 @@ def test_child_hands_back_a_value_or_none(tmp_path):
                        env=clean_env(), timeout=60, check=False)
     assert p.stdout.split() == [str(1 << 20), "None"], p.stderr
 
-
-def _alive(pid: int) -> bool:
-    """Running (a zombie, dead but not yet reaped by init, counts as gone)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
