@@ -596,16 +596,20 @@ def test_revert_replaces_type_changes(run, make_volume):
 
 # --- verify ---------------------------------------------------------------------------------
 
-def _block_location(v: Path, snap_id: str, path: bytes):
-    """(pack path, offset, length) of the first block of the file at `path` in a snapshot."""
-    vol = Volume.open(v)
+def _file_block_ids(vol: Volume, snap_id: str, path: bytes) -> list:
+    """The block ids of the file at `path` in a snapshot, in order."""
     tree_id = vol.snapshot(snap_id).root
     *dirs, name = path.split(b"/")
     for d in dirs:
         tree_id = {e.name: e for e in vol.tree(tree_id).entries}[d].ref
     entry = {e.name: e for e in vol.tree(tree_id).entries}[name]
-    first = next(block_ids(entry.ref, entry.size, vol.fmt, vol.packs.get))
-    pack, off, length = vol.packs.index()[first]
+    return list(block_ids(entry.ref, entry.size, vol.fmt, vol.packs.get))
+
+
+def _block_location(v: Path, snap_id: str, path: bytes):
+    """(pack path, offset, length) of the first block of the file at `path` in a snapshot."""
+    vol = Volume.open(v)
+    pack, off, length = vol.packs.index()[_file_block_ids(vol, snap_id, path)[0]]
     return vol.meta / "packs" / f"{pack}.pack", off, length
 
 
@@ -759,6 +763,59 @@ def test_the_block_index_through_snapshot_prune_verify(run, make_volume, tmp_pat
     snap(run, v)
     with opened(v) as vol:
         assert vol.packs.check_midx() is None
+
+def test_verify_reads_a_pack_at_a_time_not_every_index_at_once(run, make_volume,
+                                                                monkeypatch):
+    """With an intact midx, verify checks each pack against its own .idx and looks objects
+    up through the midx: it never loads every pack index into memory (that held a Python
+    entry per block: gigabytes at millions of blocks). It still finds a record whose bytes
+    no longer match its id, and names the file."""
+    from volsync.store import packs as packs_mod
+
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 1)
+    monkeypatch.setattr(packs_mod, "MIDX_MAX_PACKS", 1)
+    v = make_volume({"a.bin": os.urandom(300_000), "d": {"b.txt": b"bee" * 5000}})
+    first = snap(run, v)["id"]
+    _fill(v, 0)
+    snap(run, v)
+    loads = []
+    real = packs_mod.PackStore.load_indexes
+    monkeypatch.setattr(packs_mod.PackStore, "load_indexes",
+                        lambda self: loads.append(1) or real(self))
+    r = run("verify", v, "--json")
+    assert r.code == 0 and r.json["ok"] and r.json["blocks_checked"] > 0, r
+    assert loads == []
+    with opened(v) as vol:
+        block = _file_block_ids(vol, first, b"d/b.txt")[0]
+        name, off, _ = vol.packs.index()[block]
+    pack = v / ".volsync" / "packs" / f"{name}.pack"
+    raw = bytearray(pack.read_bytes())
+    raw[off] ^= 0xFF
+    pack.write_bytes(bytes(raw))
+    r = run("verify", v, "--json")
+    assert r.code == 6 and not r.json["ok"], r
+    assert any(f"block {block.hex()} is corrupt" in e for e in r.json["errors"]), r.json
+    assert any("d/b.txt" in e for e in r.json["errors"]), r.json
+    assert loads == []
+
+
+def test_verify_names_an_index_entry_whose_record_is_gone(run, make_volume):
+    """A pack cut short under its index: the entries past the cut are named unreadable
+    and what needs them damaged (the file, or the listing stored after it), as when every
+    index was read at once."""
+    v = make_volume({"a.bin": os.urandom(200_000)})
+    first = snap(run, v)["id"]
+    with opened(v) as vol:
+        ids = _file_block_ids(vol, first, b"a.bin")
+        name, off, _ = vol.packs.index()[ids[-1]]
+    pack = v / ".volsync" / "packs" / f"{name}.pack"
+    os.truncate(pack, off)
+    r = run("verify", v, "--json")
+    assert r.code == 6, r
+    assert any(f"block {ids[-1].hex()}: unreadable in pack {name}" in e
+               for e in r.json["errors"]), r.json
+    assert any("a.bin" in e or "/: directory listing" in e for e in r.json["errors"]), r.json
+
 
 def test_prune_preserved(run, make_volume, tmp_path):
     """prune --preserved removes preserved snapshots and their blocks; the lineage stays."""

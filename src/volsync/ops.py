@@ -32,6 +32,7 @@ from .model import (
     progress_step,
 )
 from .quoting import quote_path
+from .store.blockindex import MIDX_NAME
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
 from .store.space import StoreSpace, filesystem_type, live_bytes, store_space
@@ -457,40 +458,68 @@ VERIFY_THREADS = 2  # packs re-hashed at once by verify
 
 def check_store(volume: Volume, report: VerifyReport, progress: Progress | None = None
                 ) -> tuple[set[BlockId], set[str]]:
-    """Re-hash every stored object. Returns the ids that are bad or unreadable and the packs
+    """Re-hash every stored object, a pack at a time against its own index (memory bounded
+    by a pack, not by the store). Returns the ids that are bad or unreadable and the packs
     that hold damage. Progress: the bytes of the pack files read, of their total."""
     bad: set[BlockId] = set()
     damaged: set[str] = set()
     packs = volume.packs
-    index = packs.load_indexes()  # reading them all is what finds the unreadable ones
-    for name, problem in packs.bad_indexes:
-        report.errors.append(f"pack index {name}: {problem}")
-        damaged.add(name[: -len(".idx")])
-    located: set[tuple[BlockId, str, int]] = set()
+    _trusted_index(packs)
+    unlocated: set[tuple[BlockId, str, int]] = set()
     sizes = {name: _file_size(packs.dir / f"{name}.pack") for name in packs.pack_names()}
     progress_step(progress, "check blocks", sum(sizes.values()))
     # two packs at a time: hashing releases the GIL (BLAKE3), so two cores hash side by side
     with ThreadPoolExecutor(VERIFY_THREADS) as pool:
-        for name, (records, damage) in zip(sizes, pool.map(packs.check_pack, sizes)):
-            for block_id, off, good in records:
-                if good:
-                    located.add((block_id, name, off))
-                else:
-                    bad.add(block_id)
-                    damaged.add(name)
-                    report.errors.append(f"pack {name}: block {block_id.hex()} is corrupt")
-            report.blocks_checked += len(records)
-            if damage is not None:
+        for check in pool.map(packs.verify_pack, sizes):
+            name = check.name
+            if check.index_problem is not None:
+                report.errors.append(f"pack index {name}.idx: {check.index_problem}")
                 damaged.add(name)
-                report.errors.append(f"pack {name}: {damage}")
+            for block_id in check.corrupt:
+                bad.add(block_id)
+                damaged.add(name)
+                report.errors.append(f"pack {name}: block {block_id.hex()} is corrupt")
+            report.blocks_checked += check.checked
+            if check.damage is not None:
+                damaged.add(name)
+                report.errors.append(f"pack {name}: {check.damage}")
+            unlocated.update((block_id, name, off) for block_id, off in check.unlocated)
             if progress:
                 progress(sizes[name])
-    for block_id, (name, off, _) in index.items():
-        if (block_id, name, off) not in located and block_id not in bad:
+    for block_id, name, _ in sorted(unlocated):
+        damaged.add(name)
+        if block_id in bad:  # named corrupt already
+            continue
+        report.errors.append(f"block {block_id.hex()}: unreadable in pack {name}")
+        if not _readable(packs, block_id, unlocated):
             bad.add(block_id)
-            damaged.add(name)
-            report.errors.append(f"block {block_id.hex()}: unreadable in pack {name}")
     return bad, damaged
+
+
+def _trusted_index(packs) -> None:
+    """The index the rest of verify looks objects up in: the midx only once all of it
+    checks out (then it is as good as the pack indexes it merges), else every pack index
+    read into memory, and the midx left for the lock holder to rewrite."""
+    problem = packs.check_midx() if (packs.dir / MIDX_NAME).exists() else None
+    if problem is None:
+        index = packs.index()
+        if index.midx is not None:
+            index.midx.verified = True
+        return
+    packs.load_indexes()
+    packs.midx_problem = problem
+
+
+def _readable(packs, block_id: BlockId, unlocated: set[tuple[BlockId, str, int]]) -> bool:
+    """Whether the copy the index finds (another pack may hold one) is an intact record."""
+    location = packs.index().get(block_id)
+    if location is None or (block_id, *location[:2]) in unlocated:
+        return False
+    try:
+        packs.get(block_id, verify=True)
+    except (IntegrityError, OSError):
+        return False
+    return True
 
 
 def _file_size(path: Path) -> int:
@@ -582,6 +611,7 @@ def _verify(volume: Volume, report: VerifyReport, repair_from,
     if repair_from is not None:
         repair_records(volume, repair_from, report)
     if repair_from is not None and (damaged or _missing(volume)):
+        volume.packs.load_indexes()  # salvage finds a damaged pack's entries by its .idx
         volume.packs.salvage(damaged)
         repair(volume, repair_from, report)
         report.errors, report.blocks_checked = [], 0

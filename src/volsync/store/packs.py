@@ -17,6 +17,7 @@ import threading
 from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import IntegrityError
@@ -380,6 +381,19 @@ def parse_index(raw: bytes, path: Path, id_size: int, version: int = FORMAT_VERS
         (BlockId(ids[i * id_size : (i + 1) * id_size]), offs[i], lens[i])
         for i in range(count)
     ]
+
+
+@dataclass(frozen=True)
+class PackCheck:
+    """What `verify_pack` found in one pack."""
+
+    name: str
+    checked: int  # records re-hashed
+    corrupt: list[BlockId]  # records whose data does not match their id
+    unlocated: list[tuple[BlockId, int]]  # entries of its index (id, offset) with no
+    # intact record where they say
+    damage: Exception | None  # what stopped the walk of its records
+    index_problem: str | None  # its index is unreadable
 
 
 class PackStore:
@@ -917,6 +931,26 @@ class PackStore:
             if len(data) != length:
                 raise IntegrityError(f"pack {name}: truncated record")
             yield block_id, off, data
+
+    def verify_pack(self, name: str) -> PackCheck:
+        """One pack against its own index, in memory bounded by the pack (verify streams
+        the store a pack at a time, never holding every id): its records re-hashed, and the
+        entries of its `.idx` that name no intact record at their offset."""
+        try:
+            entries = read_index(self.dir / f"{name}.idx", self.algo.size)[1]
+            index_problem = None
+        except IntegrityError as exc:
+            entries, index_problem = [], str(exc)
+        except OSError as exc:
+            if not is_damage(exc):
+                raise
+            entries, index_problem = [], str(exc)
+        records, damage = self.check_pack(name)
+        intact = {off: block_id for block_id, off, good in records if good}
+        return PackCheck(
+            name, len(records), [block_id for block_id, _, good in records if not good],
+            [(block_id, off) for block_id, off, _ in entries if intact.get(off) != block_id],
+            damage, index_problem)
 
     def check_pack(self, name: str) -> tuple[list[tuple[BlockId, int, bool]], Exception | None]:
         """Re-hash every record of a pack in place, through a read-only mapping (no copies; safe
