@@ -30,6 +30,7 @@ from volsync.plan import (
     plan_lineages,
 )
 from volsync.store.blocklist import DIRECT_MAX, FANOUT, build_ref, content_objects
+from volsync.store.idarray import empty_objects
 from volsync.store.trees import decode_tree, empty_tree_id, encode_tree
 
 ALGO = BLAKE3
@@ -211,8 +212,10 @@ def link(name: str, target: str) -> Entry:
 
 
 def run_missing(store: Store, have: set, roots: list[BlockId]):
-    return missing_objects(lambda ids: [store.read(i) for i in ids],
-                           lambda ids: [i in have for i in ids], roots, FMT)
+    out, blocks = missing_objects(lambda ids: [store.read(i) for i in ids],
+                                  lambda ids: [i in have for i in ids], roots, FMT)
+    assert all(length > 0 for _, length in out[:blocks]) and len(out) >= blocks
+    return list(out), blocks
 
 
 def children(store: Store, oid: BlockId) -> list[BlockId]:
@@ -306,7 +309,8 @@ def test_missing_objects_identical_roots_and_empty_tree():
     root = s.tree(f("a", 1, "a1"))
     out, _ = run_missing(s, set(), [root, root, EMPTY_TREE_ID])
     assert [oid for oid, _ in out] == [bid("a1"), root]
-    assert run_missing(s, set(), [EMPTY_TREE_ID]) == ([], 0)
+    out, blocks = run_missing(s, set(), [EMPTY_TREE_ID])
+    assert len(out) == 0 and blocks == 0
 
 
 def test_missing_objects_nothing_when_dst_has_root():
@@ -394,7 +398,8 @@ def test_missing_objects_two_level_lists_and_all_hole_lists():
 def make_plan(src: str, dst: str, kind=RESYNC) -> TransferPlan:
     s, d_ = lin(src), lin(dst)
     lp = plan_lineages(kind, s, d_)
-    return TransferPlan(kind, lp, tuple(s), tuple(d_), (), 0, None, False, not d_)
+    return TransferPlan(kind, lp, tuple(s), tuple(d_), empty_objects(ALGO.size), 0, None, False,
+                        not d_)
 
 
 def picture_rows(text: str) -> list[list[str]]:
@@ -430,9 +435,10 @@ def test_preserved_numbers_lists_removed_then_live():
     changes' snapshot number."""
     s, d_ = lin("1 2 3 4 5 6"), lin("1 2 3 4 5' 6'")
     lp = plan_lineages(RESYNC, s, d_)
-    p = TransferPlan(RESYNC, lp, tuple(s), tuple(d_), (), 0, 7, False, False)
+    none = empty_objects(ALGO.size)
+    p = TransferPlan(RESYNC, lp, tuple(s), tuple(d_), none, 0, 7, False, False)
     assert p.preserved_numbers == [5, 6, 7] and p.live_changed
-    q = TransferPlan(RESYNC, lp, tuple(s), tuple(d_), (), 0, None, False, False)
+    q = TransferPlan(RESYNC, lp, tuple(s), tuple(d_), none, 0, None, False, False)
     assert q.preserved_numbers == [5, 6] and not q.live_changed
 
 
@@ -486,11 +492,11 @@ def _reference_children_first(roots, nodes):
 
 @pytest.mark.parametrize("seed", range(200))
 def test_children_first_order_on_random_graphs(seed):
-    """The walk keeps a block as its length alone and forgets each node once met; the order
-    is still the plain post-order's, shared subtrees and cycles (hostile trees) included."""
+    """The post-order of the lists and trees forgets each node once met; the order is still
+    the plain post-order's, shared subtrees and cycles (hostile trees) included."""
     import random
 
-    from volsync.store.walk import BLOCK, _children_first
+    from volsync.store.walk import _children_first
 
     r = random.Random(seed)
     ids = [bytes([i]) for i in range(r.randint(1, 40))]
@@ -498,11 +504,7 @@ def test_children_first_order_on_random_graphs(seed):
     for i in ids:
         if r.random() < 0.2:
             continue  # DST holds it: not a node
-        length = r.randint(1, 99)
-        if r.random() < 0.5:
-            full[i], compact[i] = (length, BLOCK, []), length
-        else:
-            children = [r.choice(ids) for _ in range(r.randint(0, 6))]
-            full[i] = compact[i] = (length, r.choice(["tree", "list"]), children)
+        children = [r.choice(ids) for _ in range(r.randint(0, 6))]
+        full[i] = compact[i] = (r.randint(1, 99), r.choice(["tree", "list"]), children)
     roots = [r.choice(ids) for _ in range(r.randint(1, 3))]
     assert _children_first(roots, compact) == _reference_children_first(roots, full)

@@ -35,6 +35,7 @@ from .plan import LiveFacts, VolumeInfo, keeps_live
 from .retention import record_hold, without_hold
 from .store.crash import crashpoint
 from .store.fsutil import fsync_dir
+from .store.idarray import IdSet, ObjectList
 from .store.volume import META, Volume, is_create_leftover, is_volume
 from .tree import Materializer, NotRestored, Objects, Progress, ScanResult, live_differs, scan
 
@@ -64,7 +65,7 @@ class LocalEndpoint:
         self._exclusive_held = False
         self._objects: Objects | None = None  # SRC: reads, through a dry run's scan
         self._live = None  # DST: (ScanResult, Objects) of its live tree
-        self._received: set[BlockId] = set()  # objects this run received, each re-hashed
+        self._received = bytearray()  # ids of the objects this run received, each re-hashed
         self._packs_before: set[str] | None = None  # SRC's packs before scan_source
         self.scan_warnings: tuple[FileWarning, ...] = ()  # of snapshot_source's scan
         self.scan_warnings_omitted = 0  # (a remote SRC sends at most a bounded number)
@@ -331,7 +332,7 @@ class LocalEndpoint:
             if len(data) > vol.fmt.block_size and len(data) > (1 << 22):
                 raise IntegrityError("object from the peer is larger than any block")
             vol.packs.put(BlockId(object_id), data)
-            self._received.add(BlockId(object_id))
+            self._received += object_id
             crashpoint("object-received")
             count.objects += 1
             count.bytes += len(data)
@@ -360,7 +361,8 @@ class LocalEndpoint:
         vol = self.volume
         live, objects = self._live if self._live else scan(vol, write=False)
         # what this run received was hashed on arrival: not hashed a second time here
-        reader = Objects(vol, write=False, checked_elsewhere=frozenset(self._received))
+        reader = Objects(vol, write=False,
+                         checked_elsewhere=IdSet(self._received, vol.fmt.algo.size))
         reader.overlay = objects.overlay
         with vol.tmp_fd() as tmp_fd:
             writer = Materializer(reader, vol.fmt, live.cache, tmp_fd, progress)
@@ -368,11 +370,11 @@ class LocalEndpoint:
         vol.save_statcache(cache)
         return writer.skipped
 
-    def receive_local(self, src: LocalEndpoint, ids: list[BlockId], snaps: list[Snapshot],
+    def receive_local(self, src: LocalEndpoint, planned: ObjectList, snaps: list[Snapshot],
                       target: BlockId, progress: Progress | None = None) -> NotRestored:
         """Both volumes on this machine: copy the objects store to store (the kernel copies
         runs of records) while a second thread writes the live tree from SRC's store."""
-        vol, sent = self.volume, frozenset(ids)
+        vol, sent = self.volume, planned.id_set()
         live, dst_objects = self._live if self._live else scan(vol, write=False)
         objects = Objects(vol, write=False, source=src.volume, checked_elsewhere=sent)
         objects.overlay = dst_objects.overlay
@@ -394,7 +396,7 @@ class LocalEndpoint:
                     if progress:
                         progress(length)
 
-                vol.packs.put_many_from(src.volume.packs, ids, received)
+                vol.packs.put_many_from(src.volume.packs, planned.ids(), received)
                 self.add_snapshots(snaps)
             finally:
                 if sys.exc_info()[0] is not None:

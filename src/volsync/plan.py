@@ -18,7 +18,8 @@ from .model import (
     Snapshot,
     newest_common,
 )
-from .store.walk import BLOCK, missing_under
+from .store.idarray import ObjectList
+from .store.walk import missing_under
 
 TRANSFER, RESYNC = "transfer", "resync"
 
@@ -126,7 +127,7 @@ class TransferPlan:
     lineages: LineagePlan
     src_lineage: tuple[Snapshot, ...]
     dst_lineage: tuple[Snapshot, ...]
-    objects: tuple[tuple[BlockId, int], ...]  # (id, length) in send order: children first
+    objects: ObjectList  # (id, length) in send order: blocks, then lists and trees
     blocks: int  # file blocks among the objects
     live_number: int | None  # number of the preserved snapshot of DST's live changes (resync)
     snapshot_src: bool  # SRC's live changes are captured as a new snapshot first
@@ -134,7 +135,7 @@ class TransferPlan:
 
     @property
     def bytes(self) -> int:
-        return sum(length for _, length in self.objects)
+        return self.objects.bytes
 
     @property
     def live_changed(self) -> bool:
@@ -175,15 +176,14 @@ def _nums(snaps) -> str:
 
 def missing_objects(read_many: Callable[[list[BlockId]], list[bytes]],
                     has_many: Callable[[list[BlockId]], list[bool]],
-                    roots: list[BlockId], fmt: Format) -> tuple[list[tuple[BlockId, int]], int]:
-    """Objects under `roots` that DST lacks, each once, children before the tree or list
-    naming them. A tree or list DST already has is skipped whole: its subtree is complete
-    there (stores commit an object only after everything under it). Both questions go in
-    batches (git's have/want), so a peer over ssh costs a round trip per tree level.
-    Returns (objects, count of file blocks)."""
+                    roots: list[BlockId], fmt: Format) -> tuple[ObjectList, int]:
+    """Objects under `roots` that DST lacks, each once: file blocks, then the trees and
+    lists, each after everything it names. A tree or list DST already has is skipped
+    whole: its subtree is complete there (stores commit an object only after everything
+    under it). Both questions go in batches (git's have/want), so a peer over ssh costs a
+    round trip per tree level. Returns (objects, count of file blocks)."""
     found, _ = missing_under(roots, fmt, read_many, has_many)
-    return ([(object_id, length) for object_id, length, _ in found],
-            sum(kind == BLOCK for _, _, kind in found))
+    return found, found.blocks
 
 
 def lineage_picture(plan: TransferPlan, src_name: str, dst_name: str) -> str:

@@ -35,6 +35,7 @@ from .plan import (
 from .remote.client import RemoteOptions
 from .remote.endpoints import opened, receiving, wire_bytes
 from .remote.protocol import snap_in, snap_out
+from .store.idarray import IdSet, empty_objects
 from .store.walk import missing_under
 from .tree import NotRestored, Progress
 from .wire import (
@@ -97,12 +98,12 @@ def send(src_text: str, out: BinaryIO, *, base_name: str | None = None,
         if base is not None and base.number >= to.number:
             raise BadArgument(f"--from {base.number} is not before --to {to.number}")
         snaps = upto[_index(upto, base) + 1 :] if base else upto
-        have = _objects_of(src, base, info) if base else set()
+        have = _objects_of(src, base, info) if base else frozenset()
         objects, blocks = missing_objects(src.read, lambda ids: [i in have for i in ids],
                                           [s.root for s in snaps], info.fmt)
         ch = _Digesting(None, out, compress=options.compress, bwlimit=options.bwlimit,
                         peer="stdout")
-        size = sum(n for _, n in objects)
+        size = objects.bytes
         header = pack({"version": VERSION, "volume_id": info.volume_id, "hash": info.hash,
                        "block_size": info.block_size, "source": src.address,
                        "base": snap_out(base), "snapshots": [snap_out(s) for s in snaps],
@@ -112,7 +113,7 @@ def send(src_text: str, out: BinaryIO, *, base_name: str | None = None,
         ch.send([MAGIC, header, blake3.blake3(header).digest()])
 
         def counted() -> Iterator:
-            for object_id, data in src.export([i for i, _ in objects]):
+            for object_id, data in src.export(objects.ids()):
                 yield object_id, data
                 if progress:
                     progress(len(data))
@@ -126,7 +127,7 @@ def send(src_text: str, out: BinaryIO, *, base_name: str | None = None,
         lineages = plan_lineages(TRANSFER, ([base] if base else []) + snaps,
                                  [base] if base else [])
         plan = TransferPlan(TRANSFER, lineages, tuple(upto), tuple([base] if base else ()),
-                            tuple(objects), blocks, None, False, base is None)
+                            objects, blocks, None, False, base is None)
         return StreamResult(plan, base, ch.bytes_out + wire_bytes(src))
 
 
@@ -137,10 +138,10 @@ def _index(lineage: list[Snapshot], snap: Snapshot) -> int:
     raise BadArgument(f"snapshot {snap.number} is not in the lineage")
 
 
-def _objects_of(src, base: Snapshot, info: VolumeInfo) -> set:
-    """Every object under the base snapshot (the receiver has them all)."""
+def _objects_of(src, base: Snapshot, info: VolumeInfo) -> IdSet:
+    """Every object under the base snapshot (the receiver has them all), as a compact set."""
     found, _ = missing_under([base.root], info.fmt, src.read, lambda ids: [False] * len(ids))
-    return {object_id for object_id, _, _ in found}
+    return found.id_set()
 
 
 # --- receive --------------------------------------------------------------------------------
@@ -280,7 +281,8 @@ def _apply_stream(head: StreamHeader, ch: _Digesting, dst, progress) -> StreamRe
     if problem is not None:
         raise problem
     lineages = plan_lineages(TRANSFER, src_lineage, list(dst_info.lineage))
-    plan = TransferPlan(TRANSFER, lineages, tuple(src_lineage), tuple(dst_info.lineage), (),
+    plan = TransferPlan(TRANSFER, lineages, tuple(src_lineage), tuple(dst_info.lineage),
+                        empty_objects(HASHES[head.info.hash].size),
                         head.blocks, None, False, not dst_info.lineage)
     checked: dict = {}
     with receiving(dst):

@@ -135,7 +135,7 @@ def _plan(kind: str, src: Endpoint, dst: Endpoint, src_info: VolumeInfo,
     objects, blocks = missing_objects(src.read, has, [s.root for s in lineages.add],
                                       src_info.fmt)
     return TransferPlan(kind, lineages, tuple(src_lineage), tuple(dst_info.lineage),
-                        tuple(objects), blocks, live_number, snapshot_src,
+                        objects, blocks, live_number, snapshot_src,
                         not dst_info.lineage)
 
 
@@ -345,12 +345,11 @@ def _copy_and_write(plan: TransferPlan, src: Endpoint, dst: Endpoint,
                     progress: Progress | None) -> NotRestored:
     """Copy the planned objects (each re-hashed on receipt; a bad one stops the run, exit
     6), the snapshot records once the objects are durable, and DST's live tree."""
-    ids = [object_id for object_id, _ in plan.objects]
     snaps = list(plan.lineages.add)
     target = plan.src_lineage[-1].root
     if src.is_local and dst.is_local:
-        return dst.receive_local(src, ids, snaps, target, progress)
-    dst.receive(src.export(ids), progress)
+        return dst.receive_local(src, plan.objects, snaps, target, progress)
+    dst.receive(src.export(plan.objects.ids()), progress)
     dst.add_snapshots(snaps)
     progress_step(progress, "write DST", counted=dst.is_local)
     return dst.materialize(target, progress)

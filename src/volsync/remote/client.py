@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from itertools import islice
 
 from .. import __version__
 from ..endpoint import ReceiveCount
@@ -382,9 +383,8 @@ class RemoteEndpoint:
             raise ProtocolError(f"{self.remote.host} did not send an object asked for") from None
 
     def export(self, ids: Iterable[BlockId]) -> Iterator[tuple[BlockId, bytes]]:
-        ids = list(ids)
-        for start in range(0, len(ids), EXPORT_BATCH):
-            chunk = [bytes(i) for i in ids[start : start + EXPORT_BATCH]]
+        ids = iter(ids)
+        while chunk := [bytes(i) for i in islice(ids, EXPORT_BATCH)]:
             wanted = set(chunk)
             for object_id, data in self.conn.stream("export", ids=chunk):
                 if object_id not in wanted:

@@ -15,7 +15,7 @@ import secrets
 import struct
 import threading
 from array import array
-from collections.abc import Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -581,7 +581,7 @@ class PackStore:
         return length
 
     def copy_many_to(self, ids: list[BlockId], out_fd: int, out_off: int,
-                     checked: frozenset[BlockId] = frozenset()) -> int:
+                     checked: Container[BlockId] = frozenset()) -> int:
         """Write objects one after another into a file from `out_off`, each checked against
         its id (unless in `checked`) as copy_to does; those lying one after another in a
         pack (an aligned pack's blocks of one file) go by one kernel copy, which the
@@ -606,7 +606,7 @@ class PackStore:
         return pos - out_off
 
     def _copy_out(self, name: str, run: list[tuple[BlockId, int, int]], out_fd: int,
-                  out_off: int, checked: frozenset[BlockId]) -> int:
+                  out_off: int, checked: Container[BlockId]) -> int:
         size = run[-1][1] + run[-1][2] - run[0][1]
         verify = any(block_id not in checked for block_id, _, _ in run)
         with self._pool.use(name, mapped=verify) as pack:

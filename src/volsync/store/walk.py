@@ -7,11 +7,13 @@ list object holds everything under it, so `skip` prunes whole subtrees.
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable, Iterable, Iterator
 
 from ..errors import IntegrityError
 from ..model import BlockId, Format, Kind
 from .blocklist import FANOUT, Reader, content_objects, depth_of, split_ids
+from .idarray import ObjectList, compact, first_occurrences
 from .trees import decode_tree, empty_tree_id
 
 TREE, LIST, BLOCK = "tree", "list", "block"
@@ -72,51 +74,107 @@ def _file_objects(ref, size, fmt, read, skipped, seen, on_error):
 
 
 Batch = Callable[[list[BlockId]], list]
+ASK = 8192  # ids per question to the receiver (or per read of the sender's objects)
 
 
 def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_many: Batch
-                  ) -> tuple[list[tuple[BlockId, int, str]], int]:
-    """The objects under `roots` a receiver lacks, each once, children before the object
-    naming them: ([(id, length, kind)], round trips). The walk goes a level at a time, so
-    `has_many` (the receiver) and `read_many` (the sender's trees and lists) are asked once
-    per level in big batches, never once per object. An object the receiver holds is not
-    opened: a store that holds a tree or list holds everything under it, so the cost
-    follows what changed, not the volume's size."""
+                  ) -> tuple[ObjectList, int]:
+    """The objects under `roots` a receiver lacks, each once: (objects, round trips). File
+    blocks come first, then the lists and trees, each after everything under it (so a
+    receiver that stops half way never holds a parent without its children). The walk
+    goes a level at a time, so `has_many` (the receiver) and `read_many` (the sender's
+    trees and lists) are asked once per level in big batches, never once per object. An
+    object the receiver holds is not opened: a store that holds a tree or list holds
+    everything under it, so the cost follows what changed, not the volume's size. Blocks
+    are kept end to end in one buffer (idarray.py), not as a Python object each."""
     roots = list(dict.fromkeys(roots))
     tops = set(roots)
-    empty, hole = empty_tree_id(fmt.algo), fmt.algo.hole
-    nodes: dict[BlockId, int | tuple[int, str, list[BlockId]]] = {}  # a block: its length
-    seen: set[BlockId] = set()
+    empty = empty_tree_id(fmt.algo)
+    nodes: dict[BlockId, tuple[int, str, list[BlockId]]] = {}  # the trees and lists to send
+    seen: set[BlockId] = set()  # trees and lists met (few: a list names FANOUT blocks)
+    blocks = _Blocks(fmt)
     level: list[tuple] = [(TREE, r) for r in roots]
+    runs: list[tuple[bytes, int, int]] = []  # blocks met, as runs of a file's ids
     trips = 0
-    while level:
+    while level or runs:
         fresh = []
         for item in level:
-            if item[1] not in seen and item[1] not in (empty, hole):
+            if item[1] not in seen and item[1] != empty and item[1] != fmt.algo.hole:
                 seen.add(item[1])
                 fresh.append(item)
-        if not fresh:
-            break
-        held = _batched(has_many, [item[1] for item in fresh])
+        held = blocks.ask([item[1] for item in fresh], runs, has_many, seen)
         need = [item for item, have in zip(fresh, held, strict=True) if not have]
-        to_read = [item[1] for item in need if item[0] != BLOCK]
+        to_read = [item[1] for item in need]
         data = dict(zip(to_read, _batched(read_many, to_read), strict=True))
         trips += 2
-        level = []
-        for item in need:
-            kind, object_id = item[0], item[1]
-            if kind == BLOCK:
-                nodes[object_id] = item[2]  # no tuple, no list: most objects are blocks
-                continue
-            raw = data[object_id]
-            children = (_tree_children(raw, object_id, fmt, object_id in tops) if kind == TREE
-                        else _list_children(raw, object_id, item[2], fmt))
+        level, runs = [], []
+        for kind, object_id, *where in need:
+            raw = data.pop(object_id)
+            children = (_tree_children(raw, object_id, fmt, object_id in tops, runs)
+                        if kind == TREE else _list_children(raw, object_id, where[0], fmt, runs))
             nodes[object_id] = (len(raw), kind, [c[1] for c in children])
             level.extend(children)
-    return _children_first(roots, nodes), trips
+    return blocks.then(_children_first(roots, nodes)), trips
 
 
-def _batched(ask: Batch, ids: list[BlockId], size: int = 8192) -> list:
+class _Blocks:
+    """The missing blocks met so far, end to end, with their lengths; `then` drops the
+    second copies (one sort of the buffer) and appends the lists and trees."""
+
+    def __init__(self, fmt: Format):
+        self.fmt, self.size, self.hole = fmt, fmt.algo.size, fmt.algo.hole
+        self.ids, self.lengths = bytearray(), array("Q")
+
+    def ask(self, lead: list[BlockId], runs: list[tuple[bytes, int, int]], has_many: Batch,
+            trees: set[BlockId]) -> list[bool]:
+        """Ask the receiver about `lead` (a level's trees and lists: their answers are
+        returned) and the blocks of `runs`, in batches of ASK ids, the blocks after `lead`;
+        keep the blocks it lacks. A block met twice in one batch is asked once; one whose
+        bytes are a list or tree met already (a copy of a store) goes as that (a receiver
+        stores an object once, should a later one come twice)."""
+        answers: list[bool] = []
+        batch: dict[BlockId, int] = dict.fromkeys(lead[:ASK], 0)
+        for start in range(ASK, len(lead), ASK):  # more trees than a batch: they go alone
+            answers += self._keep(batch, has_many, len(batch))
+            batch = dict.fromkeys(lead[start : start + ASK], 0)
+        firsts = len(batch)
+        for raw, first, size in runs:
+            for i, block_id in enumerate(split_ids(raw, self.size)):
+                if block_id == self.hole or block_id in batch or block_id in trees:
+                    continue
+                batch[block_id] = self.fmt.block_length(first + i, size)
+                if len(batch) >= ASK:
+                    answers += self._keep(batch, has_many, firsts)
+                    batch, firsts = {}, 0
+        if batch:
+            answers += self._keep(batch, has_many, firsts)
+        return answers
+
+    def _keep(self, batch: dict[BlockId, int], has_many: Batch, lead: int) -> list[bool]:
+        """Ask about a batch whose first `lead` ids are trees or lists (their answers are
+        returned); keep the blocks after them that the receiver lacks."""
+        ids = list(batch)
+        held = has_many(ids)
+        if len(held) != len(ids):
+            raise IntegrityError("peer answered a batch with the wrong number of items")
+        for block_id, have in zip(ids[lead:], held[lead:], strict=True):
+            if not have:
+                self.ids += block_id
+                self.lengths.append(batch[block_id])
+        return list(held[:lead])
+
+    def then(self, others: list[tuple[BlockId, int, str]]) -> ObjectList:
+        """The blocks once each, then `others` (the lists and trees) in their order."""
+        if len(self.lengths) > 1:
+            compact(self.ids, self.size, first_occurrences(self.ids, self.size), self.lengths)
+        count = len(self.lengths)
+        for object_id, length, _ in others:
+            self.ids += object_id
+            self.lengths.append(length)
+        return ObjectList(self.ids, self.lengths, self.size, count)
+
+
+def _batched(ask: Batch, ids: list[BlockId], size: int = ASK) -> list:
     out: list = []
     for i in range(0, len(ids), size):
         answer = ask(ids[i : i + size])
@@ -126,46 +184,43 @@ def _batched(ask: Batch, ids: list[BlockId], size: int = 8192) -> list:
     return out
 
 
-def _tree_children(raw: bytes, tree_id: BlockId, fmt: Format, top: bool) -> list[tuple]:
+def _tree_children(raw: bytes, tree_id: BlockId, fmt: Format, top: bool,
+                   runs: list[tuple[bytes, int, int]]) -> list[tuple]:
+    """The trees and lists a tree names; its files' blocks go to `runs`."""
     out: list[tuple] = []
     for entry in decode_tree(raw, tree_id, fmt, top=top).entries:
         if entry.kind is Kind.DIR:
             out.append((TREE, BlockId(entry.ref)))
         elif entry.kind is Kind.FILE:
-            out.extend(_content_children(entry.ref, entry.size, fmt))
+            count = fmt.blocks_of(entry.size)
+            depth = depth_of(count)
+            if depth == 0:
+                runs.append((entry.ref, 0, entry.size))
+            else:
+                out.append((LIST, BlockId(entry.ref), (depth, count, 0, entry.size)))
     return out
 
 
-def _content_children(ref: bytes, size: int, fmt: Format) -> list[tuple]:
-    count = fmt.blocks_of(size)
-    depth = depth_of(count)
-    if depth == 0:
-        return [(BLOCK, block_id, fmt.block_length(i, size))
-                for i, block_id in enumerate(split_ids(ref, fmt.algo.size))]
-    return [(LIST, BlockId(ref), (depth, count, 0, size))]
-
-
-def _list_children(raw: bytes, list_id: BlockId, where: tuple, fmt: Format) -> list[tuple]:
+def _list_children(raw: bytes, list_id: BlockId, where: tuple, fmt: Format,
+                   runs: list[tuple[bytes, int, int]]) -> list[tuple]:
+    """The lists a list names; at depth 1 its blocks go to `runs`."""
     depth, count, first, size = where
     span = FANOUT ** (depth - 1)
     if fmt.algo.digest(raw) != list_id:
         raise IntegrityError(f"block list {list_id.hex()}: digest mismatch")
     if len(raw) != -(-count // span) * fmt.algo.size:
         raise IntegrityError(f"block list {list_id.hex()}: wrong length")
-    out: list[tuple] = []
-    for i, child in enumerate(split_ids(raw, fmt.algo.size)):
-        index = first + i * span
-        if depth == 1:
-            out.append((BLOCK, child, fmt.block_length(index, size)))
-        else:
-            out.append((LIST, child, (depth - 1, min(span, count - i * span), index, size)))
-    return out
+    if depth == 1:
+        runs.append((raw, first, size))
+        return []
+    return [(LIST, child, (depth - 1, min(span, count - i * span), first + i * span, size))
+            for i, child in enumerate(split_ids(raw, fmt.algo.size))]
 
 
 def _children_first(roots: list[BlockId], nodes: dict) -> list[tuple[BlockId, int, str]]:
-    """Post-order over the missing objects: a tree or list only after everything under it,
-    so a receiver that stops half way never holds a parent without its children. Each node
-    leaves `nodes` when it is met, so one met again (a shared subtree) is not sent twice."""
+    """Post-order over the missing lists and trees: each only after everything under it.
+    Each node leaves `nodes` when it is met, so one met again (a shared subtree) is not
+    sent twice."""
     out: list[tuple[BlockId, int, str]] = []
     for root in roots:
         stack: list[tuple[BlockId, tuple | None]] = [(root, None)]
@@ -176,9 +231,6 @@ def _children_first(roots: list[BlockId], nodes: dict) -> list[tuple[BlockId, in
                 continue
             node = nodes.pop(object_id, None)
             if node is None:
-                continue
-            if type(node) is int:
-                out.append((object_id, node, BLOCK))
                 continue
             stack.append((object_id, node))
             stack.extend((child, None) for child in reversed(node[2]) if child in nodes)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 
 from ..model import BlockId, Tree
 from ..store.blocklist import block_runs, build_ref
@@ -21,7 +21,7 @@ class Objects:
     live tree from SRC's store)."""
 
     def __init__(self, volume: Volume, write: bool = True, source: Volume | None = None,
-                 checked_elsewhere: frozenset[BlockId] = frozenset()):
+                 checked_elsewhere: Container[BlockId] = frozenset()):
         self.volume = volume
         self.fmt = volume.fmt
         self.write = write

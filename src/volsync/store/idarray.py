@@ -1,0 +1,159 @@
+"""Compact arrays of object ids, for the walks that meet millions of blocks.
+
+A Python set or list holds a bytes object, a hash slot and often a tuple per id: 150-300
+bytes each, gigabytes at millions of blocks. Here ids lie end to end in one buffer (the
+id's own 16 or 32 bytes), with their lengths in an array beside them, and membership is a
+search of a sorted array of the ids' first eight bytes (12 bytes per id), as git's pack
+`.idx` is searched. Sorting and de-duplicating use NumPy, imported only when a walk is big
+enough to need it.
+"""
+
+from __future__ import annotations
+
+from array import array
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+
+from ..model import BlockId
+
+CHUNK = 1 << 16  # rows moved at a time when a buffer is compacted in place
+
+
+def _rows(buf: bytes | bytearray, size: int):
+    """The ids of `buf` as an (n, size // 8) array of little-endian uint64 (no copy)."""
+    import numpy as np
+
+    if size % 8:
+        raise ValueError(f"id size {size} is not a multiple of 8")
+    return np.frombuffer(buf, dtype="<u8").reshape(-1, size // 8)
+
+
+def first_occurrences(buf: bytes | bytearray, size: int):
+    """The positions of the first copy of each distinct id in `buf`, ascending (a NumPy
+    array). Sorts by each id's first eight bytes; ids that share them are told apart by
+    all their bytes, so no two different ids are ever taken for one."""
+    import numpy as np
+
+    rows = _rows(buf, size)
+    n = len(rows)
+    if n < 2:
+        return np.arange(n)
+    order = np.argsort(rows[:, 0], kind="stable")  # stable: the first copy sorts first
+    prefix = rows[order, 0]
+    same = np.flatnonzero(prefix[1:] == prefix[:-1])  # pairs sharing their first bytes
+    dup = np.zeros(n, dtype=bool)
+    if len(same):
+        whole = (rows[order[same + 1]] == rows[order[same]]).all(axis=1)
+        dup[same[whole] + 1] = True
+        if not whole.all():  # another id between two copies: settle those groups by hand
+            _settle_mixed_groups(rows, order, prefix, same[~whole], dup)
+    keep = np.ones(n, dtype=bool)
+    keep[order[dup]] = False
+    return np.flatnonzero(keep)
+
+
+def _settle_mixed_groups(rows, order, prefix, mixed, dup) -> None:
+    """Groups of ids that share their first eight bytes but not all of them (rare: 1 in
+    2**64 per pair, or a peer's crafted ids): each id's first copy in order is kept."""
+    import numpy as np
+
+    for value in set(prefix[mixed + 1].tolist()):
+        positions = np.flatnonzero(prefix == value)  # sorted, so in their original order
+        seen: set[bytes] = set()
+        for pos in positions.tolist():
+            key = rows[order[pos]].tobytes()
+            dup[pos] = key in seen
+            seen.add(key)
+
+
+def compact(buf: bytearray, size: int, keep, lengths: array | None = None) -> None:
+    """Keep only the ids (and lengths) at the ascending positions `keep`, in place: the
+    moves go a chunk at a time, so no second buffer of every id is ever made."""
+    import numpy as np
+
+    rows = np.frombuffer(buf, dtype=f"V{size}")
+    lens = np.frombuffer(lengths, dtype=lengths.typecode) if lengths is not None else None
+    for start in range(0, len(keep), CHUNK):
+        src = keep[start : start + CHUNK]  # src[i] >= start + i: no row is read once moved
+        rows[start : start + len(src)] = rows[src]
+        if lens is not None:
+            lens[start : start + len(src)] = lens[src]
+    del rows, lens
+    del buf[len(keep) * size :]
+    if lengths is not None:
+        del lengths[len(keep) :]
+
+
+class IdSet:
+    """Which of a fixed collection of ids a value is: `in` bisects the sorted first eight
+    bytes of each, then compares whole ids. 12 bytes per id besides the ids' buffer."""
+
+    def __init__(self, buf: bytes | bytearray, size: int):
+        self.buf, self.size = buf, size
+        self.prefixes, self.order = array("Q"), array("I")
+        if len(buf) >= 2 * size:
+            import numpy as np
+
+            rows = _rows(buf, size)
+            order = np.argsort(rows[:, 0], kind="stable")
+            self.prefixes.frombytes(rows[order, 0].astype("<u8").tobytes())
+            self.order.frombytes(order.astype("<u4").tobytes())
+        elif buf:
+            self.prefixes.append(int.from_bytes(buf[:8], "little"))
+            self.order.append(0)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __contains__(self, object_id: object) -> bool:
+        if not isinstance(object_id, bytes) or len(object_id) != self.size:
+            return False
+        key = int.from_bytes(object_id[:8], "little")
+        i, n, size = bisect_left(self.prefixes, key), len(self.order), self.size
+        while i < n and self.prefixes[i] == key:
+            start = self.order[i] * size
+            if self.buf[start : start + size] == object_id:
+                return True
+            i += 1
+        return False
+
+
+class ObjectList(Sequence):
+    """The objects a transfer sends, in order, as (id, length): the ids end to end in one
+    buffer and their lengths in an array. File blocks come first (`blocks` of them), then
+    the block lists and trees, each after everything under it."""
+
+    def __init__(self, ids: bytes | bytearray, lengths: array, size: int, blocks: int):
+        if len(ids) != len(lengths) * size:
+            raise ValueError("ids and lengths disagree")
+        self.buf, self.lengths, self.size, self.blocks = ids, lengths, size, blocks
+        self.bytes = sum(lengths)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __getitem__(self, i):  # type: ignore[override]
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return BlockId(bytes(self.buf[i * self.size : (i + 1) * self.size])), self.lengths[i]
+
+    def __iter__(self) -> Iterator[tuple[BlockId, int]]:
+        size, buf = self.size, self.buf
+        for i, length in enumerate(self.lengths):
+            yield BlockId(bytes(buf[i * size : (i + 1) * size])), length
+
+    def ids(self) -> Iterator[BlockId]:
+        size, buf = self.size, self.buf
+        for start in range(0, len(buf), size):
+            yield BlockId(bytes(buf[start : start + size]))
+
+    def id_set(self) -> IdSet:
+        return IdSet(self.buf, self.size)
+
+
+def empty_objects(size: int) -> ObjectList:
+    return ObjectList(b"", array("Q"), size, 0)
