@@ -508,3 +508,24 @@ def test_children_first_order_on_random_graphs(seed):
         full[i] = compact[i] = (r.randint(1, 99), r.choice(["tree", "list"]), children)
     roots = [r.choice(ids) for _ in range(r.randint(1, 3))]
     assert _children_first(roots, compact) == _reference_children_first(roots, full)
+
+
+def test_a_wide_level_asks_about_its_blocks_early_with_the_same_result(monkeypatch):
+    """A level whose files name more block ids than RUNS_LIMIT asks about them before the
+    level ends (its memory stays bounded); what is sent is the same, each block once and
+    children first, blocks DST holds left out."""
+    from volsync.store import walk
+
+    s = Store()
+    n = FANOUT * 3 + 5
+    big = [f"B{i % 200}" for i in range(n)]  # repeats: each still sent once
+    files = [f(f"s{i}", 2 * BS, f"S{i}", f"B{i}") for i in range(40)]
+    root = s.tree(f("big", n * BS, *big, store=s), *files)
+    have = {bid("B7"), bid("S3")}
+    whole = run_missing(s, have, [root])
+    monkeypatch.setattr(walk, "RUNS_LIMIT", 64)
+    early = run_missing(s, have, [root])
+    assert sorted(early[0]) == sorted(whole[0]) and early[1] == whole[1]
+    ids = [oid for oid, _ in early[0]]
+    assert len(ids) == len(set(ids)) and bid("B7") not in ids and bid("S3") not in ids
+    check_children_first(s, early[0], have)

@@ -75,6 +75,7 @@ def _file_objects(ref, size, fmt, read, skipped, seen, on_error):
 
 Batch = Callable[[list[BlockId]], list]
 ASK = 8192  # ids per question to the receiver (or per read of the sender's objects)
+RUNS_LIMIT = 4 << 20  # bytes of block ids a level holds before it asks about them
 
 
 def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_many: Batch
@@ -104,16 +105,20 @@ def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_m
                 fresh.append(item)
         held = blocks.ask([item[1] for item in fresh], runs, has_many, seen)
         need = [item for item, have in zip(fresh, held, strict=True) if not have]
-        to_read = [item[1] for item in need]
-        data = dict(zip(to_read, _batched(read_many, to_read), strict=True))
         trips += 2
         level, runs = [], []
-        for kind, object_id, *where in need:
-            raw = data.pop(object_id)
-            children = (_tree_children(raw, object_id, fmt, object_id in tops, runs)
-                        if kind == TREE else _list_children(raw, object_id, where[0], fmt, runs))
-            nodes[object_id] = (len(raw), kind, [c[1] for c in children])
-            level.extend(children)
+        for start in range(0, len(need), ASK):  # a batch of reads at a time
+            chunk = need[start : start + ASK]
+            for (kind, object_id, *where), raw in zip(chunk, _batched(
+                    read_many, [item[1] for item in chunk]), strict=True):
+                children = (_tree_children(raw, object_id, fmt, object_id in tops, runs)
+                            if kind == TREE
+                            else _list_children(raw, object_id, where[0], fmt, runs))
+                nodes[object_id] = (len(raw), kind, [c[1] for c in children])
+                level.extend(children)
+            if sum(len(run[0]) for run in runs) > RUNS_LIMIT:  # a wide level: ask now
+                blocks.ask([], runs, has_many, seen)
+                runs = []
     return blocks.then(_children_first(roots, nodes)), trips
 
 
