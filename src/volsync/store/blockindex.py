@@ -221,11 +221,12 @@ def open_midx(path: Path, id_size: int) -> tuple[Midx | None, str | None]:
 
 def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
                new_packs: Iterable[str],
-               read_pack: Callable[[str], list[tuple[BlockId, int, int]] | None]) -> bytes:
+               read_pack: Callable[[str], list[tuple[BlockId, int, int]] | None]) -> bytearray:
     """A midx covering the live packs of `old` and `new_packs` (whose entries `read_pack`
-    gives, None for an unreadable index: that pack is left uncovered). Entries are gathered
-    by first byte as packed records, then sorted one group (1/256 of them) at a time, so
-    memory is the entries in compact bytes, not Python objects per id."""
+    gives, None for an unreadable index: that pack is left uncovered). The new entries are
+    gathered by first byte as packed records; the file is then written into one buffer
+    of its final size, one group (1/256 of the ids) sorted at a time: memory is the file
+    itself, not Python objects per id nor a second copy of every entry."""
     names: list[str] = []
     renumber = []
     for name, live in zip(old.names if old else [], old_live, strict=False):
@@ -242,9 +243,13 @@ def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
         names.append(name)
         for block_id, off, length in entries:
             groups[block_id[0]] += record.pack(block_id, number, off, length)
-    ids, pack_nos, offsets, lengths = bytearray(), array("I"), array("Q"), array("I")
-    fanout = array("Q")
     same_numbers = renumber == list(range(len(renumber)))
+    count = (_live_entries(old, renumber, same_numbers)
+             + sum(len(g) for g in groups) // record.size)
+    names_raw = "\n".join(names).encode("ascii")
+    lay = Layout(id_size, len(names), count, len(names_raw))
+    out = bytearray(lay.size)
+    fanout, done = array("Q"), 0
     for first in range(256):
         entries = old.group(first) if old else []
         if not same_numbers:
@@ -255,32 +260,39 @@ def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
         entries.sort()
         group_ids, group_packs, group_offsets, group_lengths = (
             zip(*entries, strict=True) if entries else ((), (), (), ()))
-        base = len(pack_nos)
-        fanout.extend(base + bisect.bisect_left(group_ids, bytes((first, second + 1)))
+        fanout.extend(done + bisect.bisect_left(group_ids, bytes((first, second + 1)))
                       for second in range(255))
-        fanout.append(base + len(entries))
-        ids += b"".join(group_ids)
-        pack_nos.extend(group_packs)
-        offsets.extend(group_offsets)
-        lengths.extend(group_lengths)
-    return _serialize(id_size, names, fanout, bytes(ids), pack_nos, offsets, lengths)
-
-
-def _serialize(id_size: int, names: list[str], fanout: array, ids: bytes, pack_nos: array,
-               offsets: array, lengths: array) -> bytes:
-    names_raw = "\n".join(names).encode("ascii")
-    lay = Layout(id_size, len(names), len(pack_nos), len(names_raw))
-    out = bytearray(lay.size)
-    HEADER.pack_into(out, 0, MIDX_MAGIC, id_size, len(names), len(pack_nos), len(names_raw))
+        n = len(entries)
+        out[lay.ids + done * id_size : lay.ids + (done + n) * id_size] = b"".join(group_ids)
+        out[lay.pack_nos + 4 * done : lay.pack_nos + 4 * (done + n)] = _le(
+            array("I", group_packs))
+        out[lay.offsets + 8 * done : lay.offsets + 8 * (done + n)] = _le(
+            array("Q", group_offsets))
+        out[lay.lengths + 4 * done : lay.lengths + 4 * (done + n)] = _le(
+            array("I", group_lengths))
+        done += n
+        fanout.append(done)
+    if done != count:
+        raise IntegrityError(f"{MIDX_NAME}: {done} entries where {count} were counted")
+    HEADER.pack_into(out, 0, MIDX_MAGIC, id_size, len(names), count, len(names_raw))
     out[lay.names : lay.names + len(names_raw)] = names_raw
     out[lay.fanout : lay.head_sum] = _le(fanout)
     SUM.pack_into(out, lay.head_sum, xxhash.xxh3_64_intdigest(memoryview(out)[: lay.head_sum]))
-    out[lay.ids : lay.ids + len(ids)] = ids
-    out[lay.pack_nos : lay.pack_nos + 4 * lay.count] = _le(pack_nos)
-    out[lay.offsets : lay.lengths] = _le(offsets)
-    out[lay.lengths : lay.lengths + 4 * lay.count] = _le(lengths)
     SUM.pack_into(out, lay.file_sum, xxhash.xxh3_64_intdigest(memoryview(out)[: lay.file_sum]))
-    return bytes(out)
+    return out
+
+
+def _live_entries(old: Midx | None, renumber: list[int], all_live: bool) -> int:
+    """How many of the old midx's entries name a pack that is still live."""
+    if old is None:
+        return 0
+    if all_live:
+        return old.count
+    counts: dict[int, int] = {}
+    for first in range(256):
+        for _, pack, _, _ in old.group(first):
+            counts[pack] = counts.get(pack, 0) + 1
+    return sum(n for pack, n in counts.items() if pack < len(renumber) and renumber[pack] >= 0)
 
 
 # --- the index as the store uses it ------------------------------------------------------------
