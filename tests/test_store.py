@@ -1392,18 +1392,53 @@ def test_a_midx_that_cannot_be_written_leaves_the_store_working(packdir, monkeyp
     """Derived data: a full disk while writing it fails nothing."""
     monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 5)
 
-    def full(path, data, **kw):
-        if path.name == MIDX_NAME:
+    def full(path, fill, **kw):
+        def fill_then_fail(fd):
+            fill(fd)
             raise OSError(28, "No space left on device", str(path))
-        return real(path, data, **kw)
 
-    real = packs_mod.atomic_write
-    monkeypatch.setattr(packs_mod, "atomic_write", full)
+        return real(path, fill_then_fail if path.name == MIDX_NAME else fill, **kw)
+
+    real = packs_mod.atomic_write_with
+    monkeypatch.setattr(packs_mod, "atomic_write_with", full)
     s = PackStore(packdir, ALGO)
     ids = put_all(s, [blob(i) for i in range(20)])
     s.flush()
     assert not (packdir / MIDX_NAME).exists()
+    assert not list(packdir.glob(".tmp-*"))  # the half-written file is gone too
     assert all(s.get(i, verify=True) == blob(n) for n, i in enumerate(ids))
+
+
+def test_a_midx_written_to_a_file_equals_the_one_built_in_memory(packdir, monkeypatch):
+    """The lock holder writes the midx section by section into its file (memory: a group
+    of entries); the bytes are those of the midx built in one buffer, stale packs and an
+    old midx merged included."""
+    from volsync.store.blockindex import build_midx, open_midx
+
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 1 << 30)  # written by hand below
+    s = PackStore(packdir, ALGO)
+    for round_ in range(3):
+        put_all(s, [blob(1000 * round_ + i) for i in range(300)])
+        s.flush()
+    s.write_midx()
+    put_all(s, [blob(5000 + i) for i in range(50)])
+    s.flush()
+    old, _ = open_midx(packdir / MIDX_NAME, ALGO.size)
+    live = [n != old.names[0] for n in old.names]  # as if the first pack were dropped
+    fresh = [n for n in s.pack_names() if n not in old.names]
+    in_memory = build_midx(ALGO.size, old, live, fresh, s._read_pack_index)
+    path = packdir / "written.midx"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL)
+    try:
+        assert build_midx(ALGO.size, old, live, fresh, s._read_pack_index, fd) is None
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == bytes(in_memory)
+    written, problem = open_midx(path, ALGO.size)
+    assert problem is None and written.intact() and written.count == old.count - sum(
+        1 for first in range(256) for e in old.group(first) if e[1] == 0) + 50
+    written.close()
+    old.close()
 
 
 def test_a_writer_that_read_every_index_still_replaces_a_damaged_midx(packdir):

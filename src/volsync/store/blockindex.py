@@ -11,6 +11,7 @@ about it is in doubt. Layout (little-endian, sections 8-byte aligned): see docs/
 from __future__ import annotations
 
 import bisect
+import errno
 import mmap
 import os
 import stat
@@ -25,6 +26,7 @@ import xxhash
 
 from ..errors import IntegrityError
 from ..model import BlockId
+from .fsutil import pwrite_all
 
 MIDX_NAME = "multi.midx"
 MIDX_MAGIC = b"VSMIDX\x00\x01"
@@ -219,14 +221,43 @@ def open_midx(path: Path, id_size: int) -> tuple[Midx | None, str | None]:
 
 # --- writing -----------------------------------------------------------------------------------
 
+class _Image:
+    """Where a midx is put together: a buffer, or a file written at offsets and read back
+    for its sums (then memory is a group of entries, not the file)."""
+
+    def __init__(self, size: int, fd: int | None):
+        self.fd, self.buf = fd, bytearray(size) if fd is None else None
+        if fd is not None:
+            os.ftruncate(fd, size)
+
+    def put(self, offset: int, data: bytes | bytearray) -> None:
+        if self.buf is not None:
+            self.buf[offset : offset + len(data)] = data
+        else:
+            pwrite_all(self.fd, data, offset)
+
+    def digest(self, end: int) -> int:
+        if self.buf is not None:
+            return xxhash.xxh3_64_intdigest(memoryview(self.buf)[:end])
+        digest, done = xxhash.xxh3_64(), 0
+        while done < end:
+            chunk = os.pread(self.fd, min(CHUNK, end - done), done)
+            if not chunk:
+                raise OSError(errno.EIO, "midx being written came back short")
+            digest.update(chunk)
+            done += len(chunk)
+        return digest.intdigest()
+
+
 def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
                new_packs: Iterable[str],
-               read_pack: Callable[[str], list[tuple[BlockId, int, int]] | None]) -> bytearray:
+               read_pack: Callable[[str], list[tuple[BlockId, int, int]] | None],
+               fd: int | None = None) -> bytearray | None:
     """A midx covering the live packs of `old` and `new_packs` (whose entries `read_pack`
-    gives, None for an unreadable index: that pack is left uncovered). The new entries are
-    gathered by first byte as packed records; the file is then written into one buffer
-    of its final size, one group (1/256 of the ids) sorted at a time: memory is the file
-    itself, not Python objects per id nor a second copy of every entry."""
+    gives, None for an unreadable index: that pack is left uncovered): returned, or with
+    `fd` written into that new file. The new entries are gathered by first byte as packed
+    records, then the file is written one group (1/256 of the ids) sorted at a time, each
+    section at its offset: memory is the new entries and a group, never every entry."""
     names: list[str] = []
     renumber = []
     for name, live in zip(old.names if old else [], old_live, strict=False):
@@ -248,7 +279,7 @@ def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
              + sum(len(g) for g in groups) // record.size)
     names_raw = "\n".join(names).encode("ascii")
     lay = Layout(id_size, len(names), count, len(names_raw))
-    out = bytearray(lay.size)
+    out = _Image(lay.size, fd)
     fanout, done = array("Q"), 0
     for first in range(256):
         entries = old.group(first) if old else []
@@ -262,24 +293,23 @@ def build_midx(id_size: int, old: Midx | None, old_live: list[bool],
             zip(*entries, strict=True) if entries else ((), (), (), ()))
         fanout.extend(done + bisect.bisect_left(group_ids, bytes((first, second + 1)))
                       for second in range(255))
-        n = len(entries)
-        out[lay.ids + done * id_size : lay.ids + (done + n) * id_size] = b"".join(group_ids)
-        out[lay.pack_nos + 4 * done : lay.pack_nos + 4 * (done + n)] = _le(
-            array("I", group_packs))
-        out[lay.offsets + 8 * done : lay.offsets + 8 * (done + n)] = _le(
-            array("Q", group_offsets))
-        out[lay.lengths + 4 * done : lay.lengths + 4 * (done + n)] = _le(
-            array("I", group_lengths))
-        done += n
+        if entries:
+            out.put(lay.ids + done * id_size, b"".join(group_ids))
+            out.put(lay.pack_nos + 4 * done, _le(array("I", group_packs)))
+            out.put(lay.offsets + 8 * done, _le(array("Q", group_offsets)))
+            out.put(lay.lengths + 4 * done, _le(array("I", group_lengths)))
+        done += len(entries)
         fanout.append(done)
     if done != count:
         raise IntegrityError(f"{MIDX_NAME}: {done} entries where {count} were counted")
-    HEADER.pack_into(out, 0, MIDX_MAGIC, id_size, len(names), count, len(names_raw))
-    out[lay.names : lay.names + len(names_raw)] = names_raw
-    out[lay.fanout : lay.head_sum] = _le(fanout)
-    SUM.pack_into(out, lay.head_sum, xxhash.xxh3_64_intdigest(memoryview(out)[: lay.head_sum]))
-    SUM.pack_into(out, lay.file_sum, xxhash.xxh3_64_intdigest(memoryview(out)[: lay.file_sum]))
-    return out
+    head = bytearray(lay.head_sum)
+    HEADER.pack_into(head, 0, MIDX_MAGIC, id_size, len(names), count, len(names_raw))
+    head[lay.names : lay.names + len(names_raw)] = names_raw
+    head[lay.fanout : lay.head_sum] = _le(fanout)
+    out.put(0, head)
+    out.put(lay.head_sum, SUM.pack(xxhash.xxh3_64_intdigest(head)))
+    out.put(lay.file_sum, SUM.pack(out.digest(lay.file_sum)))
+    return out.buf
 
 
 def _live_entries(old: Midx | None, renumber: list[int], all_live: bool) -> int:

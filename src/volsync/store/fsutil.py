@@ -6,6 +6,7 @@ import errno
 import os
 import secrets
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 from .crash import crashpoint, fault
@@ -55,10 +56,17 @@ def read_nofollow(path: Path) -> bytes:
 
 def atomic_write(path: Path, data: bytes, *, sync_dir: bool = True) -> None:
     """Replace `path` with `data` so that a crash leaves the old or the new content."""
+    atomic_write_with(path, lambda fd: write_all(fd, data), sync_dir=sync_dir)
+
+
+def atomic_write_with(path: Path, fill: Callable[[int], object], *,
+                      sync_dir: bool = True) -> None:
+    """`atomic_write` of what `fill(fd)` writes into a new file (opened read-write, so it
+    may write at offsets and read back what it wrote)."""
     tmp = path.with_name(f"{TMP_PREFIX}{path.name}-{secrets.token_hex(4)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
     try:
-        write_all(fd, data)
+        fill(fd)
         fsync(fd)
     except OSError as exc:
         os.close(fd)

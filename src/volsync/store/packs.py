@@ -36,7 +36,15 @@ from .alignedpack import (
 from .blockindex import MIDX_NAME, BlockIndex, Location, build_midx, open_midx
 from .codec import FORMAT_VERSION, open_sealed, seal
 from .crash import crashpoint, fault
-from .fsutil import atomic_write, fsync, fsync_dir, pwrite_all, read_nofollow, write_all
+from .fsutil import (
+    atomic_write,
+    atomic_write_with,
+    fsync,
+    fsync_dir,
+    pwrite_all,
+    read_nofollow,
+    write_all,
+)
 from .packpool import OpenPack, PackPool, access_error, is_damage, pack_error
 
 PACK_HEADER = b"VSPACK\x00\x02"
@@ -500,9 +508,9 @@ class PackStore:
         existing = self.pack_names()
         present, covered = set(existing), set(old.names) if old else set()
         live = [name in present for name in old.names] if old else []
-        data = build_midx(self.algo.size, old, live, [n for n in existing if n not in covered],
-                          self._read_pack_index)
-        atomic_write(self.dir / MIDX_NAME, data)
+        fresh = [n for n in existing if n not in covered]
+        atomic_write_with(self.dir / MIDX_NAME, lambda fd: build_midx(
+            self.algo.size, old, live, fresh, self._read_pack_index, fd))
         crashpoint("midx-written")
         self.bad_indexes = []
         index.take(self._open_index(use_midx=True))
