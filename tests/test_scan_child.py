@@ -28,8 +28,18 @@ from helpers import (
 LAUNCHER = textwrap.dedent("""
     import os, sys
     marks = sys.argv[1]
-    os.register_at_fork(after_in_parent=lambda: open(marks, "a").write("f"),
-                        after_in_child=lambda: open(marks + ".pids", "a").write(f"{os.getpid()} "))
+    real_fork = os.fork
+
+    def fork():  # the parent notes each child's pid (a child killed at once writes nothing)
+        pid = real_fork()
+        if pid:
+            with open(marks, "a") as f:
+                f.write("f")
+            with open(marks + ".pids", "a") as f:
+                f.write(f"{pid} ")
+        return pid
+
+    os.fork = fork
     exec(sys.argv[2])
     from volsync.cli import main
     main(sys.argv[3:])
