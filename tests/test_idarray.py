@@ -41,7 +41,7 @@ def test_first_occurrences_and_compact_match_a_python_set(size, shared_prefix, s
             seen.add(block_id)
             expected.append(i)
     keep = first_occurrences(buf, size)
-    assert list(keep) == expected
+    assert [i for i, first in enumerate(keep) if first] == expected
     compact(buf, size, keep, lengths)
     assert _ids(buf, size) == [ids[i] for i in expected]
     assert list(lengths) == expected
@@ -66,7 +66,7 @@ def test_id_set_membership(size):
 
 def test_object_list_is_a_sequence_of_ids_and_lengths():
     ids = [os.urandom(32) for _ in range(5)]
-    objects = ObjectList(bytearray(b"".join(ids)), array("Q", [1, 2, 3, 4, 5]), 32, 3)
+    objects = ObjectList(bytearray(b"".join(ids)), array("I", [1, 2, 3, 4, 5]), 32, 3)
     assert len(objects) == 5 and objects.bytes == 15 and objects.blocks == 3
     assert list(objects) == list(zip(ids, [1, 2, 3, 4, 5], strict=True))
     assert objects[-1] == (ids[-1], 5) and objects[1:3] == [(ids[1], 2), (ids[2], 3)]
@@ -75,4 +75,4 @@ def test_object_list_is_a_sequence_of_ids_and_lengths():
     with pytest.raises(IndexError):
         objects[5]
     with pytest.raises(ValueError):
-        ObjectList(b"x" * 31, array("Q", [1]), 32, 1)
+        ObjectList(b"x" * 31, array("I", [1]), 32, 1)

@@ -29,27 +29,27 @@ def _rows(buf: bytes | bytearray, size: int):
 
 
 def first_occurrences(buf: bytes | bytearray, size: int):
-    """The positions of the first copy of each distinct id in `buf`, ascending (a NumPy
-    array). Sorts by each id's first eight bytes; ids that share them are told apart by
-    all their bytes, so no two different ids are ever taken for one."""
+    """Which ids of `buf` are the first copy of their value: a NumPy bool array, one per
+    id. Sorts by each id's first eight bytes; ids that share them are told apart by all
+    their bytes, so no two different ids are ever taken for one."""
     import numpy as np
 
     rows = _rows(buf, size)
     n = len(rows)
+    keep = np.ones(n, dtype=bool)
     if n < 2:
-        return np.arange(n)
+        return keep
     order = np.argsort(rows[:, 0], kind="stable")  # stable: the first copy sorts first
     prefix = rows[order, 0]
     same = np.flatnonzero(prefix[1:] == prefix[:-1])  # pairs sharing their first bytes
-    dup = np.zeros(n, dtype=bool)
     if len(same):
+        dup = np.zeros(n, dtype=bool)
         whole = (rows[order[same + 1]] == rows[order[same]]).all(axis=1)
         dup[same[whole] + 1] = True
         if not whole.all():  # another id between two copies: settle those groups by hand
             _settle_mixed_groups(rows, order, prefix, same[~whole], dup)
-    keep = np.ones(n, dtype=bool)
-    keep[order[dup]] = False
-    return np.flatnonzero(keep)
+        keep[order[dup]] = False
+    return keep
 
 
 def _settle_mixed_groups(rows, order, prefix, mixed, dup) -> None:
@@ -67,21 +67,24 @@ def _settle_mixed_groups(rows, order, prefix, mixed, dup) -> None:
 
 
 def compact(buf: bytearray, size: int, keep, lengths: array | None = None) -> None:
-    """Keep only the ids (and lengths) at the ascending positions `keep`, in place: the
+    """Keep only the ids (and lengths) where the bool array `keep` is true, in place: the
     moves go a chunk at a time, so no second buffer of every id is ever made."""
     import numpy as np
 
     rows = np.frombuffer(buf, dtype=f"V{size}")
     lens = np.frombuffer(lengths, dtype=lengths.typecode) if lengths is not None else None
-    for start in range(0, len(keep), CHUNK):
-        src = keep[start : start + CHUNK]  # src[i] >= start + i: no row is read once moved
-        rows[start : start + len(src)] = rows[src]
+    kept, moved = 0, None
+    for start in range(0, len(rows), CHUNK):
+        chosen = keep[start : start + CHUNK]
+        moved = rows[start : start + CHUNK][chosen]  # a copy: rows before `kept` are done
+        rows[kept : kept + len(moved)] = moved
         if lens is not None:
-            lens[start : start + len(src)] = lens[src]
-    del rows, lens
-    del buf[len(keep) * size :]
+            lens[kept : kept + len(moved)] = lens[start : start + CHUNK][chosen]
+        kept += len(moved)
+    del rows, lens, moved
+    del buf[kept * size :]
     if lengths is not None:
-        del lengths[len(keep) :]
+        del lengths[kept:]
 
 
 class IdSet:
@@ -96,8 +99,9 @@ class IdSet:
 
             rows = _rows(buf, size)
             order = np.argsort(rows[:, 0], kind="stable")
-            self.prefixes.frombytes(rows[order, 0].astype("<u8").tobytes())
-            self.order.frombytes(order.astype("<u4").tobytes())
+            prefixes = rows[order, 0].astype(np.uint64, copy=False)  # native, as array's
+            self.prefixes.frombytes(memoryview(np.ascontiguousarray(prefixes)).cast("B"))
+            self.order.frombytes(memoryview(order.astype(np.uint32)).cast("B"))
         elif buf:
             self.prefixes.append(int.from_bytes(buf[:8], "little"))
             self.order.append(0)
@@ -156,4 +160,4 @@ class ObjectList(Sequence):
 
 
 def empty_objects(size: int) -> ObjectList:
-    return ObjectList(b"", array("Q"), size, 0)
+    return ObjectList(b"", array("I"), size, 0)

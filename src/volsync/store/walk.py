@@ -128,7 +128,7 @@ class _Blocks:
 
     def __init__(self, fmt: Format):
         self.fmt, self.size, self.hole = fmt, fmt.algo.size, fmt.algo.hole
-        self.ids, self.lengths = bytearray(), array("Q")
+        self.ids, self.lengths = bytearray(), array("I")  # no object reaches 4 GiB
 
     def ask(self, lead: list[BlockId], runs: list[tuple[bytes, int, int]], has_many: Batch,
             trees: set[BlockId]) -> list[bool]:
@@ -174,6 +174,8 @@ class _Blocks:
             compact(self.ids, self.size, first_occurrences(self.ids, self.size), self.lengths)
         count = len(self.lengths)
         for object_id, length, _ in others:
+            if length >= 1 << 32:
+                raise IntegrityError(f"object {object_id.hex()} is too large to send")
             self.ids += object_id
             self.lengths.append(length)
         return ObjectList(self.ids, self.lengths, self.size, count)
