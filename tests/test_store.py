@@ -1156,6 +1156,39 @@ def test_midx_lookups_equal_the_pack_indexes(packdir, monkeypatch, algo, scan_li
     assert s2.get(some, verify=True)
 
 
+@pytest.mark.parametrize("algo", [BLAKE3, XXH3])
+def test_packs_the_midx_does_not_cover_are_indexed_compactly_with_the_same_answers(
+        packdir, monkeypatch, algo):
+    """Past EXTRA_MIN_BYTES of pack indexes the midx does not cover, they are read into a
+    midx built in memory, not a dict: the answers are the dict's (a later pack's copy of an
+    id found first), items() names each id once, deletions show, and a dropped pack's
+    entries are no longer found."""
+    where = random_packs(packdir, algo, packs=5, per_pack=400)
+    s = PackStore(packdir, algo)
+    s.write_midx()
+    s.close()
+    where.update(random_packs(packdir, algo, packs=4, per_pack=300, seed=2))  # uncovered
+    answers = []
+    for limit in (1 << 40, 0):  # the dict, then the midx in memory
+        monkeypatch.setattr(packs_mod, "EXTRA_MIN_BYTES", limit)
+        store = PackStore(packdir, algo)
+        index = store.index()
+        assert (index.extra is None) == bool(limit) and len(index.uncovered) > 4
+        assert_index_matches(index, where, algo)
+        ids = [i for i, _ in index.items()]
+        assert len(ids) == len(set(ids))
+        answers.append({i: index.get(i) for i in where})
+        gone = next(iter(where))
+        del index[gone]
+        assert gone not in index and gone not in {i for i, _ in index.items()}
+        if not limit:  # (the dict keeps a dropped pack's entries until they are removed)
+            extra_pack = sorted(index.uncovered)[0]
+            index.drop_pack(extra_pack)
+            assert all(loc[0] != extra_pack for _, loc in index.items())
+        store.close()
+    assert answers[0] == answers[1]
+
+
 def test_midx_with_many_ids_under_one_prefix(packdir, monkeypatch):
     """Ranges the fanout leaves long are bisected before they are scanned."""
     monkeypatch.setattr(blockindex, "SCAN_LIMIT", 4)

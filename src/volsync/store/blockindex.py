@@ -91,6 +91,15 @@ class Midx:
             self.close()
             raise
 
+    @classmethod
+    def in_memory(cls, image: bytes | bytearray, id_size: int) -> Midx:
+        """A midx built in memory (the packs a midx file does not cover), searched as a
+        file's is: 48 bytes per entry instead of a dict entry and a tuple each."""
+        self = cls.__new__(cls)
+        self.fd, self.verified, self.map = -1, True, image
+        self._check_header("the index of the packs the midx does not cover", id_size)
+        return self
+
     def _check_header(self, what: str, id_size: int) -> None:
         magic, size, packs, count, names_len = HEADER.unpack_from(self.map, 0)
         if magic != MIDX_MAGIC or size != id_size:
@@ -329,21 +338,24 @@ def _live_entries(old: Midx | None, renumber: list[int], all_live: bool) -> int:
 
 class BlockIndex:
     """A mapping id -> (pack name, offset, length): the midx's entries of packs that still
-    exist, under an overlay of the packs it does not cover and of changes made since it was
-    opened (None in the overlay: deleted)."""
+    exist, under the entries of the packs it does not cover (`extra`, a midx built in
+    memory when the index is opened) and an overlay of changes made since (None in the
+    overlay: deleted)."""
 
     def __init__(self, midx: Midx | None, live: list[bool], overlay: dict[BlockId, Location],
-                 uncovered: set[str]):
+                 uncovered: set[str], extra: Midx | None = None):
         self.midx, self.live = midx, live
         self.overlay: dict[BlockId, Location | None] = overlay  # type: ignore[assignment]
-        self.uncovered = uncovered  # packs whose entries are in the overlay
+        self.uncovered = uncovered  # packs the midx does not cover (in `extra` or the overlay)
+        self.extra = extra
+        self.extra_live = [True] * len(extra.names) if extra else []
 
     def take(self, other: BlockIndex) -> None:
         """Become `other` (a reopened index), closing this one's midx: whoever holds this
         object sees the new one."""
         self.close()
-        self.__init__(other.midx, other.live, other.overlay, other.uncovered)
-
+        self.__dict__.update(other.__dict__)
+        other.midx = other.extra = None  # now this object's to close
 
     @property
     def stale(self) -> bool:
@@ -353,14 +365,19 @@ class BlockIndex:
     def covered(self) -> int:
         return self.midx.count if self.midx else 0
 
+    def pending(self) -> int:
+        """Entries the midx does not cover: what a rewrite of it would take in."""
+        return len(self.overlay) + (self.extra.count if self.extra else 0)
+
     def get(self, block_id: BlockId, default=None) -> Location | None:
         if block_id in self.overlay:
             found = self.overlay[block_id]
             return default if found is None else found
-        if self.midx is not None:
-            hit = self.midx.find(block_id, self.live)
-            if hit is not None:
-                return self.midx.names[hit[0]], hit[1], hit[2]
+        for midx, live in ((self.extra, self.extra_live), (self.midx, self.live)):
+            if midx is not None:
+                hit = midx.find(block_id, live)
+                if hit is not None:
+                    return midx.names[hit[0]], hit[1], hit[2]
         return default
 
     def __contains__(self, block_id: BlockId) -> bool:
@@ -378,7 +395,7 @@ class BlockIndex:
     def __delitem__(self, block_id: BlockId) -> None:
         if self.get(block_id) is None:
             raise KeyError(block_id)
-        if self.midx is None:
+        if self.midx is None and self.extra is None:
             del self.overlay[block_id]
         else:
             self.overlay[block_id] = None
@@ -410,19 +427,20 @@ class BlockIndex:
     def drop_pack(self, name: str) -> None:
         """A pack was deleted: the midx's entries of it are no longer found."""
         self.uncovered.discard(name)
-        if self.midx is not None and name in self.midx.names:
-            self.live[self.midx.names.index(name)] = False
+        for midx, live in ((self.midx, self.live), (self.extra, self.extra_live)):
+            if midx is not None and name in midx.names:
+                live[midx.names.index(name)] = False
 
     def items(self) -> Iterator[tuple[BlockId, Location]]:
-        if self.midx is not None:
-            names, previous = self.midx.names, None
-            for first in range(256):
-                for block_id, pack, off, length in self.midx.group(first):
-                    if block_id == previous or block_id in self.overlay:
-                        continue
-                    if pack < len(self.live) and self.live[pack]:
-                        previous = block_id
-                        yield BlockId(block_id), (names[pack], off, length)
+        """Each id once, where `get` finds it."""
+        for first in range(256):
+            ahead = dict(_group(self.extra, self.extra_live, first))  # found before the midx
+            for block_id, location in ahead.items():
+                if block_id not in self.overlay:
+                    yield BlockId(block_id), location
+            for block_id, location in _group(self.midx, self.live, first):
+                if block_id not in self.overlay and block_id not in ahead:
+                    yield BlockId(block_id), location
         for block_id, location in list(self.overlay.items()):
             if location is not None:
                 yield block_id, location
@@ -436,6 +454,20 @@ class BlockIndex:
         return sum(1 for _ in self.items())
 
     def close(self) -> None:
-        if self.midx is not None:
-            self.midx.close()
-            self.midx = None
+        for midx in (self.midx, self.extra):
+            if midx is not None:
+                midx.close()
+        self.midx = self.extra = None
+
+
+def _group(midx: Midx | None, live: list[bool], first: int
+           ) -> Iterator[tuple[bytes, Location]]:
+    """The entries of a midx whose id starts with byte `first`: each id once, in its first
+    live pack (as `find` answers), in id order."""
+    if midx is None:
+        return
+    previous = None
+    for block_id, pack, off, length in midx.group(first):
+        if block_id != previous and pack < len(live) and live[pack]:
+            previous = block_id
+            yield block_id, (midx.names[pack], off, length)

@@ -33,7 +33,7 @@ from .alignedpack import (
     small_cow_reservations,
     walk_groups,
 )
-from .blockindex import MIDX_NAME, BlockIndex, Location, build_midx, open_midx
+from .blockindex import MIDX_NAME, BlockIndex, Location, Midx, build_midx, open_midx
 from .codec import FORMAT_VERSION, open_sealed, seal
 from .crash import crashpoint, fault
 from .fsutil import (
@@ -59,6 +59,9 @@ PACK_TARGET = 128 << 20  # bytes per pack before a new one is started
 # many: a reader loads those packs' indexes into memory
 MIDX_MIN_ENTRIES = 1 << 14
 MIDX_MAX_PACKS = 16
+# past this many bytes of pack indexes, those the midx does not cover are read into a midx
+# built in memory (48 bytes an entry), not a dict (about 200)
+EXTRA_MIN_BYTES = 1 << 20
 BUFFER_LIMIT = 4 << 20
 QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
 SYNC_EVERY = 32 << 20  # start writeback this often, so the final fsync is short
@@ -441,18 +444,41 @@ class PackStore:
         midx, self.midx_problem = (open_midx(self.dir / MIDX_NAME, self.algo.size)
                                    if use_midx else (None, None))
         covered = set(midx.names) if midx else set()
+        rest = [name for name in sorted(existing) if name not in covered]
+        live = [name in existing for name in midx.names] if midx else []
+        if self._index_bytes(rest) >= EXTRA_MIN_BYTES:
+            extra, uncovered = self._extra_index(rest)
+            return BlockIndex(midx, live, {}, uncovered, extra)
         overlay: dict[BlockId, Location] = {}
         uncovered = set()
-        for name in sorted(existing):
-            if name in covered:
-                continue
+        for name in rest:
             entries = self._read_pack_index(name)
             if entries is not None:
                 uncovered.add(name)
                 for block_id, off, length in entries:
                     overlay[block_id] = (name, off, length)
-        live = [name in existing for name in midx.names] if midx else []
         return BlockIndex(midx, live, overlay, uncovered)
+
+    def _index_bytes(self, names: list[str]) -> int:
+        total = 0
+        for name in names:
+            with suppress(OSError):
+                total += (self.dir / f"{name}.idx").stat().st_size
+        return total
+
+    def _extra_index(self, names: list[str]) -> tuple[Midx, set[str]]:
+        """The entries of packs the midx does not cover, as a midx built in memory (a
+        later pack's copy of an id found first, as the overlay's dict had it)."""
+        readable: set[str] = set()
+
+        def read(name: str) -> list[tuple[BlockId, int, int]] | None:
+            entries = self._read_pack_index(name)
+            if entries is not None:
+                readable.add(name)
+            return entries
+
+        image = build_midx(self.algo.size, None, [], sorted(names, reverse=True), read)
+        return Midx.in_memory(bytes(image), self.algo.size), readable
 
     def _read_pack_index(self, name: str) -> list[tuple[BlockId, int, int]] | None:
         try:
@@ -498,7 +524,7 @@ class PackStore:
             self.midx_problem = f"{MIDX_NAME}: checksum mismatch"
             return True
         return (len(index.uncovered) >= MIDX_MAX_PACKS
-                or len(index.overlay) >= max(MIDX_MIN_ENTRIES, index.covered() // 8))
+                or index.pending() >= max(MIDX_MIN_ENTRIES, index.covered() // 8))
 
     def write_midx(self) -> None:
         """Merge the live part of the midx and the indexes of the packs it does not cover
