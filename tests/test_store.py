@@ -1182,7 +1182,7 @@ def test_packs_the_midx_does_not_cover_are_indexed_compactly_with_the_same_answe
         del index[gone]
         assert gone not in index and gone not in {i for i, _ in index.items()}
         if not limit:  # (the dict keeps a dropped pack's entries until they are removed)
-            extra_pack = sorted(index.uncovered)[0]
+            extra_pack = min(index.uncovered)
             index.drop_pack(extra_pack)
             assert all(loc[0] != extra_pack for _, loc in index.items())
         store.close()
