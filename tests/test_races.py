@@ -54,15 +54,22 @@ WRAPPER = textwrap.dedent("""
         real_release(self)
 
     real_atomic_write = fsutil.atomic_write
+    real_atomic_write_with = fsutil.atomic_write_with
 
     def atomic_write(path, data, **kw):
         emit("write", path)
         return real_atomic_write(path, data, **kw)
 
+    def atomic_write_with(path, fill, **kw):  # the midx, written section by section
+        emit("write", path)
+        return real_atomic_write_with(path, fill, **kw)
+
     lock.VolumeLock.acquire, lock.VolumeLock.release = acquire, release
     for module in (fsutil, packs, volume):
         if hasattr(module, "atomic_write"):
             module.atomic_write = atomic_write
+        if hasattr(module, "atomic_write_with"):
+            module.atomic_write_with = atomic_write_with
     from volsync.cli import main
     sys.argv[0] = "volsync"
     main()

@@ -1189,6 +1189,33 @@ def test_packs_the_midx_does_not_cover_are_indexed_compactly_with_the_same_answe
     assert answers[0] == answers[1]
 
 
+def test_a_writer_folds_its_overlay_into_the_index_in_memory(packdir, monkeypatch):
+    """Between two rewrites of the midx file, a writer's new entries go from the overlay
+    into the in-memory midx of the packs the file does not cover; lookups, deletions and
+    reads are the same throughout, and the next store sees the same."""
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 1 << 30)
+    monkeypatch.setattr(packs_mod, "MIDX_MAX_PACKS", 1 << 30)
+    monkeypatch.setattr(packs_mod, "OVERLAY_FOLD", 50)
+    s = PackStore(packdir, ALGO)
+    ids = []
+    for round_ in range(4):
+        ids += put_all(s, [blob(100 * round_ + i) for i in range(60)])
+        s.flush()
+    index = s.index()
+    assert index.extra is not None and len(index.overlay) < 60
+    assert sorted(index.extra.names) == s.pack_names()
+    gone = ids[5]
+    del index[gone]
+    ids += put_all(s, [blob(1000 + i) for i in range(60)])
+    s.flush()  # folds again: the deletion stays
+    assert gone not in index and ids[6] in index
+    assert all(s.get(i, verify=True) for i in ids if i != gone)
+    assert {i for i, _ in index.items()} == set(ids) - {gone}
+    s.close()
+    s2 = PackStore(packdir, ALGO)
+    assert all(s2.get(i, verify=True) for i in ids)  # (the deletion was this store's own)
+
+
 def test_midx_with_many_ids_under_one_prefix(packdir, monkeypatch):
     """Ranges the fanout leaves long are bisected before they are scanned."""
     monkeypatch.setattr(blockindex, "SCAN_LIMIT", 4)

@@ -357,6 +357,13 @@ class BlockIndex:
         self.__dict__.update(other.__dict__)
         other.midx = other.extra = None  # now this object's to close
 
+    def fold(self, extra: Midx, overlay: dict[BlockId, Location | None]) -> None:
+        """Take a new midx in memory of the packs the midx file does not cover, and what is
+        left of the overlay: its deletions and its entries of other packs."""
+        if self.extra is not None:
+            self.extra.close()
+        self.extra, self.extra_live, self.overlay = extra, [True] * len(extra.names), overlay
+
     @property
     def stale(self) -> bool:
         """The midx covers packs that no longer exist."""

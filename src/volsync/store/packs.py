@@ -62,6 +62,7 @@ MIDX_MAX_PACKS = 16
 # past this many bytes of pack indexes, those the midx does not cover are read into a midx
 # built in memory (48 bytes an entry), not a dict (about 200)
 EXTRA_MIN_BYTES = 1 << 20
+OVERLAY_FOLD = 1 << 16  # a writer's overlay entries past this go into that midx in memory
 BUFFER_LIMIT = 4 << 20
 QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
 SYNC_EVERY = 32 << 20  # start writeback this often, so the final fsync is short
@@ -797,8 +798,18 @@ class PackStore:
             else:
                 w.abandon()
             raise
-        self.index().add_pack(w.name, entries)
-        self.maintain_index()
+        index = self.index()
+        index.add_pack(w.name, entries)
+        if not self.maintain_index() and len(index.overlay) >= OVERLAY_FOLD:
+            self._fold(index)
+
+    def _fold(self, index: BlockIndex) -> None:
+        """Move the overlay's entries of packs the midx does not cover into the midx built
+        in memory for those packs (a writer between two rewrites of the midx file would
+        otherwise hold a dict entry and a tuple for every object it wrote)."""
+        extra, readable = self._extra_index(sorted(index.uncovered))
+        index.fold(extra, {block_id: loc for block_id, loc in index.overlay.items()
+                           if loc is None or loc[0] not in readable})
 
     def discard(self) -> None:
         """Drop objects put since the last flush (an aborted run)."""
