@@ -212,7 +212,7 @@ class Midx:
         lo, hi = self._fanout(first * 256 - 1), self._fanout(first * 256 + 255)
         if not lo <= hi <= self.count:
             raise IntegrityError(f"{MIDX_NAME}: damaged fanout")
-        ids = self.map[self.layout.ids + lo * size : self.layout.ids + hi * size]
+        ids = bytes(self.map[self.layout.ids + lo * size : self.layout.ids + hi * size])
         return list(zip([ids[i : i + size] for i in range(0, len(ids), size)],
                         self.pack_nos[lo:hi].tolist(), self.offsets[lo:hi].tolist(),
                         self.lengths[lo:hi].tolist(), strict=True))

@@ -479,7 +479,7 @@ class PackStore:
             return entries
 
         image = build_midx(self.algo.size, None, [], sorted(names, reverse=True), read)
-        return Midx.in_memory(bytes(image), self.algo.size), readable
+        return Midx.in_memory(image, self.algo.size), readable
 
     def _read_pack_index(self, name: str) -> list[tuple[BlockId, int, int]] | None:
         try:
