@@ -28,6 +28,15 @@ def _rows(buf: bytes | bytearray, size: int):
     return np.frombuffer(buf, dtype="<u8").reshape(-1, size // 8)
 
 
+def _by_prefix(rows):
+    """The order that sorts the ids by their first eight bytes (stable: among equal ones,
+    the first copy first), and those eight bytes in that order."""
+    import numpy as np
+
+    order = np.argsort(rows[:, 0], kind="stable")
+    return order, rows[order, 0]
+
+
 def first_occurrences(buf: bytes | bytearray, size: int):
     """Which ids of `buf` are the first copy of their value: a NumPy bool array, one per
     id. Sorts by each id's first eight bytes; ids that share them are told apart by all
@@ -39,8 +48,7 @@ def first_occurrences(buf: bytes | bytearray, size: int):
     keep = np.ones(n, dtype=bool)
     if n < 2:
         return keep
-    order = np.argsort(rows[:, 0], kind="stable")  # stable: the first copy sorts first
-    prefix = rows[order, 0]
+    order, prefix = _by_prefix(rows)
     same = np.flatnonzero(prefix[1:] == prefix[:-1])  # pairs sharing their first bytes
     if len(same):
         dup = np.zeros(n, dtype=bool)
@@ -97,9 +105,8 @@ class IdSet:
         if len(buf) >= 2 * size:
             import numpy as np
 
-            rows = _rows(buf, size)
-            order = np.argsort(rows[:, 0], kind="stable")
-            prefixes = rows[order, 0].astype(np.uint64, copy=False)  # native, as array's
+            order, prefixes = _by_prefix(_rows(buf, size))
+            prefixes = prefixes.astype(np.uint64, copy=False)  # native, as array's
             self.prefixes.frombytes(memoryview(np.ascontiguousarray(prefixes)).cast("B"))
             self.order.frombytes(memoryview(order.astype(np.uint32)).cast("B"))
         elif buf:
