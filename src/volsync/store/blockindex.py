@@ -327,11 +327,10 @@ def _live_entries(old: Midx | None, renumber: list[int], all_live: bool) -> int:
         return 0
     if all_live:
         return old.count
-    counts: dict[int, int] = {}
-    for first in range(256):
-        for _, pack, _, _ in old.group(first):
-            counts[pack] = counts.get(pack, 0) + 1
-    return sum(n for pack, n in counts.items() if pack < len(renumber) and renumber[pack] >= 0)
+    import numpy as np
+
+    counts = np.bincount(np.frombuffer(old.pack_nos, dtype=np.uint32), minlength=1).tolist()
+    return sum(n for pack, n in enumerate(counts) if pack < len(renumber) and renumber[pack] >= 0)
 
 
 # --- the index as the store uses it ------------------------------------------------------------
