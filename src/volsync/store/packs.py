@@ -469,17 +469,12 @@ class PackStore:
 
     def _extra_index(self, names: list[str]) -> tuple[Midx, set[str]]:
         """The entries of packs the midx does not cover, as a midx built in memory (a
-        later pack's copy of an id found first, as the overlay's dict had it)."""
-        readable: set[str] = set()
-
-        def read(name: str) -> list[tuple[BlockId, int, int]] | None:
-            entries = self._read_pack_index(name)
-            if entries is not None:
-                readable.add(name)
-            return entries
-
-        image = build_midx(self.algo.size, None, [], sorted(names, reverse=True), read)
-        return Midx.in_memory(image, self.algo.size), readable
+        later pack's copy of an id found first, as the overlay's dict had it), and the
+        packs whose index could be read (the names it holds)."""
+        image = build_midx(self.algo.size, None, [], sorted(names, reverse=True),
+                           self._read_pack_index)
+        extra = Midx.in_memory(image, self.algo.size)
+        return extra, set(extra.names)
 
     def _read_pack_index(self, name: str) -> list[tuple[BlockId, int, int]] | None:
         try:
@@ -984,11 +979,7 @@ class PackStore:
         try:
             entries = read_index(self.dir / f"{name}.idx", self.algo.size)[1]
             index_problem = None
-        except IntegrityError as exc:
-            entries, index_problem = [], str(exc)
-        except OSError as exc:
-            if not is_damage(exc):
-                raise
+        except (IntegrityError, OSError) as exc:  # (an OS limit is StoreAccessError)
             entries, index_problem = [], str(exc)
         records, damage = self.check_pack(name)
         intact = {off: block_id for block_id, off, good in records if good}
