@@ -512,7 +512,7 @@ def test_children_first_order_on_random_graphs(seed):
 
 def test_a_wide_level_asks_about_its_blocks_early_with_the_same_result(monkeypatch):
     """A level whose files name more block ids than RUNS_LIMIT asks about them before the
-    level ends (its memory stays bounded); what is sent is the same, each block once and
+    level ends, even within one read of its trees (its memory stays bounded); what is sent is the same, each block once and
     children first, blocks DST holds left out."""
     from volsync.store import walk
 
@@ -524,6 +524,7 @@ def test_a_wide_level_asks_about_its_blocks_early_with_the_same_result(monkeypat
     have = {bid("B7"), bid("S3")}
     whole = run_missing(s, have, [root])
     monkeypatch.setattr(walk, "RUNS_LIMIT", 64)
+    monkeypatch.setattr(walk, "READ", 3)  # and the level's trees and lists read 3 at a time
     early = run_missing(s, have, [root])
     assert sorted(early[0]) == sorted(whole[0]) and early[1] == whole[1]
     ids = [oid for oid, _ in early[0]]

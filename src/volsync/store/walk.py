@@ -21,11 +21,14 @@ TREE, LIST, BLOCK = "tree", "list", "block"
 
 def objects_under(roots: Iterable[BlockId], fmt: Format, read: Reader,
                   skip: Callable[[BlockId], bool] = lambda _id: False,
-                  on_error: Callable[[BlockId, IntegrityError], None] | None = None
-                  ) -> Iterator[tuple[BlockId, int, str]]:
+                  on_error: Callable[[BlockId, IntegrityError], None] | None = None,
+                  blocks_once: bool = True) -> Iterator[tuple[BlockId, int, str]]:
     """(id, length, kind) of every object under `roots`, each once, children before the
     object that names them. Objects for which `skip` is true are neither yielded nor opened.
-    An unreadable tree or list raises, or with `on_error` is reported and passed over."""
+    An unreadable tree or list raises, or with `on_error` is reported and passed over.
+    Without `blocks_once`, a file block named in several places may come more than once
+    (trees and lists still come once): the walk then remembers only the trees and lists it
+    met, not every block, for a caller that gathers the ids compactly itself."""
     seen: set[BlockId] = set()
     empty = empty_tree_id(fmt.algo)
     roots = list(roots)
@@ -58,14 +61,15 @@ def objects_under(roots: Iterable[BlockId], fmt: Format, read: Reader,
                     stack.append((BlockId(entry.ref), None))
                 elif entry.kind is Kind.FILE:
                     yield from _file_objects(entry.ref, entry.size, fmt, read, skipped, seen,
-                                             on_error)
+                                             on_error, blocks_once)
 
 
-def _file_objects(ref, size, fmt, read, skipped, seen, on_error):
+def _file_objects(ref, size, fmt, read, skipped, seen, on_error, blocks_once):
     try:
         for object_id, length, is_list in content_objects(ref, size, fmt, read, skipped):
             if not skipped(object_id):
-                seen.add(object_id)
+                if is_list or blocks_once:
+                    seen.add(object_id)
                 yield object_id, length, LIST if is_list else BLOCK
     except IntegrityError as exc:
         if on_error is None:
@@ -74,8 +78,9 @@ def _file_objects(ref, size, fmt, read, skipped, seen, on_error):
 
 
 Batch = Callable[[list[BlockId]], list]
-ASK = 8192  # ids per question to the receiver (or per read of the sender's objects)
-RUNS_LIMIT = 4 << 20  # bytes of block ids a level holds before it asks about them
+ASK = 8192  # ids per question to the receiver
+READ = 1024  # trees and lists per read of the sender's objects (their bytes are held)
+RUNS_LIMIT = 1 << 20  # bytes of block ids a level holds before it asks about them
 
 
 def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_many: Batch
@@ -96,7 +101,7 @@ def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_m
     blocks = _Blocks(fmt)
     level: list[tuple] = [(TREE, r) for r in roots]
     runs: list[tuple[bytes, int, int]] = []  # blocks met, as runs of a file's ids
-    trips = 0
+    trips = pending = 0  # pending: the bytes of block ids in `runs`
     while level or runs:
         fresh = []
         for item in level:
@@ -106,19 +111,22 @@ def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_m
         held = blocks.ask([item[1] for item in fresh], runs, has_many, seen)
         need = [item for item, have in zip(fresh, held, strict=True) if not have]
         trips += 2
-        level, runs = [], []
-        for start in range(0, len(need), ASK):  # a batch of reads at a time
-            chunk = need[start : start + ASK]
-            for (kind, object_id, *where), raw in zip(chunk, _batched(
-                    read_many, [item[1] for item in chunk]), strict=True):
+        level, runs, pending = [], [], 0
+        for start in range(0, len(need), READ):  # a batch of reads at a time
+            chunk = need[start : start + READ]
+            raws = _batched(read_many, [item[1] for item in chunk], READ)
+            for i, (kind, object_id, *where) in enumerate(chunk):
+                raw, raws[i] = raws[i], b""  # each read's bytes go once it is decoded
+                held = len(runs)
                 children = (_tree_children(raw, object_id, fmt, object_id in tops, runs)
                             if kind == TREE
                             else _list_children(raw, object_id, where[0], fmt, runs))
                 nodes[object_id] = (len(raw), kind, [c[1] for c in children])
                 level.extend(children)
-            if sum(len(run[0]) for run in runs) > RUNS_LIMIT:  # a wide level: ask now
-                blocks.ask([], runs, has_many, seen)
-                runs = []
+                pending += sum(len(run[0]) for run in runs[held:])
+                if pending > RUNS_LIMIT:  # a wide level: ask about its blocks now
+                    blocks.ask([], runs, has_many, seen)
+                    runs, pending = [], 0
     return blocks.then(_children_first(roots, nodes)), trips
 
 
