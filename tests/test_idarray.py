@@ -9,7 +9,7 @@ from array import array
 
 import pytest
 
-from volsync.store.idarray import IdSet, ObjectList, compact, first_occurrences
+from volsync.store.idarray import IdSet, ObjectList, PrefixSet, compact, first_occurrences
 
 
 def _ids(buf: bytes | bytearray, size: int) -> list[bytes]:
@@ -76,3 +76,23 @@ def test_object_list_is_a_sequence_of_ids_and_lengths():
         objects[5]
     with pytest.raises(ValueError):
         ObjectList(b"x" * 31, array("I", [1]), 32, 1)
+
+
+@pytest.mark.parametrize("first_sort", [4, 1 << 20])
+def test_prefix_set_never_says_no_for_a_member(first_sort, monkeypatch):
+    """Copies count once, whenever the buffer is sorted; an id outside the set is refused
+    unless it shares its first eight bytes with a member (then yes: the one false answer
+    PrefixSet allows, safe for prune's live set, which keeps that dead object)."""
+    monkeypatch.setattr(PrefixSet, "FIRST_SORT", first_sort)
+    rng = random.Random(first_sort)
+    members = [rng.randbytes(32) for _ in range(300)]
+    live = PrefixSet()
+    for object_id in members + members[:100] + members[::-1]:
+        live.add(object_id)
+    assert len(live) == 300
+    assert all(m in live for m in members)
+    strangers = [rng.randbytes(32) for _ in range(300)]
+    assert not any(s in live for s in strangers)
+    twin = members[7][:8] + bytes(24)  # the same first eight bytes, not the same id
+    assert twin in live
+    assert b"short" not in live and None not in live and b"" not in PrefixSet()

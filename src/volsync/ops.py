@@ -35,6 +35,7 @@ from .quoting import quote_path
 from .store.blockindex import MIDX_NAME
 from .store.blocklist import content_objects
 from .store.fsutil import fsync_dir
+from .store.idarray import PrefixSet
 from .store.space import StoreSpace, filesystem_type, live_bytes, store_space
 from .store.trees import META_NAME
 from .store.volume import DEFAULT_BLOCK, Volume, preserved_names
@@ -627,9 +628,9 @@ def _verify(volume: Volume, report: VerifyReport, repair_from,
                                  "the latest snapshot of this mirror")
 
 
-def needed_blocks(volume: Volume, state: VolumeState | None = None) -> set[BlockId]:
-    """Every object id the snapshots of `state` (default: the volume's) refer to (trees
-    walked once each)."""
+def snapshot_roots(volume: Volume, state: VolumeState | None = None) -> list[BlockId]:
+    """The root trees of the snapshots of `state` (default: the volume's) whose records
+    read."""
     state = state or volume.state()
     roots = []
     for snap_id in state.lineage + state.preserved:
@@ -637,16 +638,23 @@ def needed_blocks(volume: Volume, state: VolumeState | None = None) -> set[Block
             roots.append(volume.snapshot(snap_id).root)
         except IntegrityError:
             continue
-    return reachable(volume, roots)
+    return roots
 
 
-def reachable(volume: Volume, roots: list[BlockId]) -> set[BlockId]:
-    """The ids of every object under the roots, an unreadable tree or list included (what
-    is below it is unknown until it is repaired)."""
-    unreadable: set[BlockId] = set()
-    found = {object_id for object_id, _, _ in objects_under(
-        roots, volume.fmt, volume.packs.get, on_error=lambda oid, _exc: unreadable.add(oid))}
-    return found | unreadable
+def live_objects(volume: Volume, state: VolumeState | None = None) -> PrefixSet:
+    """What prune keeps: every object the snapshots of `state` refer to, and the trees the
+    stat cache may hand back without reading with everything under them; an unreadable tree
+    or list included (what is below it is unknown until it is repaired). Kept compactly (8
+    bytes an id, see PrefixSet): a dead object may be kept by chance, a live one never
+    dropped."""
+    cached = [BlockId(v[0]) for v in volume.load_statcache().values()]
+    roots = snapshot_roots(volume, state) + [r for r in cached if volume.packs.has(r)]
+    live = PrefixSet()
+    for object_id, _, _ in objects_under(roots, volume.fmt, volume.packs.get,
+                                         on_error=lambda oid, _exc: live.add(oid),
+                                         blocks_once=False):
+        live.add(object_id)
+    return live
 
 
 def repair_records(volume: Volume, other, report: VerifyReport) -> None:
@@ -713,7 +721,13 @@ def _missing(volume: Volume) -> set[BlockId]:
     """Objects the snapshots refer to that the store lacks (an unreadable tree hides what is
     under it until it is fetched: repair calls this again after each round)."""
     has = volume.packs.has
-    return {b for b in needed_blocks(volume) if not has(b)}
+    missing: set[BlockId] = set()
+    for object_id, _, _ in objects_under(snapshot_roots(volume), volume.fmt, volume.packs.get,
+                                         on_error=lambda oid, _exc: missing.add(oid),
+                                         blocks_once=False):
+        if not has(object_id):
+            missing.add(object_id)
+    return {b for b in missing if not has(b)}
 
 
 # --- what prune keeps (retention.py drops snapshots) ----------------------------------------
@@ -740,12 +754,6 @@ def fresh_received(state: VolumeState) -> dict[str, float]:
     now = time.time()
     return {n: t for n, t in received.items() if isinstance(t, float | int)
             and now - t < RECEIVE_GRACE}
-
-
-def cached_trees(volume: Volume) -> set[BlockId]:
-    """Trees the stat cache may hand back without reading, kept alive with their blocks."""
-    roots = [BlockId(v[0]) for v in volume.load_statcache().values()]
-    return reachable(volume, [r for r in roots if volume.packs.has(r)])
 
 
 # --- upgrade ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from datetime import datetime
 
 from .errors import BadArgument, Diverged
 from .model import Snapshot, VolumeState
-from .ops import cached_trees, fresh_received, needed_blocks, received_packs, writing
+from .ops import fresh_received, live_objects, received_packs, writing
 from .store.fsutil import fsync_dir
 from .store.volume import Volume, preserved_names
 
@@ -211,7 +211,7 @@ def drop_snapshots(volume: Volume, gone: set[str], wait: float) -> tuple[int, in
             volume.commit(state)
         volume.remove_snapshot_records(set(state.lineage + state.preserved))
         fsync_dir(volume.meta / "snapshots")
-        live = needed_blocks(volume) | cached_trees(volume)
+        live = live_objects(volume)
         return volume.packs.repack(live, spare=received_packs(volume))
 
 
@@ -220,7 +220,7 @@ def would_free(volume: Volume, gone: set[str]) -> tuple[int, int]:
     state = volume.state()
     state = state.with_(lineage=tuple(i for i in state.lineage if i not in gone),
                         preserved=tuple(i for i in state.preserved if i not in gone))
-    live = needed_blocks(volume, state) | cached_trees(volume)
+    live = live_objects(volume, state)
     return volume.packs.garbage(live, spare=set(fresh_received(state)))
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from array import array
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from ..model import BlockId
 
@@ -127,6 +127,49 @@ class IdSet:
                 return True
             i += 1
         return False
+
+
+class PrefixSet:
+    """A set of ids kept as their distinct first eight bytes, sorted: 8 bytes an id, however
+    many times the ids were added. `in` may say yes for an id outside the set that shares its
+    first eight bytes with one inside (by chance 1 in 2**64 per pair), never no for one
+    inside: use it only where a false yes is safe, as prune's live set (a dead object kept,
+    never a live one dropped). Added ids are sorted and their copies dropped whenever the
+    buffer doubles, so copies cost at most twice the distinct ids."""
+
+    FIRST_SORT = 1 << 20  # ids added before the buffer is first sorted
+
+    def __init__(self, ids: Iterable[bytes] = ()):
+        self.prefixes, self.distinct, self.limit = array("Q"), 0, self.FIRST_SORT
+        for object_id in ids:
+            self.add(object_id)
+
+    def add(self, object_id: bytes) -> None:
+        self.prefixes.append(int.from_bytes(object_id[:8], "little"))
+        if len(self.prefixes) >= self.limit:
+            self._sort()
+
+    def _sort(self) -> None:
+        if self.distinct == len(self.prefixes):
+            return
+        import numpy as np
+
+        distinct = np.unique(np.frombuffer(self.prefixes, dtype=np.uint64))
+        self.prefixes = array("Q", distinct.tobytes())
+        self.distinct = len(self.prefixes)
+        self.limit = max(2 * self.distinct, self.FIRST_SORT)
+
+    def __len__(self) -> int:
+        self._sort()
+        return self.distinct
+
+    def __contains__(self, object_id: object) -> bool:
+        if not isinstance(object_id, bytes) or len(object_id) < 8:
+            return False
+        self._sort()
+        key = int.from_bytes(object_id[:8], "little")
+        i = bisect_left(self.prefixes, key)
+        return i < self.distinct and self.prefixes[i] == key
 
 
 class ObjectList(Sequence):

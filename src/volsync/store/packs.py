@@ -1039,7 +1039,8 @@ class PackStore:
         for block_id, off, length in walk_groups(read, len(view), name, self.algo.size):
             records.append((block_id, off, self.digest(view[off : off + length]) == block_id))
 
-    def repack(self, live: set[BlockId], spare: set[str] = frozenset()) -> tuple[int, int]:
+    def repack(self, live: Container[bytes], spare: set[str] = frozenset()
+               ) -> tuple[int, int]:
         """Free objects not in `live`: rewrite each pack holding garbage or copies that live
         elsewhere (a crashed earlier repack leaves those), and the small packs once there are
         many, then drop the old packs once the rewritten data is durable; packs in `spare` are
@@ -1058,12 +1059,12 @@ class PackStore:
             self._defer_midx = False
         self.maintain_index()
 
-    def _repack(self, live: set[BlockId], spare: set[str]) -> tuple[int, int]:
+    def _repack(self, live: Container[bytes], spare: set[str]) -> tuple[int, int]:
         index = self.index()
         doomed = self._to_rewrite(live, spare)
         freed = freed_bytes = 0
-        for name, own in doomed:
-            for block_id, off, length in own:
+        for name in doomed:
+            for block_id, off, length in self._records(name)[0]:
                 if block_id in live:
                     self._move(block_id, name, off, length)
                 else:
@@ -1071,7 +1072,7 @@ class PackStore:
                     freed += 1
                     freed_bytes += length
         self.flush()
-        for name, _ in doomed:
+        for name in doomed:
             self._drop_pack(name)
         if doomed:
             fsync_dir(self.dir)  # the space is freed for good only once the unlinks are durable
@@ -1090,31 +1091,39 @@ class PackStore:
         if w.size >= PACK_TARGET:
             self.flush()
 
-    def garbage(self, live: set[BlockId], spare: set[str] = frozenset()) -> tuple[int, int]:
+    def garbage(self, live: Container[bytes], spare: set[str] = frozenset()
+                ) -> tuple[int, int]:
         """What `repack(live, spare)` would free, (objects, bytes), changing nothing."""
-        dead = [length for _, own in self._to_rewrite(live, spare)
-                for block_id, _, length in own if block_id not in live]
+        dead = [length for name in self._to_rewrite(live, spare)
+                for block_id, _, length in self._records(name)[0] if block_id not in live]
         return len(dead), sum(dead)
 
-    def _to_rewrite(self, live: set[BlockId], spare: set[str]) -> list[tuple[str, list]]:
-        """The packs holding garbage or copies that live elsewhere, each with the records the
-        index locates in it (id, offset, length): the ones a repack keeps or frees. And, once
-        there are more than MERGE_SMALL_PACKS small packs, those too: merged into one."""
-        index = self.index()
+    def _to_rewrite(self, live: Container[bytes], spare: set[str]) -> list[str]:
+        """The packs holding garbage or copies that live elsewhere: the ones a repack
+        rewrites. And, once there are more than MERGE_SMALL_PACKS small packs, those too:
+        merged into one. A pack's records are read again when it is rewritten, so only one
+        pack's are in memory at a time."""
         found, small = [], []
         for name in self.pack_names():
             if name in spare:
                 continue
             try:
-                _, entries = read_index(self.dir / f"{name}.idx", self.algo.size)
+                own, total = self._records(name)
             except (IntegrityError, OSError):
                 continue  # a damaged pack is verify's business, not prune's
-            own = [e for e in entries if index.get(e[0], ("",))[0] == name]
-            if not (all(e[0] in live for e in own) and len(own) == len(entries)):
-                found.append((name, own))
+            if not (all(e[0] in live for e in own) and len(own) == total):
+                found.append(name)
             elif self._is_small(name):
-                small.append((name, own))
+                small.append(name)
         return found + (small if len(small) > MERGE_SMALL_PACKS else [])
+
+    def _records(self, name: str) -> tuple[list[tuple[BlockId, int, int]], int]:
+        """The records of a pack's index that the block index locates in that pack (id,
+        offset, length), and how many records the index has: the others are copies living
+        elsewhere."""
+        index = self.index()
+        _, entries = read_index(self.dir / f"{name}.idx", self.algo.size)
+        return [e for e in entries if index.get(e[0], ("",))[0] == name], len(entries)
 
     def _is_small(self, name: str) -> bool:
         try:
