@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import msgpack
@@ -54,6 +56,50 @@ def seal(kind: str, payload: Any, version: int = FORMAT_VERSION) -> bytes:
     """Wrap a value as [magic, version, kind, body, xxh3-64 of body]."""
     body = pack(payload)
     return pack([MAGIC, version, kind, body, xxhash.xxh3_64_intdigest(body)])
+
+
+def write_sealed_map(fd: int, kind: str, count: int, items: Iterable[tuple[Any, Any]],
+                     version: int = FORMAT_VERSION) -> None:
+    """Write `seal(kind, dict(items))` into the new file `fd` an item at a time: the body is
+    never whole in memory (a stat cache of a million files is tens of MB, and a sealed copy
+    of it as many again). The body's length goes in last, at its place in the header (a
+    4-byte bin length, which `open_sealed` and any msgpack decoder read)."""
+    packer = msgpack.Packer(use_bin_type=True)
+    head = packer.pack_array_header(5) + b"".join(map(packer.pack, (MAGIC, version, kind)))
+    _write_all(fd, head + b"\xc6\0\0\0\0", 0)
+    start = pos = len(head) + 5
+    digest, batch = xxhash.xxh3_64(), []
+    for chunk in _map_chunks(packer, count, items):
+        batch.append(chunk)
+        if len(batch) >= 4096 or chunk is None:
+            data = b"".join(c for c in batch if c is not None)
+            digest.update(data)
+            _write_all(fd, data, pos)
+            pos, batch = pos + len(data), []
+    if pos - start >= 1 << 32:
+        raise ValueError(f"{kind}: too large to seal")
+    _write_all(fd, packer.pack(digest.intdigest()), pos)
+    _write_all(fd, (pos - start).to_bytes(4, "big"), start - 4)
+
+
+def _map_chunks(packer, count: int, items: Iterable[tuple[Any, Any]]
+                ) -> Iterator[bytes | None]:
+    """The packed map, a piece at a time, then None; exactly `count` items or an error."""
+    yield packer.pack_map_header(count)
+    written = 0
+    for key, value in items:
+        written += 1
+        yield packer.pack(key) + packer.pack(value)
+    if written != count:
+        raise ValueError(f"{written} items where {count} were announced")
+    yield None
+
+
+def _write_all(fd: int, data: bytes, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view, offset = view[n:], offset + n
 
 
 def envelope_version(data: bytes) -> int | None:

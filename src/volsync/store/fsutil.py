@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import secrets
 import stat
@@ -50,6 +51,22 @@ def read_nofollow(path: Path) -> bytes:
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         with os.fdopen(os.dup(fd), "rb") as f:
             return f.read()
+    finally:
+        os.close(fd)
+
+
+def map_nofollow(path: Path) -> bytes | mmap.mmap:
+    """A metadata file's bytes as `read_nofollow` gives them, but mapped (the page cache's,
+    not this process's own memory: for a big file read once, as the stat cache). volsync
+    replaces such files by rename, never in place, so the mapped inode does not change."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if st.st_size == 0:
+            return b""
+        return mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
     finally:
         os.close(fd)
 

@@ -26,9 +26,24 @@ from ..model import (
     Tree,
     VolumeState,
 )
-from .codec import FORMAT_VERSION, envelope_version, open_sealed, pack, seal, unpack
+from .codec import (
+    FORMAT_VERSION,
+    envelope_version,
+    open_sealed,
+    pack,
+    seal,
+    unpack,
+    write_sealed_map,
+)
 from .crash import crashpoint
-from .fsutil import atomic_write, fsync_dir, read_nofollow, remove_temps
+from .fsutil import (
+    atomic_write,
+    atomic_write_with,
+    fsync_dir,
+    map_nofollow,
+    read_nofollow,
+    remove_temps,
+)
 from .lock import VolumeLock, current_holder
 from .packpool import describe
 from .packs import PackStore
@@ -341,7 +356,7 @@ class Volume:
         """{dir: [tree id, size, files, keys]}, each directory's keys still packed (bytes:
         see `packed_keys`; a cache written before they were packed holds dicts)."""
         try:
-            cache = open_sealed(read_nofollow(self.meta / "statcache"), "statcache", "statcache")
+            cache = open_sealed(map_nofollow(self.meta / "statcache"), "statcache", "statcache")
         except (OSError, IntegrityError):
             return {}
         # anything but the documented shape is no cache
@@ -355,8 +370,12 @@ class Volume:
         return cache
 
     def save_statcache(self, cache: dict) -> None:
-        body = {rel: [v[0], v[1], v[2], packed_keys(v[3])] for rel, v in cache.items()}
-        atomic_write(self.meta / "statcache", seal("statcache", body), sync_dir=False)
+        """Written an entry at a time (see write_sealed_map): never a second, packed copy
+        of the whole cache in memory."""
+        items = ((rel, [v[0], v[1], v[2], packed_keys(v[3])]) for rel, v in cache.items())
+        atomic_write_with(self.meta / "statcache",
+                          lambda fd: write_sealed_map(fd, "statcache", len(cache), items),
+                          sync_dir=False)
 
 
 def packed_keys(keys: dict | bytes) -> bytes:
