@@ -101,17 +101,20 @@ class IdSet:
 
     def __init__(self, buf: bytes | bytearray, size: int):
         self.buf, self.size = buf, size
-        self.prefixes, self.order = array("Q"), array("I")
+        self.prefixes: Sequence[int] = array("Q")
+        self.order: Sequence[int] = array("I")
         if len(buf) >= 2 * size:
             import numpy as np
 
             order, prefixes = _by_prefix(_rows(buf, size))
-            prefixes = prefixes.astype(np.uint64, copy=False)  # native, as array's
-            self.prefixes.frombytes(memoryview(np.ascontiguousarray(prefixes)).cast("B"))
-            self.order.frombytes(memoryview(order.astype(np.uint32)).cast("B"))
+            order = order.astype(np.uint32)  # the 8-byte order goes before the next copy
+            # kept as NumPy made them (no second copy), read through memoryviews, whose
+            # items are Python ints (native byte order, as bisect compares them)
+            self.prefixes = memoryview(np.ascontiguousarray(prefixes, dtype=np.uint64))
+            self.order = memoryview(order)
         elif buf:
-            self.prefixes.append(int.from_bytes(buf[:8], "little"))
-            self.order.append(0)
+            self.prefixes = array("Q", [int.from_bytes(buf[:8], "little")])
+            self.order = array("I", [0])
 
     def __len__(self) -> int:
         return len(self.order)
