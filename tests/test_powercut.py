@@ -419,7 +419,8 @@ class Baseline(Scenario):
         assert len(after["A"]) in (len(before["A"]), len(before["A"]) + 1)
         if after["B"] is None:
             meta = self.B / ".volsync"
-            assert not meta.exists() or (meta / "init-incomplete").exists(), \
+            assert (not meta.exists() or (meta / "init-incomplete").exists()
+                    or not any(meta.iterdir())), \
                 "B has volume metadata that does not open"
         else:
             assert after["B"] in (before["B"] or [], after["A"])

@@ -77,3 +77,22 @@ def test_unreadable_index_named_and_repaired(tmp_path):
     assert not idx.exists()
     verify_clean(b)
     assert content(b) == content(a)
+
+
+def test_an_empty_volsync_dir_is_an_interrupted_create(tmp_path):
+    """Killed (or the power lost) between `.volsync/`'s mkdir and its marker's creation, a
+    create leaves an empty `.volsync/`: it is an interrupted init, not a damaged volume, so
+    rerunning the transfer to a new mirror, or the init, finishes the work."""
+    a = make_volume(tmp_path / "A", {"f": b"data"})
+    ok("snapshot", a)
+    b = tmp_path / "B"
+    (b / ".volsync").mkdir(parents=True)
+    r = sub("status", b)
+    assert r.code != 0 and "interrupted 'volsync init'" in r.err, r
+    ok("transfer", a, b)
+    assert content(b) == content(a)
+    verify_clean(b)
+    c = tmp_path / "C"
+    (c / ".volsync").mkdir(parents=True)
+    ok("init", c)
+    verify_clean(c)

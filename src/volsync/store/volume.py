@@ -83,9 +83,16 @@ def is_volume(path: Path) -> bool:
 
 
 def is_create_leftover(path: Path) -> bool:
-    """`.volsync/` of a `Volume.create` that was interrupted before its commit."""
+    """`.volsync/` of a `Volume.create` that was interrupted before its commit: it holds the
+    marker, or nothing at all (killed, or the power lost, between its mkdir and the marker's
+    creation; an empty directory holds nothing to lose)."""
     meta = path / META
-    return meta.is_dir() and not meta.is_symlink() and os.path.lexists(meta / INIT_MARKER)
+    if not meta.is_dir() or meta.is_symlink():
+        return False
+    try:
+        return os.path.lexists(meta / INIT_MARKER) or not os.listdir(meta)
+    except OSError:
+        return False
 
 
 class Volume:
