@@ -96,3 +96,17 @@ def test_prefix_set_never_says_no_for_a_member(first_sort, monkeypatch):
     twin = members[7][:8] + bytes(24)  # the same first eight bytes, not the same id
     assert twin in live
     assert b"short" not in live and None not in live and b"" not in PrefixSet()
+
+
+def test_id_set_at_the_edges_of_its_fanout():
+    """Ids whose first two bytes are the lowest and highest values, or all alike: each
+    found, and no stranger between them."""
+    r = random.Random(5)
+    members = ([b"\0\0" + r.randbytes(30) for _ in range(50)]
+               + [b"\xff\xff" + r.randbytes(30) for _ in range(50)]
+               + [b"\x12\x34" + r.randbytes(30) for _ in range(300)])
+    r.shuffle(members)
+    ids = IdSet(b"".join(members), 32)
+    assert len(ids) == 400 and all(m in ids for m in members)
+    for head in (b"\0\0", b"\xff\xff", b"\x12\x34", b"\x12\x35", b"\x00\x01"):
+        assert not any(head + r.randbytes(30) in ids for _ in range(50))

@@ -39,15 +39,42 @@ def _by_prefix(rows):
 
 def first_occurrences(buf: bytes | bytearray, size: int):
     """Which ids of `buf` are the first copy of their value: a NumPy bool array, one per
-    id. Sorts by each id's first eight bytes; ids that share them are told apart by all
-    their bytes, so no two different ids are ever taken for one."""
+    id. One sort of a copy of the ids' first eight bytes finds the values some ids share;
+    only the ids holding those are then told apart by all their bytes, so no two different
+    ids are ever taken for one, and the extra memory is 9 bytes an id plus the shared ones."""
     import numpy as np
 
     rows = _rows(buf, size)
+    keep = np.ones(len(rows), dtype=bool)
+    if len(rows) < 2:
+        return keep
+    prefix = np.sort(rows[:, 0])
+    shared = np.unique(prefix[1:][prefix[1:] == prefix[:-1]])
+    del prefix
+    if not len(shared):
+        return keep
+    where = np.concatenate([start + np.flatnonzero(_among(rows[start : start + CHUNK, 0],
+                                                          shared))
+                            for start in range(0, len(rows), CHUNK)])
+    keep[where[~_firsts(rows[where])]] = False
+    return keep
+
+
+def _among(values, sorted_values):
+    """Which of `values` are in the sorted array `sorted_values`."""
+    import numpy as np
+
+    at = np.minimum(np.searchsorted(sorted_values, values), len(sorted_values) - 1)
+    return sorted_values[at] == values
+
+
+def _firsts(rows):
+    """first_occurrences over an array of rows (the few whose first eight bytes are shared):
+    a stable sort by those bytes, then whole rows compared."""
+    import numpy as np
+
     n = len(rows)
     keep = np.ones(n, dtype=bool)
-    if n < 2:
-        return keep
     order, prefix = _by_prefix(rows)
     same = np.flatnonzero(prefix[1:] == prefix[:-1])  # pairs sharing their first bytes
     if len(same):
@@ -96,40 +123,72 @@ def compact(buf: bytearray, size: int, keep, lengths: array | None = None) -> No
 
 
 class IdSet:
-    """Which of a fixed collection of ids a value is: `in` bisects the sorted first eight
-    bytes of each, then compares whole ids. 12 bytes per id besides the ids' buffer."""
+    """Which of a fixed collection of ids a value is: `in` bisects the ids' first eight
+    bytes, kept sorted with each id's position (12 bytes an id besides the ids' buffer,
+    filled a chunk at a time and sorted in place: no larger array is ever made), then
+    compares whole ids."""
 
     def __init__(self, buf: bytes | bytearray, size: int):
+        if size % 8:
+            raise ValueError(f"id size {size} is not a multiple of 8")
         self.buf, self.size = buf, size
-        self.prefixes: Sequence[int] = array("Q")
-        self.order: Sequence[int] = array("I")
-        if len(buf) >= 2 * size:
-            import numpy as np
+        self.count = len(buf) // size
+        self.keys = bytearray(12 * self.count)  # per id: its first 8 bytes, its position
+        self.fanout: array | None = None
+        if self.count > 1:
+            self._fill()
+        elif self.count:
+            self.keys[:8] = buf[:8]
 
-            order, prefixes = _by_prefix(_rows(buf, size))
-            order = order.astype(np.uint32)  # the 8-byte order goes before the next copy
-            # kept as NumPy made them (no second copy), read through memoryviews, whose
-            # items are Python ints (native byte order, as bisect compares them)
-            self.prefixes = memoryview(np.ascontiguousarray(prefixes, dtype=np.uint64))
-            self.order = memoryview(order)
-        elif buf:
-            self.prefixes = array("Q", [int.from_bytes(buf[:8], "little")])
-            self.order = array("I", [0])
+    def _fill(self) -> None:
+        import numpy as np
+
+        ids = np.frombuffer(self.buf, dtype=[("head", "V8"), ("rest", f"V{self.size - 8}")])
+        keys = np.frombuffer(self.keys, dtype=[("head", "V8"), ("at", "<u4")])
+        for start in range(0, self.count, CHUNK):
+            keys["head"][start : start + CHUNK] = ids["head"][start : start + CHUNK]
+            keys["at"][start : start + CHUNK] = np.arange(start, min(start + CHUNK,
+                                                                     self.count))
+        np.frombuffer(self.keys, dtype="V12").sort()  # in place, as bytes: by first 8 bytes
+        # where each value of the first two bytes starts (as git's .idx fanout): a search
+        # then bisects a few entries, not all of them
+        first = np.frombuffer(self.keys, dtype=[("two", ">u2"), ("rest", "V10")])["two"]
+        counts = np.zeros(1 << 16, dtype=np.int64)
+        for start in range(0, self.count, CHUNK):
+            counts += np.bincount(first[start : start + CHUNK], minlength=1 << 16)
+        self.fanout = array("I", np.concatenate([[0], np.cumsum(counts)]).astype(np.uint32))
 
     def __len__(self) -> int:
-        return len(self.order)
+        return self.count
 
     def __contains__(self, object_id: object) -> bool:
         if not isinstance(object_id, bytes) or len(object_id) != self.size:
             return False
-        key = int.from_bytes(object_id[:8], "little")
-        i, n, size = bisect_left(self.prefixes, key), len(self.order), self.size
-        while i < n and self.prefixes[i] == key:
-            start = self.order[i] * size
+        head, keys, size = object_id[:8], self.keys, self.size
+        lo, hi = 0, self.count
+        if self.fanout is not None:
+            two = int.from_bytes(head[:2], "big")
+            lo, hi = self.fanout[two], self.fanout[two + 1]
+        i = bisect_left(_Heads(keys, self.count), head, lo, hi)
+        while i < self.count and keys[12 * i : 12 * i + 8] == head:
+            start = int.from_bytes(keys[12 * i + 8 : 12 * i + 12], "little") * size
             if self.buf[start : start + size] == object_id:
                 return True
             i += 1
         return False
+
+
+class _Heads(Sequence):
+    """The first-eight-bytes column of IdSet's keys, for bisect."""
+
+    def __init__(self, keys: bytearray, count: int):
+        self.keys, self.count = keys, count
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, i):  # type: ignore[override]
+        return self.keys[12 * i : 12 * i + 8]
 
 
 class PrefixSet:
