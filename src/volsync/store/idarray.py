@@ -212,14 +212,25 @@ class PrefixSet:
             self._sort()
 
     def _sort(self) -> None:
+        """Sort the buffer in place and keep one copy of each value, moving a chunk at a
+        time: beside the buffer, only a bool per entry."""
         if self.distinct == len(self.prefixes):
             return
         import numpy as np
 
-        distinct = np.unique(np.frombuffer(self.prefixes, dtype=np.uint64))
-        self.prefixes = array("Q", distinct.tobytes())
-        self.distinct = len(self.prefixes)
-        self.limit = max(2 * self.distinct, self.FIRST_SORT)
+        values = np.frombuffer(self.prefixes, dtype=np.uint64)
+        values.sort()
+        fresh = np.empty(len(values), dtype=bool)
+        fresh[0], fresh[1:] = True, values[1:] != values[:-1]
+        kept = 0
+        for start in range(0, len(values), CHUNK):
+            moved = values[start : start + CHUNK][fresh[start : start + CHUNK]]
+            values[kept : kept + len(moved)] = moved
+            kept += len(moved)
+        del values, fresh, moved  # no view may outlive the resize
+        del self.prefixes[kept:]
+        self.distinct = kept
+        self.limit = max(2 * kept, self.FIRST_SORT)
 
     def __len__(self) -> int:
         self._sort()
