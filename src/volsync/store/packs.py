@@ -1068,7 +1068,10 @@ class PackStore:
                 if block_id in live:
                     self._move(block_id, name, off, length)
                 else:
-                    del index[block_id]
+                    # dropping the pack forgets the midx's entries of it; only one the
+                    # overlay holds is forgotten here (not a deletion mark per object freed)
+                    if block_id in index.overlay:
+                        del index[block_id]
                     freed += 1
                     freed_bytes += length
         self.flush()
