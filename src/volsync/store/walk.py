@@ -117,13 +117,13 @@ def missing_under(roots: Iterable[BlockId], fmt: Format, read_many: Batch, has_m
             raws = _batched(read_many, [item[1] for item in chunk], READ)
             for i, (kind, object_id, *where) in enumerate(chunk):
                 raw, raws[i] = raws[i], b""  # each read's bytes go once it is decoded
-                held = len(runs)
+                runs_before = len(runs)
                 children = (_tree_children(raw, object_id, fmt, object_id in tops, runs)
                             if kind == TREE
                             else _list_children(raw, object_id, where[0], fmt, runs))
                 nodes[object_id] = (len(raw), kind, [c[1] for c in children])
                 level.extend(children)
-                pending += sum(len(run[0]) for run in runs[held:])
+                pending += sum(len(run[0]) for run in runs[runs_before:])
                 if pending > RUNS_LIMIT:  # a wide level: ask about its blocks now
                     blocks.ask([], runs, has_many, seen)
                     runs, pending = [], 0
