@@ -3,9 +3,9 @@
 A Python set or list holds a bytes object, a hash slot and often a tuple per id: 150-300
 bytes each, gigabytes at millions of blocks. Here ids lie end to end in one buffer (the
 id's own 16 or 32 bytes), with their lengths in an array beside them, and membership is a
-search of a sorted array of the ids' first eight bytes (12 bytes per id), as git's pack
-`.idx` is searched. Sorting and de-duplicating use NumPy, imported only when a walk is big
-enough to need it.
+search of a sorted array of the ids' first bytes with their positions (8 bytes per id),
+through a fanout table, as git's pack `.idx` is searched. Sorting and de-duplicating use
+NumPy, in place where they can, imported only when a walk is big enough to need it.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from ..model import BlockId
 
 CHUNK = 1 << 16  # rows moved at a time when a buffer is compacted in place
+HEAD, KEY = 4, 8  # IdSet: bytes of an id kept sorted, and with the id's position
 
 
 def _rows(buf: bytes | bytearray, size: int):
@@ -123,36 +124,37 @@ def compact(buf: bytearray, size: int, keep, lengths: array | None = None) -> No
 
 
 class IdSet:
-    """Which of a fixed collection of ids a value is: `in` bisects the ids' first eight
-    bytes, kept sorted with each id's position (12 bytes an id besides the ids' buffer,
+    """Which of a fixed collection of ids a value is: `in` bisects the ids' first HEAD
+    bytes, kept sorted with each id's position (8 bytes an id besides the ids' buffer,
     filled a chunk at a time and sorted in place: no larger array is ever made), then
-    compares whole ids."""
+    compares whole ids (ids that share their first bytes are all compared)."""
 
     def __init__(self, buf: bytes | bytearray, size: int):
         if size % 8:
             raise ValueError(f"id size {size} is not a multiple of 8")
         self.buf, self.size = buf, size
         self.count = len(buf) // size
-        self.keys = bytearray(12 * self.count)  # per id: its first 8 bytes, its position
+        self.keys = bytearray(KEY * self.count)  # per id: its first HEAD bytes, its position
         self.fanout: array | None = None
         if self.count > 1:
             self._fill()
         elif self.count:
-            self.keys[:8] = buf[:8]
+            self.keys[:HEAD] = buf[:HEAD]
 
     def _fill(self) -> None:
         import numpy as np
 
-        ids = np.frombuffer(self.buf, dtype=[("head", "V8"), ("rest", f"V{self.size - 8}")])
-        keys = np.frombuffer(self.keys, dtype=[("head", "V8"), ("at", "<u4")])
+        ids = np.frombuffer(self.buf, dtype=[("head", f"V{HEAD}"),
+                                             ("rest", f"V{self.size - HEAD}")])
+        keys = np.frombuffer(self.keys, dtype=[("head", f"V{HEAD}"), ("at", "<u4")])
         for start in range(0, self.count, CHUNK):
             keys["head"][start : start + CHUNK] = ids["head"][start : start + CHUNK]
             keys["at"][start : start + CHUNK] = np.arange(start, min(start + CHUNK,
                                                                      self.count))
-        np.frombuffer(self.keys, dtype="V12").sort()  # in place, as bytes: by first 8 bytes
+        np.frombuffer(self.keys, dtype=f"V{KEY}").sort()  # in place, as bytes: by head
         # where each value of the first two bytes starts (as git's .idx fanout): a search
         # then bisects a few entries, not all of them
-        first = np.frombuffer(self.keys, dtype=[("two", ">u2"), ("rest", "V10")])["two"]
+        first = np.frombuffer(self.keys, dtype=[("two", ">u2"), ("rest", f"V{KEY - 2}")])["two"]
         counts = np.zeros(1 << 16, dtype=np.int64)
         for start in range(0, self.count, CHUNK):
             counts += np.bincount(first[start : start + CHUNK], minlength=1 << 16)
@@ -164,14 +166,14 @@ class IdSet:
     def __contains__(self, object_id: object) -> bool:
         if not isinstance(object_id, bytes) or len(object_id) != self.size:
             return False
-        head, keys, size = object_id[:8], self.keys, self.size
+        head, keys, size = object_id[:HEAD], self.keys, self.size
         lo, hi = 0, self.count
         if self.fanout is not None:
             two = int.from_bytes(head[:2], "big")
             lo, hi = self.fanout[two], self.fanout[two + 1]
         i = bisect_left(_Heads(keys, self.count), head, lo, hi)
-        while i < self.count and keys[12 * i : 12 * i + 8] == head:
-            start = int.from_bytes(keys[12 * i + 8 : 12 * i + 12], "little") * size
+        while i < self.count and keys[KEY * i : KEY * i + HEAD] == head:
+            start = int.from_bytes(keys[KEY * i + HEAD : KEY * (i + 1)], "little") * size
             if self.buf[start : start + size] == object_id:
                 return True
             i += 1
@@ -188,7 +190,7 @@ class _Heads(Sequence):
         return self.count
 
     def __getitem__(self, i):  # type: ignore[override]
-        return self.keys[12 * i : 12 * i + 8]
+        return self.keys[KEY * i : KEY * i + HEAD]
 
 
 class PrefixSet:

@@ -62,7 +62,7 @@ MIDX_MAX_PACKS = 16
 # past this many bytes of pack indexes, those the midx does not cover are read into a midx
 # built in memory (48 bytes an entry), not a dict (about 200)
 EXTRA_MIN_BYTES = 1 << 20
-OVERLAY_FOLD = 1 << 16  # a writer's overlay entries past this go into that midx in memory
+OVERLAY_FOLD = 1 << 14  # a writer's overlay entries past this go into that midx in memory
 BUFFER_LIMIT = 4 << 20
 QUEUE_DEPTH = 32  # writes in flight (each up to BUFFER_LIMIT or one block)
 SYNC_EVERY = 32 << 20  # start writeback this often, so the final fsync is short
