@@ -55,9 +55,11 @@ def record_struct(algo: HashAlgo) -> struct.Struct:
     return struct.Struct(f"<{algo.size}sI")
 PACK_TARGET = 128 << 20  # bytes per pack before a new one is started
 # the lock holder rewrites the midx once the packs it does not cover hold this many entries
-# (and at least 1/8 of those it covers: rewrites stay rare as a volume grows) or number this
+# (and at least 1/8 of those it covers: rewrites stay rare as a volume grows, but never more
+# than MIDX_MAX_PENDING, which bounds what a long write holds in memory) or number this
 # many: a reader loads those packs' indexes into memory
 MIDX_MIN_ENTRIES = 1 << 14
+MIDX_MAX_PENDING = 1 << 18
 MIDX_MAX_PACKS = 16
 # past this many bytes of pack indexes, those the midx does not cover are read into a midx
 # built in memory (48 bytes an entry), not a dict (about 200)
@@ -520,7 +522,8 @@ class PackStore:
             self.midx_problem = f"{MIDX_NAME}: checksum mismatch"
             return True
         return (len(index.uncovered) >= MIDX_MAX_PACKS
-                or index.pending() >= max(MIDX_MIN_ENTRIES, index.covered() // 8))
+                or index.pending() >= max(MIDX_MIN_ENTRIES,
+                                          min(index.covered() // 8, MIDX_MAX_PENDING)))
 
     def write_midx(self) -> None:
         """Merge the live part of the midx and the indexes of the packs it does not cover
