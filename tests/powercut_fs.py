@@ -61,6 +61,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import faulthandler
 import functools
 import os
 import secrets
@@ -608,6 +609,7 @@ def serve(mountpoint: str, control: str, debug=False, exit_with_parent=False) ->
         options.add("allow_other")
     if debug:
         options.add("debug")
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # stacks into the log, on ask
     pyfuse3.init(ops, mountpoint, options)
     try:
         trio.run(_serve, ops, control, exit_with_parent)
@@ -657,7 +659,11 @@ class PowercutFS:
             s.sendall(cmd.encode() + b"\n")
             reply = b""
             while not reply.endswith(b"\n"):
-                chunk = s.recv(1024)
+                try:
+                    chunk = s.recv(1024)
+                except TimeoutError:
+                    raise RuntimeError(f"powercut_fs {cmd!r}: no answer in {timeout} s; "
+                                       f"where it waits:\n{self.stacks()}") from None
                 if not chunk:
                     break
                 reply += chunk
@@ -670,6 +676,18 @@ class PowercutFS:
         """Lose power: from now on the mount shows exactly the durable state. Kill every
         process that uses the mount before calling this."""
         self.command("cut")
+
+    def stacks(self) -> str:
+        """The server's Python stacks (faulthandler, into its log) and, where readable (as
+        root), its threads' kernel stacks: what a hung command waits for."""
+        out = []
+        with contextlib.suppress(OSError):
+            os.kill(self.proc.pid, signal.SIGUSR1)
+            time.sleep(1)
+        for task in sorted(Path(f"/proc/{self.proc.pid}/task").glob("*")):
+            with contextlib.suppress(OSError):
+                out.append(f"thread {task.name}:\n{(task / 'stack').read_text()}")
+        return self.log_text() + "\n" + "\n".join(out)
 
     def log_text(self) -> str:
         try:
