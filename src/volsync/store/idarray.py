@@ -181,7 +181,7 @@ class IdSet:
 
 
 class _Heads(Sequence):
-    """The first-eight-bytes column of IdSet's keys, for bisect."""
+    """The first-HEAD-bytes column of IdSet's keys, for bisect."""
 
     def __init__(self, keys: bytearray, count: int):
         self.keys, self.count = keys, count
