@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -10,6 +9,7 @@ import msgpack
 import xxhash
 
 from ..errors import IntegrityError
+from .fsutil import pwrite_all
 
 MAGIC = "volsync"
 FORMAT_VERSION = 2
@@ -66,7 +66,7 @@ def write_sealed_map(fd: int, kind: str, count: int, items: Iterable[tuple[Any, 
     4-byte bin length, which `open_sealed` and any msgpack decoder read)."""
     packer = msgpack.Packer(use_bin_type=True)
     head = packer.pack_array_header(5) + b"".join(map(packer.pack, (MAGIC, version, kind)))
-    _write_all(fd, head + b"\xc6\0\0\0\0", 0)
+    pwrite_all(fd, head + b"\xc6\0\0\0\0", 0)
     start = pos = len(head) + 5
     digest, batch = xxhash.xxh3_64(), []
     for chunk in _map_chunks(packer, count, items):
@@ -74,12 +74,12 @@ def write_sealed_map(fd: int, kind: str, count: int, items: Iterable[tuple[Any, 
         if len(batch) >= 4096 or chunk is None:
             data = b"".join(c for c in batch if c is not None)
             digest.update(data)
-            _write_all(fd, data, pos)
+            pwrite_all(fd, data, pos)
             pos, batch = pos + len(data), []
     if pos - start >= 1 << 32:
         raise ValueError(f"{kind}: too large to seal")
-    _write_all(fd, packer.pack(digest.intdigest()), pos)
-    _write_all(fd, (pos - start).to_bytes(4, "big"), start - 4)
+    pwrite_all(fd, packer.pack(digest.intdigest()), pos)
+    pwrite_all(fd, (pos - start).to_bytes(4, "big"), start - 4)
 
 
 def _map_chunks(packer, count: int, items: Iterable[tuple[Any, Any]]
@@ -93,13 +93,6 @@ def _map_chunks(packer, count: int, items: Iterable[tuple[Any, Any]]
     if written != count:
         raise ValueError(f"{written} items where {count} were announced")
     yield None
-
-
-def _write_all(fd: int, data: bytes, offset: int) -> None:
-    view = memoryview(data)
-    while view:
-        n = os.pwrite(fd, view, offset)
-        view, offset = view[n:], offset + n
 
 
 def envelope_version(data: bytes) -> int | None:
