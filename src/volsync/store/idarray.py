@@ -102,9 +102,10 @@ def _settle_mixed_groups(rows, order, prefix, mixed, dup) -> None:
             seen.add(key)
 
 
-def compact(buf: bytearray, size: int, keep, lengths: array | None = None) -> None:
+def compact(buf: bytearray | array, size: int, keep, lengths: array | None = None) -> None:
     """Keep only the ids (and lengths) where the bool array `keep` is true, in place: the
-    moves go a chunk at a time, so no second buffer of every id is ever made."""
+    moves go a chunk at a time, so no second buffer of every id is ever made. `buf` holds
+    `size` bytes an id: a bytearray, or an array whose items are cut to `size` bytes."""
     import numpy as np
 
     rows = np.frombuffer(buf, dtype=f"V{size}")
@@ -117,8 +118,8 @@ def compact(buf: bytearray, size: int, keep, lengths: array | None = None) -> No
         if lens is not None:
             lens[kept : kept + len(moved)] = lens[start : start + CHUNK][chosen]
         kept += len(moved)
-    del rows, lens, moved
-    del buf[kept * size :]
+    del rows, lens, moved  # no view may outlive the resize
+    del buf[kept * size // getattr(buf, "itemsize", 1) :]
     if lengths is not None:
         del lengths[kept:]
 
@@ -214,8 +215,8 @@ class PrefixSet:
             self._sort()
 
     def _sort(self) -> None:
-        """Sort the buffer in place and keep one copy of each value, moving a chunk at a
-        time: beside the buffer, only a bool per entry."""
+        """Sort the buffer in place and keep one copy of each value (`compact`): beside the
+        buffer, only a bool per entry."""
         if self.distinct == len(self.prefixes):
             return
         import numpy as np
@@ -224,15 +225,10 @@ class PrefixSet:
         values.sort()
         fresh = np.empty(len(values), dtype=bool)
         fresh[0], fresh[1:] = True, values[1:] != values[:-1]
-        kept = 0
-        for start in range(0, len(values), CHUNK):
-            moved = values[start : start + CHUNK][fresh[start : start + CHUNK]]
-            values[kept : kept + len(moved)] = moved
-            kept += len(moved)
-        del values, fresh, moved  # no view may outlive the resize
-        del self.prefixes[kept:]
-        self.distinct = kept
-        self.limit = max(2 * kept, self.FIRST_SORT)
+        del values  # no view may outlive compact's resize
+        compact(self.prefixes, 8, fresh)
+        self.distinct = len(self.prefixes)
+        self.limit = max(2 * self.distinct, self.FIRST_SORT)
 
     def __len__(self) -> int:
         self._sort()
