@@ -11,7 +11,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -650,11 +650,19 @@ def live_objects(volume: Volume, state: VolumeState | None = None) -> PrefixSet:
     cached = [BlockId(v[0]) for v in volume.load_statcache().values()]
     roots = snapshot_roots(volume, state) + [r for r in cached if volume.packs.has(r)]
     live = PrefixSet()
-    for object_id, _, _ in objects_under(roots, volume.fmt, volume.packs.get,
-                                         on_error=lambda oid, _exc: live.add(oid),
-                                         blocks_once=False):
+    for object_id in _ids_under(volume, roots, live.add):
         live.add(object_id)
     return live
+
+
+def _ids_under(volume: Volume, roots: list[BlockId], unreadable: Callable[[BlockId], None]
+               ) -> Iterator[BlockId]:
+    """The id of every object under `roots` (a block named twice may come twice: nothing
+    remembers every id); each tree or list that cannot be read goes to `unreadable`."""
+    for object_id, _, _ in objects_under(roots, volume.fmt, volume.packs.get,
+                                         on_error=lambda oid, _exc: unreadable(oid),
+                                         blocks_once=False):
+        yield object_id
 
 
 def repair_records(volume: Volume, other, report: VerifyReport) -> None:
@@ -722,9 +730,7 @@ def _missing(volume: Volume) -> set[BlockId]:
     under it until it is fetched: repair calls this again after each round)."""
     has = volume.packs.has
     missing: set[BlockId] = set()
-    for object_id, _, _ in objects_under(snapshot_roots(volume), volume.fmt, volume.packs.get,
-                                         on_error=lambda oid, _exc: missing.add(oid),
-                                         blocks_once=False):
+    for object_id in _ids_under(volume, snapshot_roots(volume), missing.add):
         if not has(object_id):
             missing.add(object_id)
     return {b for b in missing if not has(b)}
