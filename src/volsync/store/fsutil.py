@@ -7,7 +7,8 @@ import mmap
 import os
 import secrets
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .crash import crashpoint, fault
@@ -45,28 +46,30 @@ def pwrite_all(fd: int, data: bytes | bytearray | memoryview, offset: int) -> No
 
 def read_nofollow(path: Path) -> bytes:
     """A metadata file's bytes, never through a symlink (ELOOP) and only from a regular file."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        with os.fdopen(os.dup(fd), "rb") as f:
-            return f.read()
-    finally:
-        os.close(fd)
+    with _regular_file(path) as (fd, _), os.fdopen(os.dup(fd), "rb") as f:
+        return f.read()
 
 
 def map_nofollow(path: Path) -> bytes | mmap.mmap:
     """A metadata file's bytes as `read_nofollow` gives them, but mapped (the page cache's,
     not this process's own memory: for a big file read once, as the stat cache). volsync
     replaces such files by rename, never in place, so the mapped inode does not change."""
+    with _regular_file(path) as (fd, st):
+        if st.st_size == 0:
+            return b""
+        return mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+
+
+@contextmanager
+def _regular_file(path: Path) -> Iterator[tuple[int, os.stat_result]]:
+    """The file opened read-only without following a symlink, and its stat; anything but a
+    regular file is EINVAL."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if st.st_size == 0:
-            return b""
-        return mmap.mmap(fd, st.st_size, prot=mmap.PROT_READ)
+        yield fd, st
     finally:
         os.close(fd)
 
