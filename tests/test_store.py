@@ -1571,3 +1571,24 @@ def test_a_command_that_reads_no_object_leaves_the_index_unread(tmp_path, monkey
     write(a, {"f3": b"changed"})
     ok("transfer", a, tmp_path / "B")
     assert opened
+
+
+@pytest.mark.parametrize("cap", [40, 1 << 30])
+def test_a_long_write_rewrites_the_midx_once_its_pending_entries_reach_the_cap(
+        packdir, monkeypatch, cap):
+    """The midx is rewritten once the packs it does not cover hold 1/8 of its entries, but
+    never more than MIDX_MAX_PENDING: a long write into a big volume holds that many in
+    memory at most, not an eighth of the volume."""
+    monkeypatch.setattr(packs_mod, "MIDX_MIN_ENTRIES", 1)
+    monkeypatch.setattr(packs_mod, "MIDX_MAX_PACKS", 1 << 30)
+    monkeypatch.setattr(packs_mod, "MIDX_MAX_PENDING", cap)
+    s = PackStore(packdir, ALGO)
+    put_all(s, [blob(i) for i in range(800)])
+    s.flush()
+    s.write_midx()
+    assert s.index().covered() == 800 and s.index().pending() == 0
+    put_all(s, [blob(1000 + i) for i in range(60)])  # 60: past the cap, under 800 / 8
+    s.flush()
+    assert s.index().pending() == (0 if cap == 40 else 60)
+    assert s.index().covered() == (860 if cap == 40 else 800)
+    s.close()
