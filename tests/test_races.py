@@ -355,7 +355,7 @@ def _prefix_of_a_version(name: str, data: bytes) -> bool:
     part done, and the file as it then was is a consistent state to capture)."""
     found = re.match(rb"[^ ]+ version (\d+) ", data)
     if found is None:
-        return data == data[:0] or f"{name} version ".encode().startswith(data)
+        return not data or f"{name} version ".encode().startswith(data)
     size = 4096 * 3 + 100 if name.endswith("big") else 700
     payload = (f"{name} version {int(found[1])} ".encode() * (size // 10))[:size]
     return (payload + hashlib.sha256(payload).hexdigest().encode()).startswith(data)
